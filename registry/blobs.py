@@ -1,0 +1,135 @@
+"""Content-addressed blob files: ``<root>/sha256/ab/<sha256>.safetensors``.
+
+A blob is written to ``<root>/tmp/``, fsynced, then renamed into place, so a crash leaves either
+no blob or a whole one, never a partial file under a content address. Readers hash while they
+read; a blob whose bytes no longer match its name is reported as ``DataLoss``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import DataLoss
+
+TEMP_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    sha256: str
+    size_bytes: int
+
+
+class BlobStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        (self.root / "sha256").mkdir(exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / "sha256" / sha256[:2] / f"{sha256}.safetensors"
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def write(self, produce: Callable[[BinaryIO], tuple[str, int]]) -> BlobRef:
+        """Run ``produce(file) -> (sha256, size)`` on a temp file and move it into place.
+
+        If ``produce`` raises, the temp file is removed and nothing appears in the store.
+        """
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as file:
+                sha256, size = produce(file)
+                file.flush()
+                os.fsync(file.fileno())
+            final = self.path(sha256)
+            if final.is_file() and final.stat().st_size == size:
+                tmp.unlink()  # same content already stored (content addressing)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return BlobRef(sha256, size)
+
+    def open(self, sha256: str) -> "VerifyingReader":
+        """Open a blob for one sequential read; call ``finish()`` after the last byte."""
+        path = self.path(sha256)
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:
+            raise DataLoss(f"blob {path} is missing; restore it from a backup or delete the "
+                           "version that refers to it") from None
+        return VerifyingReader(file, sha256, path)
+
+    def verify(self, sha256: str) -> None:
+        """Hash the whole blob; raises ``DataLoss`` when it does not match its name."""
+        with self.open(sha256) as reader:
+            while reader.read(8 << 20):
+                pass
+            reader.finish()
+
+    def delete(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+
+class VerifyingReader:
+    """A read-only file that hashes what passes through it and checks the digest at the end."""
+
+    def __init__(self, file: BinaryIO, sha256: str, path: Path):
+        self._file = file
+        self._digest = hashlib.sha256()
+        self.sha256 = sha256
+        self.path = path
+        self.size_bytes = os.fstat(file.fileno()).st_size
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._digest.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        got = self._file.readinto(buffer)
+        if got:
+            self._digest.update(memoryview(buffer)[:got])
+        return got
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise OSError("VerifyingReader reads sequentially only")
+
+    def finish(self) -> None:
+        """Hash whatever was not read yet and compare with the blob's name."""
+        while self.read(8 << 20):
+            pass
+        if self._digest.hexdigest() != self.sha256:
+            raise DataLoss(f"blob {self.path} is corrupt: its sha256 is "
+                           f"{self._digest.hexdigest()}, expected {self.sha256}; restore it "
+                           "from a backup or delete the version that refers to it")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""Engine, transactions and schema checks: the one place that knows about SQL dialects.
+
+SQLite gets WAL, foreign keys and a busy timeout, and every transaction starts with
+``BEGIN IMMEDIATE`` so two writers queue instead of failing on a lock upgrade. A new, empty
+database is migrated to the newest schema; an older or unknown schema is refused with the
+command that fixes it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import FailedPrecondition
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, url: str) -> None:
+    """Migrate the database to the newest schema (``paramserve db upgrade``)."""
+    config = alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def ensure_schema(engine: Engine, url: str) -> None:
+    """Create the schema in an empty database; refuse any schema but the newest."""
+    current = current_revision(engine)
+    if current is None and not inspect(engine).get_table_names():
+        upgrade(engine, url)
+        return
+    head = head_revision()
+    if current != head:
+        raise FailedPrecondition(
+            f"registry database {engine.url.render_as_string(hide_password=True)} has schema "
+            f"revision {current!r}, this paramserve needs {head!r}; run "
+            "`paramserve db upgrade --registry-url URL` (back up the database first)")
+
+
+class Transactions:
+    """``with tx() as session:`` — one transaction, committed on success, rolled back on error."""
+
+    def __init__(self, engine: Engine):
+        self._factory = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def __call__(self) -> Iterator[Session]:
+        with self._factory.begin() as session:
+            yield session

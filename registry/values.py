@@ -1,0 +1,81 @@
+"""Plain, frozen values that leave the core: no ORM rows, no dicts with well-known keys.
+
+>>> spec = TensorSpec(shape=(256, 20), dtype="F32")
+>>> spec.describe()
+'F32[256, 20]'
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and safetensors dtype name of one state_dict entry; ``shape=None`` while lazy."""
+
+    shape: tuple[int, ...] | None
+    dtype: str
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else ", ".join(str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One state_dict key of a stored version; ``tied_to`` names the key whose data it shares."""
+
+    name: str
+    spec: TensorSpec
+    tied_to: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    config: Mapping[str, Any]
+    init: str
+    seed: int
+    description: str
+    created_at: dt.datetime
+    lazy: bool
+    aliases: Mapping[str, int] = field(default_factory=dict)
+    latest_version: int | None = None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    number: int
+    sha256: str
+    size_bytes: int
+    origin: str  # upload | init | lazy-init | patch
+    parent: int | None
+    created_at: dt.datetime
+    manifest: tuple[ManifestEntry, ...]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    min: float
+    max: float
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One state_dict entry as a user inspects it (``paramserve params``)."""
+
+    name: str
+    spec: TensorSpec
+    kind: str  # parameter | buffer
+    requires_grad: bool
+    tied_with: tuple[str, ...]
+    initialized: bool
+    stats: TensorStats | None = None
