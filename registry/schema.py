@@ -40,6 +40,9 @@ class ModelRow(Base):
     init: Mapped[str] = mapped_column(String(200))
     seed: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[str] = mapped_column(Text, default="")
+    # Version numbers are never reused, even after the newest is deleted: a cache or a client
+    # holding "version 3" must never see different parameters under that number.
+    next_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     versions: Mapped[list["VersionRow"]] = relationship(

@@ -16,6 +16,7 @@ A version's blob is on disk (fsynced) before its row commits, so a row always ha
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -88,7 +89,8 @@ class Store:
         try:
             with self.tx() as session:
                 row = ModelRow(name=name, architecture=architecture, config=resolved,
-                               init=str(scheme), seed=int(seed), description=description)
+                               init=str(scheme), seed=int(seed), description=description,
+                               next_version=1)
                 session.add(row)
                 session.flush()
                 return self._model_info(session, row)
@@ -362,11 +364,12 @@ class Store:
             try:
                 with self.tx() as session:
                     model = self._model_row(session, name)
-                    latest = session.scalar(select(func.max(VersionRow.number))
-                                            .where(VersionRow.model_id == model.id))
-                    if first_only and latest is not None:
-                        return self._version_info(self._resolve_row(session, model, None), model)
-                    row = VersionRow(model_id=model.id, number=(latest or 0) + 1,
+                    latest = _latest_row(session, model) if first_only else None
+                    if latest is not None:
+                        return self._version_info(latest, model)
+                    number = model.next_version
+                    model.next_version = number + 1
+                    row = VersionRow(model_id=model.id, number=number,
                                      sha256=blob.sha256, size_bytes=blob.size_bytes,
                                      manifest=[_manifest_json(e) for e in manifest],
                                      origin=origin, parent=parent)
@@ -384,9 +387,8 @@ class Store:
     def _latest_or_none(self, name: str) -> VersionInfo | None:
         with self.tx() as session:
             model = self._model_row(session, name)
-            if not model.versions:
-                return None
-            return self._version_info(model.versions[-1], model)
+            row = _latest_row(session, model)
+            return None if row is None else self._version_info(row, model)
 
     def _module_for_query(self, name: str, ref: int | str | None) -> nn.Module:
         model = self.get_model(name)
@@ -421,22 +423,26 @@ class Store:
 
     @staticmethod
     def _resolve_row(session: Session, model: ModelRow, ref: int | str | None) -> VersionRow:
-        numbers = [v.number for v in model.versions]
+        """One indexed lookup; the listing in the error message is read only on failure."""
+        query = select(VersionRow).where(VersionRow.model_id == model.id)
         if ref is None or ref == "" or ref == LATEST:
-            if not model.versions:
+            row = session.scalar(query.order_by(VersionRow.number.desc()).limit(1))
+            if row is None:
                 raise NotFound(f"model {model.name!r} has no versions yet; upload parameters "
                                f"with `paramserve upload {model.name} FILE`")
-            return model.versions[-1]
+            return row
         if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            for row in model.versions:
-                if row.number == int(ref):
-                    return row
-            raise NotFound(f"model {model.name!r} has no version {int(ref)}; versions: {numbers}")
-        for alias in model.aliases:
-            if alias.name == ref:
-                return alias.version
-        raise NotFound(f"model {model.name!r} has no alias {ref!r}; aliases: "
-                       f"{[a.name for a in model.aliases]}, versions: {numbers}")
+            row = session.scalar(query.where(VersionRow.number == int(ref)))
+            if row is None:
+                raise NotFound(f"model {model.name!r} has no version {int(ref)}; versions: "
+                               f"{_some(session, VersionRow.number, model)}")
+            return row
+        row = session.scalar(query.join(AliasRow, AliasRow.version_id == VersionRow.id)
+                             .where(AliasRow.model_id == model.id, AliasRow.name == ref))
+        if row is None:
+            raise NotFound(f"model {model.name!r} has no alias {ref!r}; aliases: "
+                           f"{_some(session, AliasRow.name, model)}")
+        return row
 
     @staticmethod
     def _model_info(session: Session, row: ModelRow) -> ModelInfo:
@@ -444,18 +450,36 @@ class Store:
         return ModelInfo(
             name=row.name, architecture=row.architecture, config=dict(row.config),
             init=row.init, seed=row.seed, description=row.description,
-            created_at=row.created_at, lazy=bool(arch and arch.is_lazy(row.config)),
+            created_at=_utc(row.created_at), lazy=bool(arch and arch.is_lazy(row.config)),
             aliases={a.name: a.version.number for a in row.aliases},
-            latest_version=row.versions[-1].number if row.versions else None)
+            latest_version=session.scalar(select(func.max(VersionRow.number))
+                                          .where(VersionRow.model_id == row.id)))
 
     @staticmethod
     def _version_info(row: VersionRow, model: ModelRow) -> VersionInfo:
         return VersionInfo(
             model=model.name, number=row.number, sha256=row.sha256, size_bytes=row.size_bytes,
-            origin=row.origin, parent=row.parent, created_at=row.created_at,
+            origin=row.origin, parent=row.parent, created_at=_utc(row.created_at),
             manifest=tuple(ManifestEntry(e["name"], TensorSpec(tuple(e["shape"]), e["dtype"]),
                                          e.get("tied_to")) for e in row.manifest),
-            aliases=tuple(a.name for a in model.aliases if a.version_id == row.id))
+            aliases=tuple(sorted(a.name for a in model.aliases if a.version_id == row.id)))
+
+
+def _latest_row(session: Session, model: ModelRow) -> VersionRow | None:
+    return session.scalar(select(VersionRow).where(VersionRow.model_id == model.id)
+                          .order_by(VersionRow.number.desc()).limit(1))
+
+
+def _some(session: Session, column, model: ModelRow, limit: int = 20) -> list:
+    """Up to ``limit`` values of ``column`` for ``model``, for error messages."""
+    table = column.class_
+    return list(session.scalars(select(column).where(table.model_id == model.id)
+                                .order_by(column).limit(limit)))
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """SQLite hands timestamps back without their zone; they were written in UTC."""
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def _manifest_json(entry: ManifestEntry) -> dict[str, Any]:

@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("init", sa.String(200), nullable=False),
         sa.Column("seed", sa.BigInteger(), nullable=False),
         sa.Column("description", sa.Text(), nullable=False),
+        sa.Column("next_version", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_models"),
         sa.UniqueConstraint("name", name="uq_models_name"),
