@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Mapping
@@ -83,15 +84,18 @@ class Architecture:
                                                     self.example_input_shape)]
         return torch.zeros(shape, dtype=self.input_dtype)
 
-    def build(self, config: Mapping[str, Any] | None = None, seed: int | None = None) -> nn.Module:
-        """Build the module; with ``seed`` every random draw (init, constant buffers) repeats."""
+    def build(self, config: Mapping[str, Any] | None = None, seed: int | None = None,
+              device: str | torch.device | None = None) -> nn.Module:
+        """Build the module; with ``seed`` every random draw (init, constant buffers) repeats.
+
+        ``device="meta"`` builds shapes only, allocating no memory: what the store uses to
+        check uploads and before filling a module from a blob.
+        """
         resolved = self.resolve_config(config)
         try:
-            if seed is None:
+            with seeded(seed) if seed is not None else nullcontext(), \
+                    torch.device(device) if device is not None else nullcontext():
                 module = self.builder(**resolved)
-            else:
-                with seeded(seed):
-                    module = self.builder(**resolved)
         except (TypeError, ValueError, RuntimeError) as err:
             raise InvalidArgument(
                 f"architecture {self.name!r} cannot be built from config "

@@ -253,8 +253,10 @@ def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
 def load_into(module: nn.Module, reader, model: str) -> None:
     """Fill ``module`` from a blob read sequentially through ``reader`` (a VerifyingReader).
 
-    Lazy parameters are materialized to the stored shapes; tied parameters get their data once.
-    The blob's hash is checked when the last byte is read.
+    The module may be built on the meta device: it is then given CPU memory here, once, and
+    filled straight from the file (no second copy of the parameters). Lazy parameters take the
+    stored shapes; tied parameters get their data once. The blob's sha256 is checked when the
+    last byte has been read.
     """
     header = tensorfile.read_header(reader)
     state = module.state_dict(keep_vars=True)
@@ -264,11 +266,14 @@ def load_into(module: nn.Module, reader, model: str) -> None:
             f"the stored version of {model!r} no longer fits its architecture's code "
             f"(missing {sorted(set(state) - stored)}, unexpected {sorted(stored - set(state))}); "
             "restore the architecture's code or upload a new version")
+    for entry in header.entries.values():
+        if isinstance(state[entry.name], UninitializedParameter):
+            state[entry.name].materialize(entry.shape, dtype=entry.dtype)
+    if any(t.is_meta for t in state.values()):
+        module.to_empty(device="cpu")
+    state = module.state_dict(keep_vars=True)
     for entry in sorted(header.entries.values(), key=lambda e: e.begin):
         target = state[entry.name]
-        if isinstance(target, UninitializedParameter):
-            target.materialize(entry.shape, dtype=entry.dtype)
-            target = module.state_dict(keep_vars=True)[entry.name]
         if tuple(target.shape) != entry.shape or target.dtype != entry.dtype:
             raise FailedPrecondition(
                 f"stored {entry.name!r} of {model!r} is {entry.dtype}{list(entry.shape)} but the "
@@ -283,7 +288,7 @@ def load_into(module: nn.Module, reader, model: str) -> None:
             with torch.no_grad():
                 data.copy_(scratch)
     for name, kept in header.metadata.items():
-        if name in state and state[name] is not state[kept]:
+        if state[name] is not state[kept]:
             with torch.no_grad():
                 state[name].data.copy_(state[kept].data)
     reader.finish()

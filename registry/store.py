@@ -85,7 +85,7 @@ class Store:
         arch = architectures.get(architecture)
         resolved = arch.resolve_config(config)
         scheme = parse_scheme(init)
-        arch.build(resolved)  # a config that cannot build is refused now, not at first request
+        arch.build(resolved, device="meta")  # a bad config is refused now, not at first use
         try:
             with self.tx() as session:
                 row = ModelRow(name=name, architecture=architecture, config=resolved,
@@ -182,7 +182,10 @@ class Store:
         return self.load_version(model, self.resolve(name, ref))
 
     def load_version(self, model: ModelInfo, version: VersionInfo) -> nn.Module:
-        module = architectures.get(model.architecture).build(model.config)
+        arch = architectures.get(model.architecture)
+        module = arch.build(model.config, device="meta")
+        if _has_non_persistent_buffers(module):
+            module = arch.build(model.config)  # those are not in the blob: compute them for real
         with self.blobs.open(version.sha256) as reader:
             load_into(module, reader, model.name)
         return module.eval()
@@ -312,7 +315,7 @@ class Store:
         """What an upload must hold; for a lazy model, at the input width the upload implies."""
         arch = architectures.get(model.architecture)
         if not model.lazy:
-            return ExpectedState.of(arch.build(model.config))
+            return ExpectedState.of(arch.build(model.config, device="meta"))
         example = arch.example_input(model.config)
         width = self._implied_width(model, arch, given) or example.shape[-1]
         shape = (*example.shape[:-1], width)
@@ -513,6 +516,10 @@ def _dry_run(module: nn.Module, arch: Architecture, model: ModelInfo,
         raise InvalidArgument(f"input shape {list(shape)} does not fit model {model.name!r} "
                               f"(example input shape {list(arch.example_input_shape)}): "
                               f"{str(err).splitlines()[0]}") from err
+
+
+def _has_non_persistent_buffers(module: nn.Module) -> bool:
+    return any(sub._non_persistent_buffers_set for sub in module.modules())
 
 
 def _submodule(module: nn.Module, path: str | None, model: str) -> nn.Module:
