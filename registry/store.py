@@ -39,6 +39,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .inspect import parameter_infos
 from .schema import AliasRow, ModelRow, VersionRow
 from .schemes import apply_scheme, parse_scheme
+from .signature import INPUT_NAME, Signature, TensorSignature, output_signature
 from .slicing import parse_index, select as select_index
 from .statedict import (ExpectedState, Source, load_into, open_upload, read_state_dict,
                         validate, write_canonical, write_module)
@@ -224,6 +225,33 @@ class Store:
     def module_tree(self, name: str, ref: int | str | None = None) -> str:
         """The module as ``print(module)`` shows it."""
         return str(self._module_for_query(name, ref))
+
+    def signature(self, model: ModelInfo, version: VersionInfo | None = None) -> Signature:
+        """Input and output names, dtypes and shapes (-1: free) of a model at a version.
+
+        A lazy model with no version has its input width free; with a version, the width is
+        the one its stored parameters imply.
+        """
+        arch = architectures.get(model.architecture)
+        input_shape = list(arch.input_shape(model.config))
+        if model.lazy and version is not None:
+            given = {e.name: (None, e.spec.shape) for e in version.manifest}
+            input_shape[-1] = self._implied_width(model, arch, given) or input_shape[-1]
+        # The leading dimension (rows) is free for every architecture; only batchable ones may
+        # have requests merged along it.
+        if input_shape:
+            input_shape[0] = -1
+        example = [d if d >= 0 else e for d, e in zip(input_shape, arch.example_input_shape)]
+
+        def build(device):
+            if device == "meta":
+                return arch.build(model.config, device="meta")
+            return self._fresh_module(model)
+
+        output = output_signature(build, example, arch.input_dtype, model.name)
+        return Signature(inputs=(TensorSignature(INPUT_NAME, arch.input_dtype,
+                                                 tuple(input_shape)),),
+                         outputs=(output,), batchable=arch.batchable)
 
     # ---- operations that create versions ------------------------------------------------
 
