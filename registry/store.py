@@ -263,7 +263,7 @@ class Store:
         this process or in other replicas) all get the one version that was created first.
         """
         with self._first_version_locks[name]:
-            existing = self._latest_or_none(name)
+            existing = self.latest_or_none(name)
             if existing is not None:
                 return existing
             model = self.get_model(name)
@@ -288,7 +288,7 @@ class Store:
         """
         parsed = parse_scheme(scheme)
         model = self.get_model(name)
-        base = self.resolve(name, ref) if ref not in (None, "") else self._latest_or_none(name)
+        base = self.resolve(name, ref) if ref not in (None, "") else self.latest_or_none(name)
         if base is not None:
             module = self.load_version(model, base)
         elif model.lazy and input_shape is None:
@@ -415,7 +415,8 @@ class Store:
         raise FailedPrecondition(f"could not allocate a version number for {name!r}: too many "
                                  "concurrent writers; retry")
 
-    def _latest_or_none(self, name: str) -> VersionInfo | None:
+    def latest_or_none(self, name: str) -> VersionInfo | None:
+        """The newest version, or ``None`` when the model has none yet."""
         with self.tx() as session:
             model = self._model_row(session, name)
             row = _latest_row(session, model)
@@ -423,7 +424,7 @@ class Store:
 
     def _module_for_query(self, name: str, ref: int | str | None) -> nn.Module:
         model = self.get_model(name)
-        version = self.resolve(name, ref) if ref not in (None, "") else self._latest_or_none(name)
+        version = self.resolve(name, ref) if ref not in (None, "") else self.latest_or_none(name)
         if version is None:
             return self._fresh_module(model)
         return self.load_version(model, version)

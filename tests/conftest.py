@@ -77,3 +77,78 @@ def reference_module(architecture: str, lazy: bool, seed: int = 1) -> torch.nn.M
         with torch.no_grad():
             module(example_input(architecture, lazy))
     return module.eval()
+
+
+# ---- a real server on a free loopback port ---------------------------------------------------
+
+import ctypes
+import select
+import signal
+import subprocess
+import sys
+
+SERVER_START_TIMEOUT_S = 60
+
+
+def _die_with_parent() -> None:
+    """Runs in the server child: SIGTERM it when the test process dies, so none outlives it."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ServerProcess:
+    """``paramserve serve`` in a subprocess on 127.0.0.1 with free ports, as a user runs it."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, env: dict | None = None):
+        self.data_dir = Path(data_dir)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+             str(self.data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+             *extra_args],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, preexec_fn=_die_with_parent,
+            env={**os.environ, **(env or {})})
+        ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_START_TIMEOUT_S)
+        line = self.proc.stdout.readline() if ready else ""
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
+        self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        self.metrics_port = int(line.split("(metrics ")[1].split(",")[0].rsplit(":", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server per test module; tests use their own model names."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data", "--max-upload-mb", "64",
+                        "--max-tensor-elements", "4000000")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    from paramserve.service.client import Client
+
+    with Client(server.address, timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    """A model name unique to the test (servers are shared within a module)."""
+    return "m-" + uuid.uuid4().hex[:10]

@@ -1,0 +1,303 @@
+"""A Python client for paramserve: the Registry service and KServe v2 inference over gRPC.
+
+    from paramserve.service.client import Client
+
+    with Client("127.0.0.1:8001") as client:
+        client.create_model("mlp", "mlp")
+        version = client.upload("mlp", "mlp.safetensors", alias="production")
+        y = client.infer("mlp", torch.rand(2, 20), ref="production")
+
+Status codes come back as the core's exception classes (``NotFound``, ``InvalidArgument`` …);
+other failures (server down, deadline) raise ``ServerError`` with the gRPC code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grpc
+import torch
+
+from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2 as pb
+from paramserve.protos import registry_pb2_grpc
+from paramserve.registry.blobs import VerifyingReader
+from paramserve.registry.errors import DataLoss, ParamserveError
+from paramserve.registry.signature import INPUT_NAME
+from paramserve.registry.statedict import read_state_dict
+from paramserve.registry.tensorfile import write_tensors
+from paramserve.registry.values import ModelInfo, ParameterInfo, VersionInfo
+
+from . import codec, convert
+from .errors import ERROR_OF
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+class ServerError(ParamserveError):
+    """A failure with no core meaning: unreachable server, deadline, internal error."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self.code = code
+        super().__init__(f"{code.name}: {details}")
+
+
+def _raise_from(err: grpc.RpcError) -> None:
+    code, details = err.code(), err.details() or ""
+    cls = ERROR_OF.get(code)
+    raise (cls(details) if cls else ServerError(code, details)) from None
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:8001", timeout_s: float = 60.0,
+                 max_message_mb: int = 64):
+        size = max_message_mb << 20
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
+        self.registry = registry_pb2_grpc.RegistryStub(self.channel)
+        self.inference = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout_s: float | None = None):
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            _raise_from(err)
+
+    # ---- health ------------------------------------------------------------------------
+
+    def wait_until_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the server answers, or raise ServerError after ``timeout_s``."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ServerError(grpc.StatusCode.UNAVAILABLE,
+                              f"no paramserve server answered at {self.address} within "
+                              f"{timeout_s:g} s; start one with `paramserve serve`") from None
+        self._call(self.inference.ServerLive, inference_pb2.ServerLiveRequest(), timeout_s)
+
+    # ---- architectures and models ------------------------------------------------------
+
+    def architectures(self) -> list[pb.Architecture]:
+        return list(self._call(self.registry.ListArchitectures,
+                               pb.ListArchitecturesRequest()).architectures)
+
+    def create_model(self, name: str, architecture: str, config: Mapping[str, Any] | None = None,
+                     init: str = "default", seed: int = 0, description: str = "") -> ModelInfo:
+        msg = self._call(self.registry.CreateModel, pb.CreateModelRequest(
+            name=name, architecture=architecture, config_json=json.dumps(dict(config or {})),
+            init=init, seed=seed, description=description))
+        return convert.model_from_proto(msg)
+
+    def get_model(self, name: str) -> ModelInfo:
+        return convert.model_from_proto(self._call(self.registry.GetModel,
+                                                   pb.GetModelRequest(name=name)))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [convert.model_from_proto(m) for m in
+                self._call(self.registry.ListModels, pb.ListModelsRequest()).models]
+
+    def delete_model(self, name: str) -> None:
+        self._call(self.registry.DeleteModel, pb.DeleteModelRequest(name=name))
+
+    # ---- versions ----------------------------------------------------------------------
+
+    def upload(self, name: str, source, alias: str | None = None,
+               progress: Progress | None = None, timeout_s: float | None = None) -> VersionInfo:
+        """Upload a .safetensors / torch.save file (path or bytes) or a dict of tensors."""
+        with _as_file(source) as path:
+            size, sha256 = _size_and_sha256(path)
+            chunks = _upload_chunks(path, pb.UploadHeader(model=name, alias=alias or "",
+                                                          sha256=sha256, size_bytes=size),
+                                    progress)
+            msg = self._call(self.registry.UploadVersion, chunks,
+                             timeout_s or max(self.timeout_s, size / (20 << 20)))
+        return convert.version_from_proto(msg)
+
+    def download(self, name: str, ref: str | int | None = None, path: str | os.PathLike = None,
+                 progress: Progress | None = None) -> VersionInfo:
+        """Save a version to ``path``: ``.safetensors`` as stored, ``.pt``/``.pth`` as a
+        torch.save'd state_dict. The sha256 is checked end to end; a partial file never
+        appears under ``path``."""
+        target = Path(path)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            blob = Path(tmp) / "blob.safetensors"
+            version = self._download_to(name, ref, blob, progress)
+            if target.suffix in (".pt", ".pth"):
+                torch.save(_read_blob(blob, version.sha256), Path(tmp) / "out")
+                os.replace(Path(tmp) / "out", target)
+            else:
+                os.replace(blob, target)
+        return version
+
+    def state_dict(self, name: str, ref: str | int | None = None) -> dict[str, torch.Tensor]:
+        """A version's state_dict, downloaded; tied keys share one tensor."""
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = Path(tmp) / "blob.safetensors"
+            version = self._download_to(name, ref, blob, None)
+            return _read_blob(blob, version.sha256)
+
+    def _download_to(self, name, ref, path: Path, progress) -> VersionInfo:
+        request = pb.DownloadVersionRequest(model=name, ref=_ref(ref))
+        digest, done, version, expected = hashlib.sha256(), 0, None, None
+        try:
+            with open(path, "wb") as out:
+                for chunk in self.registry.DownloadVersion(request, timeout=None):
+                    if chunk.WhichOneof("kind") == "header":
+                        version = convert.version_from_proto(chunk.header.version)
+                        expected = (chunk.header.sha256, chunk.header.size_bytes)
+                        continue
+                    out.write(chunk.data)
+                    digest.update(chunk.data)
+                    done += len(chunk.data)
+                    if progress:
+                        progress(done, expected[1])
+        except grpc.RpcError as err:
+            _raise_from(err)
+        if version is None or (digest.hexdigest(), done) != expected:
+            raise DataLoss(f"download of {name!r} arrived damaged (sha256 "
+                           f"{digest.hexdigest()}, {done} bytes; expected {expected}); retry")
+        return version
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        return [convert.version_from_proto(v) for v in
+                self._call(self.registry.ListVersions, pb.ListVersionsRequest(model=name)).versions]
+
+    def delete_version(self, name: str, number: int) -> None:
+        self._call(self.registry.DeleteVersion, pb.DeleteVersionRequest(model=name, number=number))
+
+    def set_alias(self, name: str, alias: str, number: int) -> VersionInfo:
+        return convert.version_from_proto(self._call(
+            self.registry.SetAlias, pb.SetAliasRequest(model=name, alias=alias, number=number)))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(self.registry.DeleteAlias, pb.DeleteAliasRequest(model=name, alias=alias))
+
+    # ---- parameters --------------------------------------------------------------------
+
+    def parameters(self, name: str, ref: str | int | None = None,
+                   stats: bool = False) -> list[ParameterInfo]:
+        msg = self._call(self.registry.ListParameters,
+                         pb.ListParametersRequest(model=name, ref=_ref(ref), stats=stats))
+        return [convert.parameter_from_proto(p) for p in msg.parameters]
+
+    def tensor(self, name: str, param: str, ref: str | int | None = None,
+               index: str | None = None) -> torch.Tensor:
+        msg = self._call(self.registry.GetTensor, pb.GetTensorRequest(
+            model=name, ref=_ref(ref), name=param, index=index or ""))
+        return convert.tensor_from_proto(msg)
+
+    def module_tree(self, name: str, ref: str | int | None = None) -> str:
+        return self._call(self.registry.DescribeModule,
+                          pb.DescribeModuleRequest(model=name, ref=_ref(ref))).tree
+
+    def initialize(self, name: str, scheme: str, ref: str | int | None = None,
+                   module_path: str | None = None, seed: int | None = None,
+                   input_shape: Sequence[int] | None = None) -> VersionInfo:
+        request = pb.InitializeRequest(model=name, ref=_ref(ref), scheme=scheme,
+                                       module_path=module_path or "",
+                                       input_shape=list(input_shape or ()))
+        if seed is not None:
+            request.seed = seed
+        return convert.version_from_proto(self._call(self.registry.Initialize, request))
+
+    def patch(self, name: str, param: str, value, ref: str | int | None = None,
+              index: str | None = None, op: str = "set") -> VersionInfo:
+        request = pb.PatchRequest(model=name, ref=_ref(ref), param=param, index=index or "",
+                                  op=op)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            request.scalar = float(value)
+        else:
+            request.array.CopyFrom(convert.tensor_to_proto(param, torch.as_tensor(value)))
+        return convert.version_from_proto(self._call(self.registry.Patch, request))
+
+    # ---- inference ---------------------------------------------------------------------
+
+    def infer(self, name: str, x, ref: str | int | None = None,
+              timeout_s: float | None = None) -> torch.Tensor:
+        """One forward pass on the server; ``x`` is a tensor or array, the output a tensor."""
+        x = torch.as_tensor(x).contiguous()
+        request = inference_pb2.ModelInferRequest(model_name=name, model_version=_ref(ref))
+        request.inputs.add(name=INPUT_NAME, datatype=codec.datatype_of(x.dtype),
+                           shape=list(x.shape))
+        request.raw_input_contents.append(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        response = self._call(self.inference.ModelInfer, request, timeout_s)
+        out = response.outputs[0]
+        dtype = codec.TORCH_OF[out.datatype]
+        data = bytearray(response.raw_output_contents[0])
+        if not data:
+            return torch.empty(tuple(out.shape), dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(tuple(out.shape))
+
+    def model_metadata(self, name: str, ref: str | int | None = None):
+        return self._call(self.inference.ModelMetadata,
+                          inference_pb2.ModelMetadataRequest(name=name, version=_ref(ref)))
+
+
+def _ref(ref: str | int | None) -> str:
+    return "" if ref is None else str(ref)
+
+
+class _as_file:
+    """A path for an upload source: a path as is, bytes or a dict of tensors via a temp file."""
+
+    def __init__(self, source):
+        self.source = source
+        self.tmp = None
+
+    def __enter__(self) -> Path:
+        if isinstance(self.source, (str, os.PathLike)):
+            return Path(self.source)
+        fd, name = tempfile.mkstemp(suffix=".upload")
+        self.tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(self.source, Mapping):
+                write_tensors(f, list(self.source.items()))
+            else:
+                f.write(bytes(self.source))
+        return self.tmp
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _upload_chunks(path: Path, header: pb.UploadHeader,
+                   progress: Progress | None) -> Iterator[pb.UploadChunk]:
+    yield pb.UploadChunk(header=header)
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(UPLOAD_CHUNK_BYTES):
+            done += len(chunk)
+            yield pb.UploadChunk(data=chunk)
+            if progress:
+                progress(done, header.size_bytes)
+
+
+def _read_blob(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    with VerifyingReader(open(path, "rb"), sha256, path) as reader:
+        return read_state_dict(reader)

@@ -1,0 +1,82 @@
+"""The server's settings, from flags with ``PARAMSERVE_*`` environment variables as defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PARAMSERVE_{name}", default)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: str = "./data"
+    registry_url: str | None = None
+    listen: str = "127.0.0.1:8001"
+    metrics_listen: str = "127.0.0.1:8002"
+    device: str = "auto"
+    architectures: tuple[str, ...] = field(default_factory=tuple)
+    max_message_mb: int = 64
+    max_upload_mb: int = 0
+    max_tensor_elements: int = 1 << 28
+    max_batch_size: int = 64
+    memory_budget_mb: int = 0
+    worker_threads: int = 4
+    grace_s: float = 10.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
+        values = {f: getattr(args, f) for f in cls.__dataclass_fields__}
+        values["architectures"] = tuple(values["architectures"] or ())
+        return cls(**values)
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``paramserve serve``; each falls back to PARAMSERVE_<FLAG>."""
+    d = ServerConfig()
+    add = parser.add_argument
+    add("--data-dir", default=env("DATA_DIR", d.data_dir),
+        help="registry.db and blobs live here (default ./data; env PARAMSERVE_DATA_DIR)")
+    add("--registry-url", default=env("REGISTRY_URL"),
+        help="SQLAlchemy URL of the registry (default sqlite:///DATA_DIR/registry.db; "
+             "env PARAMSERVE_REGISTRY_URL)")
+    add("--listen", default=env("LISTEN", d.listen),
+        help="gRPC address HOST:PORT; port 0 picks a free one (default 127.0.0.1:8001)")
+    add("--metrics-listen", default=env("METRICS_LISTEN", d.metrics_listen),
+        help="Prometheus HTTP address HOST:PORT, or 'off' (default 127.0.0.1:8002)")
+    add("--device", default=env("DEVICE", d.device),
+        help="auto (a GPU with room, else CPU), cpu or cuda:N (default auto)")
+    add("--architectures", action="append", default=_split(env("ARCHITECTURES")),
+        help="a Python module to import for more @architecture builders; repeatable "
+             "(env PARAMSERVE_ARCHITECTURES, comma-separated)")
+    add("--max-message-mb", type=int, default=int(env("MAX_MESSAGE_MB", str(d.max_message_mb))),
+        help="largest gRPC message in MiB, both ways (default 64)")
+    add("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", str(d.max_upload_mb))),
+        help="largest parameter upload in MiB, 0 = no limit (default 0)")
+    add("--max-tensor-elements", type=int,
+        default=int(env("MAX_TENSOR_ELEMENTS", str(d.max_tensor_elements))),
+        help="largest input tensor, in elements (default 2^28)")
+    add("--max-batch-size", type=int, default=int(env("MAX_BATCH_SIZE", str(d.max_batch_size))),
+        help="max_batch_size reported for batchable models (default 64)")
+    add("--memory-budget-mb", type=int,
+        default=int(env("MEMORY_BUDGET_MB", str(d.memory_budget_mb))),
+        help="per-device budget for loaded models in MiB; least recently used are unloaded "
+             "past it; 0 = no limit (default 0)")
+    add("--worker-threads", type=int, default=int(env("WORKER_THREADS", str(d.worker_threads))),
+        help="threads for forwards and store calls (default 4)")
+    add("--grace-s", type=float, default=float(env("GRACE_S", str(d.grace_s))),
+        help="on SIGTERM, seconds in-flight requests get to finish (default 10)")
+
+
+def _split(value: str | None) -> list[str]:
+    return [v for v in (value or "").split(",") if v]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,185 @@
+"""The KServe v2 servicer: thin RPCs over the model manager and the tensor codec."""
+
+from __future__ import annotations
+
+import time
+
+from paramserve.protos import inference_pb2 as pb
+from paramserve.protos import inference_pb2_grpc
+from paramserve.registry.errors import InvalidArgument, NotFound, ParamserveError
+from paramserve.registry.signature import Signature, TensorSignature
+
+from . import codec
+from .models import ModelManager
+
+SERVER_NAME = "paramserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
+PLATFORM = "pytorch"
+CONFIG_TYPE = {name: getattr(pb, f"TYPE_{name}") for name in codec.TORCH_OF}
+
+
+def _tensor_metadata(spec: TensorSignature) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=codec.datatype_of(spec.dtype), shape=list(spec.shape))
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, max_batch_size: int, max_tensor_elements: int,
+                 metrics=None):
+        self.manager = manager
+        self.max_batch_size = max_batch_size
+        self.max_tensor_elements = max_tensor_elements
+        self.metrics = metrics
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        """Ready when it can answer now: a stored version, or a lazy model's first request."""
+        try:
+            model = await self.manager.model(request.name)
+            version = await self.manager.resolve(request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=version is not None or (model.lazy and
+                                                                   not request.version))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                         extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        model, version, signature = await self.manager.signature(request.name, request.version)
+        versions = await self.manager._run(self.manager.store.list_versions, request.name)
+        device = await self._device_of(request.name, version)
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[str(v.number) for v in versions], platform=PLATFORM,
+            inputs=[_tensor_metadata(t) for t in signature.inputs],
+            outputs=[_tensor_metadata(t) for t in signature.outputs],
+            parameters={"device": pb.InferParameter(string_param=device)})
+
+    async def _device_of(self, name, version) -> str:
+        """Where the version runs: its device once loaded, else where placement would put it."""
+        for loaded in self.manager.loaded():
+            if version is not None and (loaded.model.name, loaded.version.number) == (
+                    name, version.number):
+                return str(loaded.device)
+        return str(self.manager.placement.choose(version.size_bytes if version else 0))
+
+    async def ModelConfig(self, request, context):
+        model, version, signature = await self.manager.signature(request.name, request.version)
+        batch = self.max_batch_size if signature.batchable else 0
+        config = pb.ModelConfig(name=model.name, platform=PLATFORM, backend="paramserve",
+                                max_batch_size=batch)
+        skip = 1 if batch > 0 else 0  # Triton's dims leave the batch dimension out
+        for spec in signature.inputs:
+            config.input.add(name=spec.name, dims=list(spec.shape[skip:]),
+                             data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)])
+        for spec in signature.outputs:
+            dims = list(spec.shape[skip:]) if spec.shape else []
+            config.output.add(name=spec.name, dims=dims,
+                              data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)])
+        config.parameters["architecture"].string_value = model.architecture
+        config.parameters["device"].string_value = await self._device_of(model.name, version)
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelInfer(self, request, context):
+        start = time.perf_counter_ns()
+        input_shape = tuple(request.inputs[0].shape) if request.inputs else None
+        version = await self.manager.resolve(request.model_name, request.model_version)
+        if version is None:  # a lazy model's first request: check it before it makes a version
+            _, _, signature = await self.manager.signature(request.model_name, "")
+            codec.decode_inputs(request, signature, self.max_tensor_elements)
+        loaded = await self.manager.get(request.model_name, request.model_version, input_shape)
+        try:
+            inputs = codec.decode_inputs(request, loaded.signature, self.max_tensor_elements)
+            requested = _requested_outputs(request, loaded.signature)
+            decoded = time.perf_counter_ns()
+            outputs = await self.manager._run(loaded.forward, inputs)
+            computed = time.perf_counter_ns()
+            response = pb.ModelInferResponse(model_name=loaded.model.name,
+                                             model_version=str(loaded.version.number),
+                                             id=request.id)
+            for name in requested:
+                codec.encode_output(response, name, outputs[name])
+        except ParamserveError:
+            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            raise
+        except RuntimeError as err:  # torch rejected the input inside the forward
+            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
+                                  f"{str(err).splitlines()[0]}") from err
+        rows = input_shape[0] if input_shape and loaded.signature.batchable else 1
+        self.manager.record(loaded, True, start, decoded, computed, time.perf_counter_ns(),
+                            batch=rows)
+        if self.metrics is not None:
+            self.metrics.bytes_moved("infer_in", sum(len(b) for b in request.raw_input_contents))
+            self.metrics.bytes_moved("infer_out",
+                                     sum(len(b) for b in response.raw_output_contents))
+        return response
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            await self.manager.model(request.name)  # NOT_FOUND for an unknown model
+        response = pb.ModelStatisticsResponse()
+        for (name, number), stats in sorted(self.manager.stats.items()):
+            if (request.name and name != request.name) or (
+                    request.version and request.version != str(number)):
+                continue
+            entry = response.model_stats.add(
+                name=name, version=str(number), last_inference=stats.last_inference_ms,
+                inference_count=stats.inference_count, execution_count=stats.execution_count)
+            for field in ("success", "fail", "queue", "compute_input", "compute_infer",
+                          "compute_output"):
+                duration = getattr(stats, field)
+                getattr(entry.inference_stats, field).CopyFrom(
+                    pb.StatisticDuration(count=duration.count, ns=duration.ns))
+        if request.name and not response.model_stats:
+            model, version, _ = await self.manager.signature(request.name, request.version)
+            response.model_stats.add(name=model.name,
+                                     version=str(version.number) if version else "")
+        return response
+
+    async def RepositoryIndex(self, request, context):
+        models = await self.manager._run(self.manager.store.list_models)
+        response = pb.RepositoryIndexResponse()
+        loaded = {m.model.name for m in self.manager.loaded()}
+        for model in models:
+            ready = model.latest_version is not None or model.lazy
+            if request.ready and not ready:
+                continue
+            reason = "" if ready else "no version yet: upload or init one"
+            response.models.add(name=model.name, version=str(model.latest_version or ""),
+                                state="READY" if ready else "UNAVAILABLE",
+                                reason=reason or ("loaded" if model.name in loaded else ""))
+        return response
+
+    async def RepositoryModelLoad(self, request, context):
+        model = await self.manager.model(request.model_name)
+        version = await self.manager.resolve(request.model_name, "")
+        if version is not None:
+            await self.manager.load(model, version)
+        elif not model.lazy:
+            await self.manager.get(request.model_name, "")  # raises FAILED_PRECONDITION
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self.manager.model(request.model_name)
+        self.manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _requested_outputs(request, signature: Signature) -> list[str]:
+    known = [t.name for t in signature.outputs]
+    if not request.outputs:
+        return known
+    names = [o.name for o in request.outputs]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise InvalidArgument(f"model {request.model_name!r} has no output(s) {unknown}; "
+                              f"its outputs: {known}")
+    return names

@@ -1,0 +1,192 @@
+"""The model manager: versions resolved, loaded, placed, kept (LRU) and run.
+
+``get(name, ref, input_shape)`` answers one inference request's question "which module runs
+this?": it resolves the ref (cached until a registry change through this server), creates the
+first version of a lazy model when needed (the store makes that exactly one version), loads the
+version once even when many requests ask at the same time, and places it on a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from paramserve.registry import Store
+from paramserve.registry.errors import FailedPrecondition
+from paramserve.registry.signature import Signature
+from paramserve.registry.values import ModelInfo, VersionInfo
+
+from .placement import Placement, module_bytes
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    """Triton-style counters of one (model, version)."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class LoadedModel:
+    model: ModelInfo
+    version: VersionInfo
+    module: nn.Module
+    device: torch.device
+    signature: Signature
+    size_bytes: int
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on the model's device; outputs come back on the CPU. Call from a worker thread."""
+        with torch.inference_mode():
+            (name,) = [t.name for t in self.signature.inputs]
+            x = inputs[name].to(self.device, non_blocking=True)
+            y = self.module(x)
+            return {self.signature.outputs[0].name: y.cpu()}
+
+
+class ModelManager:
+    def __init__(self, store: Store, placement: Placement, executor: Executor,
+                 memory_budget_bytes: int = 0):
+        self.store = store
+        self.placement = placement
+        self.executor = executor
+        self.memory_budget_bytes = memory_budget_bytes
+        self._loaded: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future] = {}
+        self._resolved: dict[tuple[str, str], VersionInfo | None] = {}
+        self._models: dict[str, ModelInfo] = {}
+        self.stats: dict[tuple[str, int], ModelStats] = {}
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def model(self, name: str) -> ModelInfo:
+        info = self._models.get(name)
+        if info is None:
+            info = self._models[name] = await self._run(self.store.get_model, name)
+        return info
+
+    async def resolve(self, name: str, ref: str) -> VersionInfo | None:
+        """The version ``ref`` names; ``None`` when the model has none yet and ref is empty."""
+        key = (name, ref)
+        if key not in self._resolved:
+            if ref in ("", "latest"):
+                self._resolved[key] = await self._run(self.store.latest_or_none, name)
+            else:
+                self._resolved[key] = await self._run(self.store.resolve, name, ref)
+        return self._resolved[key]
+
+    async def get(self, name: str, ref: str,
+                  input_shape: Sequence[int] | None = None) -> LoadedModel:
+        model = await self.model(name)
+        version = await self.resolve(name, ref)
+        if version is None:
+            if not model.lazy or input_shape is None:
+                raise FailedPrecondition(
+                    f"model {name!r} has no version to serve yet; upload parameters "
+                    f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
+                    f"{name} SCHEME`)")
+            version = await self._run(self.store.materialize, name, tuple(input_shape))
+            self.forget(name)
+        return await self.load(model, version)
+
+    async def load(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
+        key = (model.name, version.number)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            self._loaded.move_to_end(key)
+            return loaded
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = self._loading[key] = asyncio.ensure_future(
+                self._run(self._load_blocking, model, version))
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        loaded = await asyncio.shield(pending)
+        if key not in self._loaded:
+            self._loaded[key] = loaded
+            self._evict_over_budget(loaded.device)
+        return loaded
+
+    def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
+        module = self.store.load_version(model, version)
+        size = module_bytes(module)
+        device = self.placement.choose(size)
+        module.to(device)
+        return LoadedModel(model, version, module, device, self.store.signature(model, version),
+                           size)
+
+    def _evict_over_budget(self, device: torch.device) -> None:
+        if not self.memory_budget_bytes:
+            return
+        on_device = [k for k, m in self._loaded.items() if m.device == device]
+        used = sum(self._loaded[k].size_bytes for k in on_device)
+        for key in on_device[:-1]:  # least recently used first; never the newest
+            if used <= self.memory_budget_bytes:
+                break
+            used -= self._loaded.pop(key).size_bytes
+
+    async def signature(self, name: str, ref: str) -> tuple[ModelInfo, VersionInfo | None,
+                                                            Signature]:
+        model = await self.model(name)
+        version = await self.resolve(name, ref)
+        if version is not None and (name, version.number) in self._loaded:
+            return model, version, self._loaded[(name, version.number)].signature
+        return model, version, await self._run(self.store.signature, model, version)
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def unload(self, name: str) -> int:
+        keys = [k for k in self._loaded if k[0] == name]
+        for key in keys:
+            del self._loaded[key]
+        return len(keys)
+
+    def forget(self, name: str, unload: bool = False) -> None:
+        """Drop what is cached about ``name`` after a change to it through this server."""
+        self._models.pop(name, None)
+        for key in [k for k in self._resolved if k[0] == name]:
+            del self._resolved[key]
+        if unload:
+            self.unload(name)
+
+    def stats_for(self, name: str, number: int) -> ModelStats:
+        return self.stats.setdefault((name, number), ModelStats())
+
+    def record(self, loaded: LoadedModel, ok: bool, start_ns: int, decoded_ns: int,
+               computed_ns: int, end_ns: int, batch: int = 1) -> None:
+        stats = self.stats_for(loaded.model.name, loaded.version.number)
+        (stats.success if ok else stats.fail).add(end_ns - start_ns)
+        if ok:
+            stats.inference_count += batch
+            stats.execution_count += 1
+            stats.compute_input.add(decoded_ns - start_ns)
+            stats.compute_infer.add(computed_ns - decoded_ns)
+            stats.compute_output.add(end_ns - computed_ns)
+            stats.queue.add(0)
+        stats.last_inference_ms = int(time.time() * 1000)

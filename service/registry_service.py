@@ -1,0 +1,203 @@
+"""The ``paramserve.v1.Registry`` servicer: each RPC decodes, calls the store, encodes.
+
+Blocking store calls run in the worker pool; a change to a model tells the model manager to
+forget what it cached about it. Uploads are spooled to a temporary file under the data dir
+(sha256 and size checked against the header) before the store validates and keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from paramserve.protos import registry_pb2 as pb
+from paramserve.protos import registry_pb2_grpc
+from paramserve.registry import all_architectures
+from paramserve.registry.errors import InvalidArgument, ResourceExhausted
+
+from . import convert
+from .models import ModelManager
+
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+MAX_DOWNLOAD_CHUNK_BYTES = 16 << 20
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, manager: ModelManager, spool_dir: str, max_upload_bytes: int,
+                 metrics=None):
+        self.manager = manager
+        self.store = manager.store
+        self.spool_dir = spool_dir
+        self.max_upload_bytes = max_upload_bytes
+        self.metrics = metrics
+        os.makedirs(spool_dir, exist_ok=True)
+
+    async def _run(self, fn, *args, **kwargs):
+        return await self.manager._run(lambda: fn(*args, **kwargs))
+
+    async def ListArchitectures(self, request, context):
+        return pb.ListArchitecturesResponse(
+            architectures=[convert.architecture_to_proto(a) for a in all_architectures()])
+
+    async def CreateModel(self, request, context):
+        try:
+            config = json.loads(request.config_json) if request.config_json else {}
+        except json.JSONDecodeError as err:
+            raise InvalidArgument(f"config_json is not valid JSON: {err}") from err
+        if not isinstance(config, dict):
+            raise InvalidArgument("config_json must be a JSON object, e.g. {\"in_features\": 8}")
+        info = await self._run(self.store.create_model, request.name, request.architecture,
+                               config, init=request.init or "default", seed=request.seed,
+                               description=request.description)
+        self.manager.forget(request.name)
+        return convert.model_to_proto(info)
+
+    async def GetModel(self, request, context):
+        return convert.model_to_proto(await self._run(self.store.get_model, request.name))
+
+    async def ListModels(self, request, context):
+        models = await self._run(self.store.list_models)
+        return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
+
+    async def DeleteModel(self, request, context):
+        await self._run(self.store.delete_model, request.name)
+        self.manager.forget(request.name, unload=True)
+        return pb.DeleteModelResponse()
+
+    async def UploadVersion(self, request_iterator, context):
+        header = None
+        digest, size = hashlib.sha256(), 0
+        fd, path = tempfile.mkstemp(prefix="upload-", suffix=".partial", dir=self.spool_dir)
+        try:
+            with os.fdopen(fd, "wb") as spool:
+                async for chunk in request_iterator:
+                    kind = chunk.WhichOneof("kind")
+                    if kind == "header":
+                        if header is not None:
+                            raise InvalidArgument("upload stream has two headers; send one "
+                                                  "header, then data chunks")
+                        header = chunk.header
+                        self._check_header(header)
+                        continue
+                    if header is None:
+                        raise InvalidArgument("upload stream must start with a header naming "
+                                              "the model, the size and the sha256")
+                    size += len(chunk.data)
+                    if size > header.size_bytes:
+                        raise InvalidArgument(f"upload sent more than the {header.size_bytes} "
+                                              "bytes its header announced")
+                    await self._run(_write_chunk, spool, digest, chunk.data)
+            if header is None:
+                raise InvalidArgument("empty upload stream: send a header, then the bytes")
+            if size != header.size_bytes:
+                raise InvalidArgument(f"upload ended after {size} of the {header.size_bytes} "
+                                      "bytes its header announced; send the whole file")
+            if digest.hexdigest() != header.sha256.lower():
+                raise InvalidArgument(f"upload's sha256 is {digest.hexdigest()}, the header "
+                                      f"says {header.sha256}; the bytes were damaged in "
+                                      "transit, send them again")
+            if self.metrics is not None:
+                self.metrics.bytes_moved("upload", size)
+            version = await self._run(self.store.upload, header.model, path,
+                                      alias=header.alias or None)
+            self.manager.forget(header.model)
+            return convert.version_to_proto(version)
+        finally:
+            os.unlink(path)
+
+    def _check_header(self, header: pb.UploadHeader) -> None:
+        if header.size_bytes < 0 or len(header.sha256) != 64:
+            raise InvalidArgument("upload header needs size_bytes >= 0 and a 64-hex-digit sha256")
+        if self.max_upload_bytes and header.size_bytes > self.max_upload_bytes:
+            raise ResourceExhausted(f"upload of {header.size_bytes} bytes is over the server's "
+                                    f"limit of {self.max_upload_bytes} (--max-upload-mb)")
+
+    async def DownloadVersion(self, request, context):
+        chunk_bytes = request.chunk_bytes or DOWNLOAD_CHUNK_BYTES
+        if not 0 < chunk_bytes <= MAX_DOWNLOAD_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_bytes must be 1..{MAX_DOWNLOAD_CHUNK_BYTES}")
+        version, reader = await self._run(self.store.open_blob, request.model, request.ref)
+        try:
+            yield pb.DownloadChunk(header=pb.DownloadHeader(
+                version=convert.version_to_proto(version), sha256=version.sha256,
+                size_bytes=reader.size_bytes))
+            while True:
+                data = await self._run(reader.read, chunk_bytes)
+                if not data:
+                    break
+                if self.metrics is not None:
+                    self.metrics.bytes_moved("download", len(data))
+                yield pb.DownloadChunk(data=data)
+            await self._run(reader.finish)  # DATA_LOSS if the blob changed under us
+        finally:
+            reader.close()
+
+    async def ListVersions(self, request, context):
+        versions = await self._run(self.store.list_versions, request.model)
+        return pb.ListVersionsResponse(versions=[convert.version_to_proto(v) for v in versions])
+
+    async def DeleteVersion(self, request, context):
+        await self._run(self.store.delete_version, request.model, request.number)
+        self.manager.forget(request.model, unload=True)
+        return pb.DeleteVersionResponse()
+
+    async def SetAlias(self, request, context):
+        version = await self._run(self.store.set_alias, request.model, request.alias,
+                                  request.number)
+        self.manager.forget(request.model)
+        return convert.version_to_proto(version)
+
+    async def DeleteAlias(self, request, context):
+        await self._run(self.store.delete_alias, request.model, request.alias)
+        self.manager.forget(request.model)
+        return pb.DeleteAliasResponse()
+
+    async def ListParameters(self, request, context):
+        version = await self._version_or_none(request.model, request.ref)
+        infos = await self._run(self.store.parameters, request.model, request.ref or None,
+                                stats=request.stats)
+        return pb.ListParametersResponse(
+            version=version.number if version else 0,
+            parameters=[convert.parameter_to_proto(p) for p in infos])
+
+    async def GetTensor(self, request, context):
+        tensor = await self._run(self.store.tensor, request.model, request.name,
+                                 request.ref or None, index=request.index or None)
+        return convert.tensor_to_proto(request.name, tensor)
+
+    async def DescribeModule(self, request, context):
+        version = await self._version_or_none(request.model, request.ref)
+        tree = await self._run(self.store.module_tree, request.model, request.ref or None)
+        return pb.DescribeModuleResponse(version=version.number if version else 0, tree=tree)
+
+    async def Initialize(self, request, context):
+        version = await self._run(
+            self.store.initialize, request.model, request.scheme, ref=request.ref or None,
+            module_path=request.module_path or None,
+            seed=request.seed if request.HasField("seed") else None,
+            input_shape=tuple(request.input_shape) or None)
+        self.manager.forget(request.model)
+        return convert.version_to_proto(version)
+
+    async def Patch(self, request, context):
+        kind = request.WhichOneof("value")
+        if kind is None:
+            raise InvalidArgument("patch needs a value: a scalar or an array")
+        value = request.scalar if kind == "scalar" else convert.tensor_from_proto(request.array)
+        version = await self._run(self.store.patch, request.model, request.param, value,
+                                  ref=request.ref or None, index=request.index or None,
+                                  op=request.op or "set")
+        self.manager.forget(request.model)
+        return convert.version_to_proto(version)
+
+    async def _version_or_none(self, model: str, ref: str):
+        if ref:
+            return await self._run(self.store.resolve, model, ref)
+        return await self._run(self.store.latest_or_none, model)
+
+
+def _write_chunk(spool, digest, data: bytes) -> None:
+    spool.write(data)
+    digest.update(data)

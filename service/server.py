@@ -1,0 +1,117 @@
+"""Start, run and stop the gRPC server: the KServe v2 and Registry services, health, reflection
+and metrics, over one store. SIGTERM and SIGINT stop it gracefully: new RPCs are refused,
+in-flight ones get ``grace_s`` seconds to finish, then the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from paramserve.registry import Store
+from paramserve.registry.architectures import load_entry_points, load_module
+
+from .config import ServerConfig, split_address
+from .errors import EdgeInterceptor
+from .inference import InferenceServicer
+from .metrics import Metrics
+from .models import ModelManager
+from .placement import Placement
+from .registry_service import RegistryServicer
+
+log = logging.getLogger("paramserve")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    store: Store
+    executor: ThreadPoolExecutor
+    health: health.aio.HealthServicer
+    metrics_http: object | None
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.executor.shutdown(wait=True)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+        self.store.close()
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    """Open the store, bind the ports (port 0: a free one) and start serving."""
+    for module in config.architectures:
+        load_module(module)
+    load_entry_points()
+    placement = Placement(config.device)
+    store = Store(config.registry_url, data_dir=config.data_dir)
+    executor = ThreadPoolExecutor(max_workers=config.worker_threads,
+                                  thread_name_prefix="paramserve")
+    manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20)
+    metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
+    message_bytes = config.max_message_mb << 20
+    server = grpc.aio.server(
+        interceptors=[EdgeInterceptor(metrics)],
+        options=[("grpc.max_receive_message_length", message_bytes),
+                 ("grpc.max_send_message_length", message_bytes),
+                 ("grpc.so_reuseport", 0)])
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(manager, config.max_batch_size, config.max_tensor_elements, metrics),
+        server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
+                         config.max_upload_mb << 20, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(services, server)
+    host, port = split_address(config.listen)
+    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.listen}: the port is taken or the address "
+                      "is not on this machine")
+    metrics_http, metrics_port = None, None
+    if config.metrics_listen != "off":
+        metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
+    await server.start()
+    for name in services[:2] + [""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, bound, metrics_port, store, executor, health_servicer,
+                         metrics_http)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    running = await start(config)
+    host = split_address(config.listen)[0]
+    metrics = f"{split_address(config.metrics_listen)[0]}:{running.metrics_port}" \
+        if running.metrics_port else "off"
+    print(f"paramserve listening on {host}:{running.port} (metrics {metrics}, data "
+          f"{Path(config.data_dir).resolve()}, device {config.device})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        print("paramserve: stopping, letting in-flight requests finish", file=sys.stderr,
+              flush=True)
+    finally:
+        await running.stop(config.grace_s)
+    print("paramserve: stopped", file=sys.stderr, flush=True)
