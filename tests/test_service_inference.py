@@ -33,9 +33,14 @@ def run_probe(tmp_path: Path, address: str, calls: list[dict]) -> dict:
     return json.loads(report.read_text())
 
 
+def as_float64(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64)
+    return torch.from_numpy(np.array(value, dtype=np.float64))
+
+
 def max_diff(a, b) -> float:
-    return (torch.tensor(np.array(a), dtype=torch.float64) - torch.tensor(np.array(b), dtype=torch.float64)
-            ).abs().max().item()
+    return (as_float64(a) - as_float64(b)).abs().max().item()
 
 
 def test_every_builtin_through_both_clients_matches_in_process(server, client, tmp_path):
