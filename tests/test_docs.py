@@ -37,9 +37,3 @@ def test_db_upgrade_command_migrates_an_empty_database(tmp_path):
     assert result.returncode == 0, result.stderr
     from paramserve.registry import Store
     Store(data_dir=tmp_path).close()  # accepted: the schema is the newest
-
-
-def test_serve_says_it_is_not_built_yet():
-    result = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "serve"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "not built yet" in result.stderr
