@@ -15,8 +15,12 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_python_example_runs(tmp_path):
-    example = code_blocks("python")[0]
+def block_with(language: str, marker: str) -> str:
+    return next(b for b in code_blocks(language) if marker in b)
+
+
+def test_readme_core_example_runs(tmp_path):
+    example = block_with("python", "Store(data_dir")
     result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -37,3 +41,23 @@ def test_db_upgrade_command_migrates_an_empty_database(tmp_path):
     assert result.returncode == 0, result.stderr
     from paramserve.registry import Store
     Store(data_dir=tmp_path).close()  # accepted: the schema is the newest
+
+
+def test_readme_quick_start_against_a_server(server, tmp_path):
+    """The README's shell commands, tritonclient call and client snippet, as written (only the
+    server address differs)."""
+    address = server.address
+    for line in block_with("bash", "paramserve create").splitlines():
+        command = line.replace("paramserve ", f"{sys.executable} -m paramserve.service.cli "
+                                              f"--server {address} ", 1)
+        command = command.replace("python -c", f"{sys.executable} -c")
+        result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, (line, result.stderr)
+    assert "hidden.weight" in result.stdout  # the last command lists parameters
+    for marker, expected in (("tritonclient", "(2, 10)"), ("Client(", "")):
+        code = block_with("python", marker).replace("127.0.0.1:8001", address)
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout
