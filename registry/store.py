@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import re
 import threading
 from collections import defaultdict
@@ -32,16 +31,16 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from . import architectures
-from .architectures import Architecture, seeded
 from .blobs import BlobRef, BlobStore
 from .database import Transactions, ensure_schema, make_engine
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .inspect import parameter_infos
 from .schema import AliasRow, ModelRow, VersionRow
 from .schemes import apply_scheme, parse_scheme
-from .signature import INPUT_NAME, Signature, TensorSignature, output_signature
+from .shapes import ShapeOracle
+from .signature import Signature
 from .slicing import parse_index, select as select_index
-from .statedict import (ExpectedState, Source, load_into, open_upload, read_state_dict,
+from .statedict import (Source, load_into, open_upload, read_state_dict,
                         validate, write_canonical, write_module)
 from .values import ManifestEntry, ModelInfo, ParameterInfo, TensorSpec, VersionInfo
 
@@ -66,7 +65,7 @@ class Store:
         self.tx = Transactions(self.engine)
         self.blobs = BlobStore(self.data_dir / "blobs")
         self._first_version_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._free_dims_cache: dict[str, list[tuple[str, int]]] = {}
+        self.shapes = ShapeOracle()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -128,7 +127,7 @@ class Store:
             _check_alias(alias)
         upload = open_upload(source)
         try:
-            expected = self._expected_state(model, upload.specs)
+            expected = self.shapes.expected_state(model, upload.specs)
             validate(name, upload, expected)
             blob, manifest = self._write_blob(
                 lambda file, digest: write_canonical(file, upload, expected, digest))
@@ -227,31 +226,8 @@ class Store:
         return str(self._module_for_query(name, ref))
 
     def signature(self, model: ModelInfo, version: VersionInfo | None = None) -> Signature:
-        """Input and output names, dtypes and shapes (-1: free) of a model at a version.
-
-        A lazy model with no version has its input width free; with a version, the width is
-        the one its stored parameters imply.
-        """
-        arch = architectures.get(model.architecture)
-        input_shape = list(arch.input_shape(model.config))
-        if model.lazy and version is not None:
-            given = {e.name: (None, e.spec.shape) for e in version.manifest}
-            input_shape[-1] = self._implied_width(model, arch, given) or input_shape[-1]
-        # The leading dimension (rows) is free for every architecture; only batchable ones may
-        # have requests merged along it.
-        if input_shape:
-            input_shape[0] = -1
-        example = [d if d >= 0 else e for d, e in zip(input_shape, arch.example_input_shape)]
-
-        def build(device):
-            if device == "meta":
-                return arch.build(model.config, device="meta")
-            return self._fresh_module(model)
-
-        output = output_signature(build, example, arch.input_dtype, model.name)
-        return Signature(inputs=(TensorSignature(INPUT_NAME, arch.input_dtype,
-                                                 tuple(input_shape)),),
-                         outputs=(output,), batchable=arch.batchable)
+        """Input and output names, dtypes and shapes (-1: free) of a model at a version."""
+        return self.shapes.signature(model, version)
 
     # ---- operations that create versions ------------------------------------------------
 
@@ -272,7 +248,7 @@ class Store:
                     f"model {name!r} has fixed shapes and no version; upload parameters "
                     f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
                     f"{name} SCHEME`)")
-            module = self._fresh_module(model, input_shape)
+            module = self.shapes.fresh_module(model, input_shape)
             blob, manifest = self._write_blob(
                 lambda file, digest: write_module(file, module, digest))
             return self._add_version(name, blob, manifest, "lazy-init", None, None,
@@ -296,7 +272,7 @@ class Store:
                 f"lazy model {name!r} has no shapes yet; pass an input shape or send it a first "
                 "inference request")
         else:
-            module = self._fresh_module(model, input_shape)
+            module = self.shapes.fresh_module(model, input_shape)
         target = _submodule(module, module_path, name)
         apply_scheme(target, parsed, model.seed if seed is None else seed)
         return self._save_module(name, module, "init", base)
@@ -324,51 +300,6 @@ class Store:
         return self._save_module(name, module, "patch", base)
 
     # ---- internals ----------------------------------------------------------------------
-
-    def _fresh_module(self, model: ModelInfo, input_shape: Sequence[int] | None = None
-                      ) -> nn.Module:
-        """Built from the model's seed; lazy shapes fixed by a dry run on ``input_shape``; the
-        init policy applied once every shape is known."""
-        arch = architectures.get(model.architecture)
-        with seeded(model.seed):
-            module = arch.build(model.config)
-            if input_shape is not None:
-                _dry_run(module, arch, model, input_shape)
-        scheme = parse_scheme(model.init)
-        if scheme.name != "default" and (input_shape is not None or not model.lazy):
-            apply_scheme(module, scheme, model.seed)
-        return module
-
-    def _expected_state(self, model: ModelInfo, given: Mapping[str, tuple]) -> ExpectedState:
-        """What an upload must hold; for a lazy model, at the input width the upload implies."""
-        arch = architectures.get(model.architecture)
-        if not model.lazy:
-            return ExpectedState.of(arch.build(model.config, device="meta"))
-        example = arch.example_input(model.config)
-        width = self._implied_width(model, arch, given) or example.shape[-1]
-        shape = (*example.shape[:-1], width)
-        return ExpectedState.of(self._fresh_module(model, shape))
-
-    def _implied_width(self, model: ModelInfo, arch: Architecture,
-                       given: Mapping[str, tuple]) -> int | None:
-        """The input width that a lazy model's upload implies, read off the dimensions that
-        change with it (found once per config by two dry runs)."""
-        key = json.dumps([model.architecture, model.config], sort_keys=True)
-        if key not in self._free_dims_cache:
-            example = arch.example_input(model.config)
-            width = example.shape[-1]
-            at_width = ExpectedState.of(self._fresh_module(model, example.shape)).specs
-            try:
-                wider = ExpectedState.of(self._fresh_module(
-                    model, (*example.shape[:-1], width + 1))).specs
-            except InvalidArgument:
-                wider = at_width  # the model accepts one width only: nothing is free
-            self._free_dims_cache[key] = [
-                (name, dim) for name, spec in at_width.items()
-                for dim, (a, b) in enumerate(zip(spec.shape, wider[name].shape)) if a != b]
-        widths = {given[name][1][dim] for name, dim in self._free_dims_cache[key]
-                  if name in given and len(given[name][1]) > dim}
-        return widths.pop() if len(widths) == 1 else None
 
     def _save_module(self, name: str, module: nn.Module, origin: str,
                      parent: VersionInfo | None) -> VersionInfo:
@@ -426,7 +357,7 @@ class Store:
         model = self.get_model(name)
         version = self.resolve(name, ref) if ref not in (None, "") else self.latest_or_none(name)
         if version is None:
-            return self._fresh_module(model)
+            return self.shapes.fresh_module(model)
         return self.load_version(model, version)
 
     def _point_alias(self, session: Session, model: ModelRow, alias: str,
@@ -530,21 +461,6 @@ def _check_alias(alias: str) -> None:
     if alias == LATEST or alias.isdigit():
         raise InvalidArgument(f"alias {alias!r} is reserved: 'latest' and numbers already "
                               "name versions; pick a word like 'production'")
-
-
-def _dry_run(module: nn.Module, arch: Architecture, model: ModelInfo,
-             input_shape: Sequence[int]) -> None:
-    """One forward on zeros: lazy layers take their shapes from it (the guide's apply_init)."""
-    shape = tuple(int(d) for d in input_shape)
-    if any(d <= 0 for d in shape):
-        raise InvalidArgument(f"input shape {list(shape)} for {model.name!r} must be positive")
-    try:
-        with torch.no_grad():
-            module(torch.zeros(shape, dtype=arch.input_dtype))
-    except (RuntimeError, ValueError, IndexError) as err:
-        raise InvalidArgument(f"input shape {list(shape)} does not fit model {model.name!r} "
-                              f"(example input shape {list(arch.example_input_shape)}): "
-                              f"{str(err).splitlines()[0]}") from err
 
 
 def _has_non_persistent_buffers(module: nn.Module) -> bool:

@@ -29,6 +29,15 @@ STATUS_OF: dict[type[ParamserveError], grpc.StatusCode] = {
 ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {v: k for k, v in STATUS_OF.items()}
 
 
+def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """A core error keeps its message; anything else is logged and answered generically."""
+    code = status_of(err)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unexpected error in %s", method, exc_info=err)
+        return code, f"internal error in {method}; the server log has the details"
+    return code, str(err)
+
+
 def status_of(error: BaseException) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
@@ -57,43 +66,32 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior, method):
         async def wrapped(request, context):
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 return await behavior(request, context)
-            except ParamserveError as err:
-                code = status_of(err)
-                await context.abort(code, str(err))
+            except grpc.aio.AbortError:
+                raise  # the servicer chose the status itself
             except Exception as err:
-                code = await self._abort_unexpected(err, context, method)
+                code, message = _status_and_message(err, method)
+                await context.abort(code, message)
             finally:
                 self._record(method, code, context, start)
         return wrapped
 
     def _wrap_stream(self, behavior, method):
         async def wrapped(request, context):
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 async for item in behavior(request, context):
                     yield item
-            except ParamserveError as err:
-                code = status_of(err)
-                await context.abort(code, str(err))
+            except grpc.aio.AbortError:
+                raise
             except Exception as err:
-                code = await self._abort_unexpected(err, context, method)
+                code, message = _status_and_message(err, method)
+                await context.abort(code, message)
             finally:
                 self._record(method, code, context, start)
         return wrapped
-
-    @staticmethod
-    async def _abort_unexpected(err: Exception, context, method: str) -> grpc.StatusCode:
-        if isinstance(err, grpc.aio.AbortError) or context.code() not in (None,
-                                                                         grpc.StatusCode.OK):
-            raise err  # an abort the servicer chose on purpose
-        log.exception("unexpected error in %s", method)
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            f"internal error in {method}; the server log has the details")
 
     def _record(self, method, code, context, start):
         if self.metrics is not None:

@@ -54,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         model, version, signature = await self.manager.signature(request.name, request.version)
-        versions = await self.manager._run(self.manager.store.list_versions, request.name)
+        versions = await self.manager.run_blocking(self.manager.store.list_versions, request.name)
         device = await self._device_of(request.name, version)
         return pb.ModelMetadataResponse(
             name=model.name, versions=[str(v.number) for v in versions], platform=PLATFORM,
@@ -99,7 +99,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             inputs = codec.decode_inputs(request, loaded.signature, self.max_tensor_elements)
             requested = _requested_outputs(request, loaded.signature)
             decoded = time.perf_counter_ns()
-            outputs = await self.manager._run(loaded.forward, inputs)
+            outputs = await self.manager.run_blocking(loaded.forward, inputs)
             computed = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=loaded.model.name,
                                              model_version=str(loaded.version.number),
@@ -145,7 +145,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryIndex(self, request, context):
-        models = await self.manager._run(self.manager.store.list_models)
+        models = await self.manager.run_blocking(self.manager.store.list_models)
         response = pb.RepositoryIndexResponse()
         loaded = {m.model.name for m in self.manager.loaded()}
         for model in models:

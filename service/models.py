@@ -82,13 +82,14 @@ class ModelManager:
         self._models: dict[str, ModelInfo] = {}
         self.stats: dict[tuple[str, int], ModelStats] = {}
 
-    async def _run(self, fn, *args):
+    async def run_blocking(self, fn, *args):
+        """Run a blocking call (SQL, torch, file I/O) in the worker pool."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def model(self, name: str) -> ModelInfo:
         info = self._models.get(name)
         if info is None:
-            info = self._models[name] = await self._run(self.store.get_model, name)
+            info = self._models[name] = await self.run_blocking(self.store.get_model, name)
         return info
 
     async def resolve(self, name: str, ref: str) -> VersionInfo | None:
@@ -96,9 +97,9 @@ class ModelManager:
         key = (name, ref)
         if key not in self._resolved:
             if ref in ("", "latest"):
-                self._resolved[key] = await self._run(self.store.latest_or_none, name)
+                self._resolved[key] = await self.run_blocking(self.store.latest_or_none, name)
             else:
-                self._resolved[key] = await self._run(self.store.resolve, name, ref)
+                self._resolved[key] = await self.run_blocking(self.store.resolve, name, ref)
         return self._resolved[key]
 
     async def get(self, name: str, ref: str,
@@ -111,7 +112,7 @@ class ModelManager:
                     f"model {name!r} has no version to serve yet; upload parameters "
                     f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
                     f"{name} SCHEME`)")
-            version = await self._run(self.store.materialize, name, tuple(input_shape))
+            version = await self.run_blocking(self.store.materialize, name, tuple(input_shape))
             self.forget(name)
         return await self.load(model, version)
 
@@ -124,7 +125,7 @@ class ModelManager:
         pending = self._loading.get(key)
         if pending is None:
             pending = self._loading[key] = asyncio.ensure_future(
-                self._run(self._load_blocking, model, version))
+                self.run_blocking(self._load_blocking, model, version))
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         loaded = await asyncio.shield(pending)
         if key not in self._loaded:
@@ -156,7 +157,7 @@ class ModelManager:
         version = await self.resolve(name, ref)
         if version is not None and (name, version.number) in self._loaded:
             return model, version, self._loaded[(name, version.number)].signature
-        return model, version, await self._run(self.store.signature, model, version)
+        return model, version, await self.run_blocking(self.store.signature, model, version)
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())

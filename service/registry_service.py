@@ -34,8 +34,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.metrics = metrics
         os.makedirs(spool_dir, exist_ok=True)
 
-    async def _run(self, fn, *args, **kwargs):
-        return await self.manager._run(lambda: fn(*args, **kwargs))
+    async def run_blocking(self, fn, *args, **kwargs):
+        return await self.manager.run_blocking(lambda: fn(*args, **kwargs))
 
     async def ListArchitectures(self, request, context):
         return pb.ListArchitecturesResponse(
@@ -48,21 +48,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             raise InvalidArgument(f"config_json is not valid JSON: {err}") from err
         if not isinstance(config, dict):
             raise InvalidArgument("config_json must be a JSON object, e.g. {\"in_features\": 8}")
-        info = await self._run(self.store.create_model, request.name, request.architecture,
+        info = await self.run_blocking(self.store.create_model, request.name, request.architecture,
                                config, init=request.init or "default", seed=request.seed,
                                description=request.description)
         self.manager.forget(request.name)
         return convert.model_to_proto(info)
 
     async def GetModel(self, request, context):
-        return convert.model_to_proto(await self._run(self.store.get_model, request.name))
+        return convert.model_to_proto(await self.run_blocking(self.store.get_model, request.name))
 
     async def ListModels(self, request, context):
-        models = await self._run(self.store.list_models)
+        models = await self.run_blocking(self.store.list_models)
         return pb.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
 
     async def DeleteModel(self, request, context):
-        await self._run(self.store.delete_model, request.name)
+        await self.run_blocking(self.store.delete_model, request.name)
         self.manager.forget(request.name, unload=True)
         return pb.DeleteModelResponse()
 
@@ -88,7 +88,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                     if size > header.size_bytes:
                         raise InvalidArgument(f"upload sent more than the {header.size_bytes} "
                                               "bytes its header announced")
-                    await self._run(_write_chunk, spool, digest, chunk.data)
+                    await self.run_blocking(_write_chunk, spool, digest, chunk.data)
             if header is None:
                 raise InvalidArgument("empty upload stream: send a header, then the bytes")
             if size != header.size_bytes:
@@ -100,7 +100,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                                       "transit, send them again")
             if self.metrics is not None:
                 self.metrics.bytes_moved("upload", size)
-            version = await self._run(self.store.upload, header.model, path,
+            version = await self.run_blocking(self.store.upload, header.model, path,
                                       alias=header.alias or None)
             self.manager.forget(header.model)
             return convert.version_to_proto(version)
@@ -118,62 +118,62 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         chunk_bytes = request.chunk_bytes or DOWNLOAD_CHUNK_BYTES
         if not 0 < chunk_bytes <= MAX_DOWNLOAD_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes must be 1..{MAX_DOWNLOAD_CHUNK_BYTES}")
-        version, reader = await self._run(self.store.open_blob, request.model, request.ref)
+        version, reader = await self.run_blocking(self.store.open_blob, request.model, request.ref)
         try:
             yield pb.DownloadChunk(header=pb.DownloadHeader(
                 version=convert.version_to_proto(version), sha256=version.sha256,
                 size_bytes=reader.size_bytes))
             while True:
-                data = await self._run(reader.read, chunk_bytes)
+                data = await self.run_blocking(reader.read, chunk_bytes)
                 if not data:
                     break
                 if self.metrics is not None:
                     self.metrics.bytes_moved("download", len(data))
                 yield pb.DownloadChunk(data=data)
-            await self._run(reader.finish)  # DATA_LOSS if the blob changed under us
+            await self.run_blocking(reader.finish)  # DATA_LOSS if the blob changed under us
         finally:
             reader.close()
 
     async def ListVersions(self, request, context):
-        versions = await self._run(self.store.list_versions, request.model)
+        versions = await self.run_blocking(self.store.list_versions, request.model)
         return pb.ListVersionsResponse(versions=[convert.version_to_proto(v) for v in versions])
 
     async def DeleteVersion(self, request, context):
-        await self._run(self.store.delete_version, request.model, request.number)
+        await self.run_blocking(self.store.delete_version, request.model, request.number)
         self.manager.forget(request.model, unload=True)
         return pb.DeleteVersionResponse()
 
     async def SetAlias(self, request, context):
-        version = await self._run(self.store.set_alias, request.model, request.alias,
+        version = await self.run_blocking(self.store.set_alias, request.model, request.alias,
                                   request.number)
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
 
     async def DeleteAlias(self, request, context):
-        await self._run(self.store.delete_alias, request.model, request.alias)
+        await self.run_blocking(self.store.delete_alias, request.model, request.alias)
         self.manager.forget(request.model)
         return pb.DeleteAliasResponse()
 
     async def ListParameters(self, request, context):
         version = await self._version_or_none(request.model, request.ref)
-        infos = await self._run(self.store.parameters, request.model, request.ref or None,
+        infos = await self.run_blocking(self.store.parameters, request.model, request.ref or None,
                                 stats=request.stats)
         return pb.ListParametersResponse(
             version=version.number if version else 0,
             parameters=[convert.parameter_to_proto(p) for p in infos])
 
     async def GetTensor(self, request, context):
-        tensor = await self._run(self.store.tensor, request.model, request.name,
+        tensor = await self.run_blocking(self.store.tensor, request.model, request.name,
                                  request.ref or None, index=request.index or None)
         return convert.tensor_to_proto(request.name, tensor)
 
     async def DescribeModule(self, request, context):
         version = await self._version_or_none(request.model, request.ref)
-        tree = await self._run(self.store.module_tree, request.model, request.ref or None)
+        tree = await self.run_blocking(self.store.module_tree, request.model, request.ref or None)
         return pb.DescribeModuleResponse(version=version.number if version else 0, tree=tree)
 
     async def Initialize(self, request, context):
-        version = await self._run(
+        version = await self.run_blocking(
             self.store.initialize, request.model, request.scheme, ref=request.ref or None,
             module_path=request.module_path or None,
             seed=request.seed if request.HasField("seed") else None,
@@ -186,7 +186,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if kind is None:
             raise InvalidArgument("patch needs a value: a scalar or an array")
         value = request.scalar if kind == "scalar" else convert.tensor_from_proto(request.array)
-        version = await self._run(self.store.patch, request.model, request.param, value,
+        version = await self.run_blocking(self.store.patch, request.model, request.param, value,
                                   ref=request.ref or None, index=request.index or None,
                                   op=request.op or "set")
         self.manager.forget(request.model)
@@ -194,8 +194,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def _version_or_none(self, model: str, ref: str):
         if ref:
-            return await self._run(self.store.resolve, model, ref)
-        return await self._run(self.store.latest_or_none, model)
+            return await self.run_blocking(self.store.resolve, model, ref)
+        return await self.run_blocking(self.store.latest_or_none, model)
 
 
 def _write_chunk(spool, digest, data: bytes) -> None:

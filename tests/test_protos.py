@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -9,16 +10,17 @@ import sys
 from paramserve import protos
 from paramserve.protos import inference_pb2
 
-TRITON_DUMP = r'''
-import json
-from tritonclient.grpc import service_pb2, model_config_pb2
-
-def walk(message):
+def walk(message) -> dict:
+    """Every message under ``message``: name → {field: [number, type, label]}."""
     out = {message.full_name: {f.name: [f.number, f.type, f.label] for f in message.fields}}
     for nested in message.nested_types:
         out.update(walk(nested))
     return out
 
+
+# Runs in a subprocess: tritonclient's messages cannot share a process with ours.
+TRITON_DUMP = "import json\n" + inspect.getsource(walk) + r'''
+from tritonclient.grpc import service_pb2, model_config_pb2
 result = {}
 for module in (service_pb2, model_config_pb2):
     for message in module.DESCRIPTOR.message_types_by_name.values():
@@ -30,12 +32,6 @@ print(json.dumps({"messages": result, "methods": methods}))
 
 
 def ours() -> dict:
-    def walk(message):
-        out = {message.full_name: {f.name: [f.number, f.type, f.label] for f in message.fields}}
-        for nested in message.nested_types:
-            out.update(walk(nested))
-        return out
-
     result = {}
     for message in inference_pb2.DESCRIPTOR.message_types_by_name.values():
         result.update(walk(message))

@@ -4,7 +4,6 @@ errors with their status codes, health, reflection, metrics and graceful shutdow
 from __future__ import annotations
 
 import hashlib
-import io
 import signal
 import threading
 import time

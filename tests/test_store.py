@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 from safetensors.torch import save_file, save_model
 from sqlalchemy import create_engine, text
 
