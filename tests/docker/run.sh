@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Builds the image and checks it as a user would: health check, create, upload, a forward pass
+# through tritonclient from the host, parameters surviving a restart on the volume, a non-root
+# server, and a prompt `stop` (SIGTERM reaches the server; no 10 s wait ending in SIGKILL).
+#
+# Docker-engine stand-in: this machine has podman only (../shared/tools/container-env.sh). The
+# flags that reach the local torch wheel are this machine's business and live here, not in the
+# Dockerfile. Publishes on 127.0.0.1 only; removes what it made, also on failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+IMAGE=${PARAMSERVE_TEST_IMAGE:-localhost/paramserve:test}
+NAME=paramserve-test-$$
+VOLUME=paramserve-test-data-$$
+WORK=$(mktemp -d)
+PY=${PYTHON:-python3}
+started=$(date +%s)
+
+log() { printf '[docker-test %3ss] %s\n' $(( $(date +%s) - started )) "$*"; }
+cleanup() {
+  podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
+  podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ENV_SCRIPT="$ROOT/../shared/tools/container-env.sh"
+[ -f "$ENV_SCRIPT" ] || { echo "missing $ENV_SCRIPT (../shared beside the checkout)"; exit 1; }
+log "preparing podman"
+bash "$ENV_SCRIPT" >/dev/null
+STATE=${CONTAINER_ENV_DIR:-/var/tmp/container-env}
+WHEELS=${WHEELS:-/opt/wheels}
+
+log "building $IMAGE"
+podman build --format docker --network host \
+  -v "$WHEELS:/opt/wheels:ro" -v "$STATE/pip.conf:/etc/pip.conf:ro" \
+  --build-arg TORCH_INDEX_URL= -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+  || { tail -40 "$WORK/build.log"; exit 1; }
+size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
+log "image size: $(( size / 1024 / 1024 )) MiB"
+
+PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+podman volume create "$VOLUME" >/dev/null
+# Without systemd, podman cannot schedule HEALTHCHECK timers and says so on stderr; the test
+# runs the image's health check itself (`podman healthcheck run`), so those lines go to a log.
+PODMAN_LOG="$WORK/podman.log"
+start_container() {
+  podman run -d --name "$NAME" -p "127.0.0.1:$PORT:8001" -v "$VOLUME:/data" "$IMAGE" \
+    >/dev/null 2>>"$PODMAN_LOG"
+}
+wait_healthy() {  # runs the image's own HEALTHCHECK command until it passes
+  for _ in $(seq 1 90); do
+    if podman healthcheck run "$NAME" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  podman logs "$NAME" | tail -20
+  echo "container never became healthy"; return 1
+}
+
+log "starting the container on 127.0.0.1:$PORT"
+start_container
+wait_healthy
+log "healthy"
+uid=$(podman exec "$NAME" id -u)
+[ "$uid" != 0 ] || { echo "the server runs as root"; exit 1; }
+log "server runs as uid $uid"
+
+export PARAMSERVE_SERVER=127.0.0.1:$PORT
+cli() { $PY -m paramserve.service.cli "$@"; }
+cli create dock --architecture sequential_mlp --seed 1 >/dev/null
+$PY - "$WORK" <<'PYEOF'
+import sys
+import numpy as np
+import torch
+from paramserve.registry import get_architecture
+work = sys.argv[1]
+net = get_architecture("sequential_mlp").build(seed=5)
+torch.save(net.state_dict(), f"{work}/w.pt")
+x = torch.rand(3, 20)
+np.save(f"{work}/x.npy", x.numpy())
+np.save(f"{work}/expected.npy", net(x).detach().numpy())
+PYEOF
+cli upload dock "$WORK/w.pt" --alias production --quiet
+log "uploaded; inferring through tritonclient from the host"
+
+triton_infer() {
+  $PY - "$PORT" "$WORK" <<'PYEOF'
+import sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+port, work = sys.argv[1], sys.argv[2]
+client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+assert client.is_server_live() and client.is_model_ready("dock", "production")
+x = np.load(f"{work}/x.npy")
+inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+y = client.infer("dock", [inp], model_version="production").as_numpy("output")
+diff = float(np.abs(y - np.load(f"{work}/expected.npy")).max())
+assert diff <= 1e-6, diff
+print(f"max abs diff {diff:g}")
+PYEOF
+}
+triton_infer
+
+log "stopping (SIGTERM) and restarting"
+t0=$(date +%s%N)
+podman stop -t 10 "$NAME" >/dev/null 2>>"$PODMAN_LOG"
+stop_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+exit_code=$(podman inspect "$NAME" --format '{{.State.ExitCode}}')
+log "stop took ${stop_ms} ms, exit code $exit_code"
+[ "$stop_ms" -lt 8000 ] || { echo "stop waited for the timeout: SIGTERM did not stop the server"; exit 1; }
+[ "$exit_code" = 0 ] || { podman logs "$NAME" | tail -20; echo "server exited $exit_code"; exit 1; }
+podman rm "$NAME" >/dev/null 2>>"$PODMAN_LOG"
+start_container
+wait_healthy
+cli versions dock --json | $PY -c 'import json,sys; v=json.load(sys.stdin); assert [x["number"] for x in v]==[1] and v[0]["aliases"]==["production"], v'
+triton_infer
+log "parameters survived the restart on the volume"
+log "passed in $(( $(date +%s) - started )) s"
