@@ -24,6 +24,7 @@ from .errors import FailedPrecondition
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SCHEMA_LOCK_ID = 0x7061_7261  # any fixed number: the advisory lock guarding schema creation
 
 
 def make_engine(url: str) -> Engine:
@@ -76,17 +77,37 @@ def upgrade(engine: Engine, url: str) -> None:
 
 
 def ensure_schema(engine: Engine, url: str) -> None:
-    """Create the schema in an empty database; refuse any schema but the newest."""
-    current = current_revision(engine)
-    if current is None and not inspect(engine).get_table_names():
-        upgrade(engine, url)
-        return
+    """Create the schema in an empty database; refuse any schema but the newest.
+
+    Replicas starting together on one empty database take turns (a PostgreSQL advisory lock;
+    SQLite's write lock), so exactly one of them creates the schema.
+    """
+    with _schema_lock(engine):
+        current = current_revision(engine)
+        if current is None and not inspect(engine).get_table_names():
+            upgrade(engine, url)
+            return
     head = head_revision()
     if current != head:
         raise FailedPrecondition(
             f"registry database {engine.url.render_as_string(hide_password=True)} has schema "
             f"revision {current!r}, this paramserve needs {head!r}; run "
             "`paramserve db upgrade --registry-url URL` (back up the database first)")
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK_ID})")
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.exec_driver_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK_ID})")
+            connection.commit()
 
 
 class Transactions:

@@ -82,3 +82,12 @@ class AliasRow(Base):
 
     model: Mapped[ModelRow] = relationship(back_populates="aliases")
     version: Mapped[VersionRow] = relationship()
+
+
+class RegistryState(Base):
+    """One row: ``generation`` grows with every change, so replicas notice changes cheaply."""
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)

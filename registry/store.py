@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from torch import nn
@@ -35,7 +35,7 @@ from .blobs import BlobRef, BlobStore
 from .database import Transactions, ensure_schema, make_engine
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .inspect import parameter_infos
-from .schema import AliasRow, ModelRow, VersionRow
+from .schema import AliasRow, ModelRow, RegistryState, VersionRow
 from .schemes import apply_scheme, parse_scheme
 from .shapes import ShapeOracle
 from .signature import Signature
@@ -76,6 +76,12 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def generation(self) -> int:
+        """A number that grows with every change to the registry (by any process)."""
+        with self.engine.connect() as connection:
+            return connection.scalar(select(RegistryState.generation)
+                                     .where(RegistryState.id == 1))
+
     # ---- models -------------------------------------------------------------------------
 
     def create_model(self, name: str, architecture: str, config: Mapping[str, Any] | None = None,
@@ -93,6 +99,7 @@ class Store:
                                next_version=1)
                 session.add(row)
                 session.flush()
+                _bump_generation(session)
                 return self._model_info(session, row)
         except IntegrityError:
             raise AlreadyExists(f"model {name!r} already exists; pick another name or delete it "
@@ -112,6 +119,7 @@ class Store:
             row = self._model_row(session, name)
             shas = {v.sha256 for v in row.versions}
             session.delete(row)
+            _bump_generation(session)
         self._delete_unreferenced_blobs(shas)
 
     # ---- versions -----------------------------------------------------------------------
@@ -152,6 +160,7 @@ class Store:
             row = self._resolve_row(session, model, int(number))
             sha = row.sha256
             session.delete(row)
+            _bump_generation(session)
         self._delete_unreferenced_blobs({sha})
 
     def set_alias(self, name: str, alias: str, number: int) -> VersionInfo:
@@ -162,6 +171,7 @@ class Store:
             version = self._resolve_row(session, model, int(number))
             self._point_alias(session, model, alias, version)
             session.flush()
+            _bump_generation(session)
             return self._version_info(version, model)
 
     def delete_alias(self, name: str, alias: str) -> None:
@@ -173,6 +183,7 @@ class Store:
                 raise NotFound(f"model {name!r} has no alias {alias!r}; "
                                f"its aliases: {[a.name for a in model.aliases]}")
             session.delete(row)
+            _bump_generation(session)
 
     # ---- reading parameters -------------------------------------------------------------
 
@@ -340,6 +351,7 @@ class Store:
                     if alias is not None:
                         self._point_alias(session, model, alias, row)
                         session.flush()
+                    _bump_generation(session)
                     return self._version_info(row, model)
             except IntegrityError:
                 continue  # another writer took the number (PostgreSQL); take the next one
@@ -426,6 +438,11 @@ class Store:
             manifest=tuple(ManifestEntry(e["name"], TensorSpec(tuple(e["shape"]), e["dtype"]),
                                          e.get("tied_to")) for e in row.manifest),
             aliases=tuple(sorted(a.name for a in model.aliases if a.version_id == row.id)))
+
+
+def _bump_generation(session: Session) -> None:
+    session.execute(update(RegistryState).where(RegistryState.id == 1)
+                    .values(generation=RegistryState.generation + 1))
 
 
 def _latest_row(session: Session, model: ModelRow) -> VersionRow | None:

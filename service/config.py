@@ -26,6 +26,7 @@ class ServerConfig:
     memory_budget_mb: int = 0
     worker_threads: int = 4
     grace_s: float = 10.0
+    sync_interval_s: float = 1.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -69,6 +70,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="threads for forwards and store calls (default 4)")
     add("--grace-s", type=float, default=float(env("GRACE_S", str(d.grace_s))),
         help="on SIGTERM, seconds in-flight requests get to finish (default 10)")
+    add("--sync-interval-s", type=float,
+        default=float(env("SYNC_INTERVAL_S", str(d.sync_interval_s))),
+        help="how often to look for registry changes made by other replicas; they are served "
+             "within about this many seconds; 0 = never (default 1)")
 
 
 def _split(value: str | None) -> list[str]:

@@ -9,6 +9,7 @@ version once even when many requests ask at the same time, and places it on a de
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Executor
@@ -24,6 +25,8 @@ from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
 from .placement import Placement, module_bytes
+
+log = logging.getLogger("paramserve")
 
 
 @dataclass
@@ -76,8 +79,9 @@ class ModelManager:
         self.placement = placement
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
-        self._loaded: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
-        self._loading: dict[tuple[str, int], asyncio.Future] = {}
+        self._loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._loading: dict[tuple, asyncio.Future] = {}
+        self._generation: int | None = None
         self._resolved: dict[tuple[str, str], VersionInfo | None] = {}
         self._models: dict[str, ModelInfo] = {}
         self.stats: dict[tuple[str, int], ModelStats] = {}
@@ -117,7 +121,8 @@ class ModelManager:
         return await self.load(model, version)
 
     async def load(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
-        key = (model.name, version.number)
+        # created_at tells a model from a namesake created after it was deleted (elsewhere).
+        key = (model.name, model.created_at, version.number)
         loaded = self._loaded.get(key)
         if loaded is not None:
             self._loaded.move_to_end(key)
@@ -155,9 +160,25 @@ class ModelManager:
                                                             Signature]:
         model = await self.model(name)
         version = await self.resolve(name, ref)
-        if version is not None and (name, version.number) in self._loaded:
-            return model, version, self._loaded[(name, version.number)].signature
+        loaded = self._loaded.get((name, model.created_at, version.number)) if version else None
+        if loaded is not None:
+            return model, version, loaded.signature
         return model, version, await self.run_blocking(self.store.signature, model, version)
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the registry's generation; on a change made elsewhere (another replica, a
+        script on the store) drop every cached resolution, so the change is served within
+        about ``interval_s``. Loaded modules stay: a version's parameters never change."""
+        while True:
+            try:
+                generation = await self.run_blocking(self.store.generation)
+                if self._generation is not None and generation != self._generation:
+                    self._resolved.clear()
+                    self._models.clear()
+                self._generation = generation
+            except Exception:  # a database hiccup must not end the watch
+                log.warning("cannot read the registry generation", exc_info=True)
+            await asyncio.sleep(interval_s)
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())

@@ -41,10 +41,13 @@ class RunningServer:
     executor: ThreadPoolExecutor
     health: health.aio.HealthServicer
     metrics_http: object | None
+    watcher: asyncio.Task | None
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.watcher is not None:
+            self.watcher.cancel()
         self.executor.shutdown(wait=True)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -92,8 +95,11 @@ async def start(config: ServerConfig) -> RunningServer:
     await server.start()
     for name in services[:2] + [""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watcher = None
+    if config.sync_interval_s > 0:
+        watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
     return RunningServer(server, bound, metrics_port, store, executor, health_servicer,
-                         metrics_http)
+                         metrics_http, watcher)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -25,9 +26,9 @@ def store(tmp_path: Path):
         yield s
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh PostgreSQL database for this test, dropped afterwards.
+@contextlib.contextmanager
+def fresh_postgres_database():
+    """A new, empty PostgreSQL database, dropped afterwards.
 
     Skips only outside CI when no server answers; in CI (CI=true) a missing server fails.
     """
@@ -43,11 +44,18 @@ def postgres_url():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {err}")
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url():
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def files_under(root: Path) -> list[Path]:
@@ -99,9 +107,10 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """``paramserve serve`` in a subprocess on 127.0.0.1 with free ports, as a user runs it."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict | None = None):
+    def __init__(self, data_dir: Path, *extra_args: str, env: dict | None = None,
+                 log_name: str = "server"):
         self.data_dir = Path(data_dir)
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-{log_name}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
