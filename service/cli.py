@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.add_argument("--version", type=int)
 
+    check = command("check", cmd_check, "verify a data dir: every version has its blob with the "
+                                        "right sha256, no alias dangles; --repair removes "
+                                        "orphaned blobs and temporary files")
+    check.add_argument("--data-dir", default=env("DATA_DIR", "./data"))
+    check.add_argument("--registry-url", default=env("REGISTRY_URL"))
+    check.add_argument("--repair", action="store_true")
+    check.add_argument("--min-age-s", type=float, default=600.0,
+                       help="--repair leaves younger files alone: they may belong to a write "
+                            "in flight (default 600)")
+    check.add_argument("--json", action="store_true")
+
     db = command("db", None, "registry database maintenance")
     db_commands = db.add_subparsers(metavar="DB_COMMAND", required=True)
     upgrade = db_commands.add_parser("upgrade", help="migrate the registry schema to the newest")
@@ -388,6 +399,28 @@ def cmd_delete(args) -> int:
             client.delete_model(args.name)
             print(f"deleted model {args.name}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from paramserve.registry import Store
+    from paramserve.registry.check import check
+
+    with Store(args.registry_url, data_dir=args.data_dir) as store:
+        report = check(store, repair=args.repair, min_age_s=args.min_age_s)
+    if args.json:
+        _print_json({**asdict(report), "ok": report.ok})
+    else:
+        print(f"checked {report.versions_checked} versions: "
+              f"{'OK' if report.ok else 'PROBLEMS FOUND'}")
+        for label, items in (("missing blob", report.missing_blobs),
+                             ("corrupt blob", report.corrupt_blobs),
+                             ("dangling alias", report.dangling_aliases),
+                             ("orphaned blob", report.orphan_blobs),
+                             ("temporary file", report.temp_files),
+                             ("removed", report.removed)):
+            for item in items:
+                print(f"  {label}: {item}")
+    return 0 if report.ok else EXIT_ERROR
 
 
 def cmd_db_upgrade(args) -> int:
