@@ -21,6 +21,7 @@ class ServerConfig:
     architectures: tuple[str, ...] = field(default_factory=tuple)
     max_message_mb: int = 64
     max_upload_mb: int = 0
+    max_concurrent_rpcs: int = 0
     max_tensor_elements: int = 1 << 28
     max_batch_size: int = 64
     memory_budget_mb: int = 0
@@ -57,6 +58,10 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="largest gRPC message in MiB, both ways (default 64)")
     add("--max-upload-mb", type=int, default=int(env("MAX_UPLOAD_MB", str(d.max_upload_mb))),
         help="largest parameter upload in MiB, 0 = no limit (default 0)")
+    add("--max-concurrent-rpcs", type=int,
+        default=int(env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
+        help="RPCs served at once; more are answered RESOURCE_EXHAUSTED; 0 = no limit "
+             "(default 0)")
     add("--max-tensor-elements", type=int,
         default=int(env("MAX_TENSOR_ELEMENTS", str(d.max_tensor_elements))),
         help="largest input tensor, in elements (default 2^28)")

@@ -68,6 +68,7 @@ async def start(config: ServerConfig) -> RunningServer:
     message_bytes = config.max_message_mb << 20
     server = grpc.aio.server(
         interceptors=[EdgeInterceptor(metrics)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         options=[("grpc.max_receive_message_length", message_bytes),
                  ("grpc.max_send_message_length", message_bytes),
                  ("grpc.so_reuseport", 0)])
