@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="server HOST:PORT for client commands (env PARAMSERVE_SERVER)")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="deadline of one request in seconds (default 60)")
+    parser.add_argument("--token", default=env("TOKEN"),
+                        help="bearer token for a server with --auth-token-file "
+                             "(env PARAMSERVE_TOKEN)")
+    parser.add_argument("--tls-ca", default=env("TLS_CA"),
+                        help="PEM CA to trust: talk TLS to the server (env PARAMSERVE_TLS_CA)")
+    parser.add_argument("--tls-cert", default=env("CLIENT_TLS_CERT"),
+                        help="client certificate for mutual TLS (env PARAMSERVE_CLIENT_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env("CLIENT_TLS_KEY"),
+                        help="client key for mutual TLS (env PARAMSERVE_CLIENT_TLS_KEY)")
     commands = parser.add_subparsers(metavar="COMMAND")
 
     def command(name, handler, help_text):
@@ -169,9 +178,9 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    with _client(args) as client:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
+            status = health_pb2_grpc.HealthStub(client.channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=args.wait_s).status
         except grpc.RpcError as err:
             print(f"paramserve: unhealthy: {err.code().name}", file=sys.stderr)
@@ -183,7 +192,8 @@ def cmd_health(args) -> int:
 def _client(args):
     from .client import Client
 
-    return Client(args.server, timeout_s=args.timeout_s)
+    return Client(args.server, timeout_s=args.timeout_s, token=args.token, tls_ca=args.tls_ca,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _split_ref(text: str) -> tuple[str, str | None]:

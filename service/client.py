@@ -55,12 +55,24 @@ def _raise_from(err: grpc.RpcError) -> None:
 
 class Client:
     def __init__(self, address: str = "127.0.0.1:8001", timeout_s: float = 60.0,
-                 max_message_mb: int = 64):
+                 max_message_mb: int = 64, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+        """``token``: sent as bearer metadata. ``tls_ca``: a PEM CA file to trust (TLS);
+        with ``tls_cert``/``tls_key`` the client presents its own certificate (mutual TLS)."""
         size = max_message_mb << 20
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [("grpc.max_receive_message_length", size),
+                   ("grpc.max_send_message_length", size)]
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert))
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.registry = registry_pb2_grpc.RegistryStub(self.channel)
         self.inference = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
@@ -75,7 +87,7 @@ class Client:
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
-            return method(request, timeout=timeout_s or self.timeout_s)
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as err:
             _raise_from(err)
 
@@ -157,7 +169,8 @@ class Client:
         digest, done, version, expected = hashlib.sha256(), 0, None, None
         try:
             with open(path, "wb") as out:
-                for chunk in self.registry.DownloadVersion(request, timeout=None):
+                for chunk in self.registry.DownloadVersion(request, timeout=None,
+                                                           metadata=self.metadata):
                     if chunk.WhichOneof("kind") == "header":
                         version = convert.version_from_proto(chunk.header.version)
                         expected = (chunk.header.sha256, chunk.header.size_bytes)
@@ -247,6 +260,10 @@ class Client:
     def model_metadata(self, name: str, ref: str | int | None = None):
         return self._call(self.inference.ModelMetadata,
                           inference_pb2.ModelMetadataRequest(name=name, version=_ref(ref)))
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 def _ref(ref: str | int | None) -> str:

@@ -28,6 +28,11 @@ class ServerConfig:
     worker_threads: int = 4
     grace_s: float = 10.0
     sync_interval_s: float = 1.0
+    auth_token_file: str | None = None
+    auth_open_reads: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -75,6 +80,16 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="threads for forwards and store calls (default 4)")
     add("--grace-s", type=float, default=float(env("GRACE_S", str(d.grace_s))),
         help="on SIGTERM, seconds in-flight requests get to finish (default 10)")
+    add("--auth-token-file", default=env("AUTH_TOKEN_FILE"),
+        help="require 'authorization: Bearer TOKEN' metadata; the file holds one token per "
+             "line, 'TOKEN read' for a read-only one (env PARAMSERVE_AUTH_TOKEN_FILE)")
+    add("--auth-open-reads", action="store_true",
+        default=env("AUTH_OPEN_READS", "") in ("1", "true", "yes"),
+        help="with --auth-token-file: inference, listings and downloads need no token")
+    add("--tls-cert", default=env("TLS_CERT"), help="PEM certificate chain: serve TLS")
+    add("--tls-key", default=env("TLS_KEY"), help="PEM private key of --tls-cert")
+    add("--tls-client-ca", default=env("TLS_CLIENT_CA"),
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
     add("--sync-interval-s", type=float,
         default=float(env("SYNC_INTERVAL_S", str(d.sync_interval_s))),
         help="how often to look for registry changes made by other replicas; they are served "

@@ -20,8 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
+from paramserve.registry.errors import InvalidArgument
 
 from .config import ServerConfig, split_address
+from .auth import AuthInterceptor, Tokens
 from .errors import EdgeInterceptor
 from .inference import InferenceServicer
 from .metrics import Metrics
@@ -66,8 +68,12 @@ async def start(config: ServerConfig) -> RunningServer:
     manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20)
     metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
     message_bytes = config.max_message_mb << 20
+    interceptors = [EdgeInterceptor(metrics)]
+    if config.auth_token_file:
+        interceptors.insert(0, AuthInterceptor(Tokens.from_file(config.auth_token_file),
+                                               config.auth_open_reads))
     server = grpc.aio.server(
-        interceptors=[EdgeInterceptor(metrics)],
+        interceptors=interceptors,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         options=[("grpc.max_receive_message_length", message_bytes),
                  ("grpc.max_send_message_length", message_bytes),
@@ -86,7 +92,10 @@ async def start(config: ServerConfig) -> RunningServer:
                 reflection.SERVICE_NAME]
     reflection.enable_server_reflection(services, server)
     host, port = split_address(config.listen)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    credentials = server_credentials(config)
+    bound = (server.add_secure_port(address, credentials) if credentials
+             else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"cannot listen on {config.listen}: the port is taken or the address "
                       "is not on this machine")
@@ -101,6 +110,20 @@ async def start(config: ServerConfig) -> RunningServer:
         watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
     return RunningServer(server, bound, metrics_port, store, executor, health_servicer,
                          metrics_http, watcher)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS from --tls-cert/--tls-key; mutual TLS when --tls-client-ca is given too."""
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def serve(config: ServerConfig) -> None:

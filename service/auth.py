@@ -1,0 +1,113 @@
+"""Optional bearer-token auth: ``authorization: Bearer <token>`` metadata on every RPC.
+
+The token file holds one token per line; ``<token> read`` marks a read-only token. Mutating
+Registry RPCs need a full token; with ``open_reads`` the read-only RPCs (inference, listings,
+downloads) need none. Health and reflection stay open so probes and tools work. A missing or
+unknown token is UNAUTHENTICATED; a read-only token on a mutating RPC is PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from paramserve.registry.errors import InvalidArgument
+
+ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+               "/grpc.reflection.v1.ServerReflection/")
+READ_ONLY_METHODS = {
+    "/inference.GRPCInferenceService/" + m for m in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+        "ModelInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex")
+} | {
+    "/paramserve.v1.Registry/" + m for m in (
+        "ListArchitectures", "GetModel", "ListModels", "DownloadVersion", "ListVersions",
+        "ListParameters", "GetTensor", "DescribeModule")
+}
+
+
+@dataclass(frozen=True)
+class Tokens:
+    full: tuple[str, ...]
+    read_only: tuple[str, ...]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokens":
+        full, read_only = [], []
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as err:
+            raise InvalidArgument(f"cannot read --auth-token-file {path}: {err.strerror}") from err
+        for number, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) > 2 or (len(parts) == 2 and parts[1] != "read"):
+                raise InvalidArgument(f"{path}:{number}: write TOKEN or 'TOKEN read'")
+            (read_only if len(parts) == 2 else full).append(parts[0])
+        if not full and not read_only:
+            raise InvalidArgument(f"--auth-token-file {path} holds no token")
+        return cls(tuple(full), tuple(read_only))
+
+    def role(self, token: str) -> str | None:
+        """'full', 'read' or None, comparing in constant time."""
+        found = None
+        for candidate in self.full:
+            if hmac.compare_digest(candidate, token):
+                found = "full"
+        for candidate in self.read_only:
+            if hmac.compare_digest(candidate, token) and found is None:
+                found = "read"
+        return found
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: Tokens, open_reads: bool):
+        self.tokens = tokens
+        self.open_reads = open_reads
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(ALWAYS_OPEN):
+            return handler
+        reading = method in READ_ONLY_METHODS
+        if reading and self.open_reads:
+            return handler
+        role = self.tokens.role(_bearer(handler_call_details.invocation_metadata))
+        if role == "full" or (role == "read" and reading):
+            return handler
+        if role == "read":
+            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
+                             f"{method.rsplit('/', 1)[-1]} changes the registry; this token is "
+                             "read-only: use a full token")
+        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
+                         "missing or unknown token: send 'authorization: Bearer <token>' "
+                         "metadata (paramserve --token / PARAMSERVE_TOKEN)")
+
+
+def _bearer(metadata) -> str:
+    for key, value in metadata or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return ""
+
+
+def _refusing(handler, code: grpc.StatusCode, message: str):
+    async def refuse_unary(request, context):
+        await context.abort(code, message)
+
+    async def refuse_stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    if handler.unary_unary:
+        return handler._replace(unary_unary=refuse_unary)
+    if handler.stream_unary:
+        return handler._replace(stream_unary=refuse_unary)
+    if handler.unary_stream:
+        return handler._replace(unary_stream=refuse_stream)
+    return handler._replace(stream_stream=refuse_stream)
