@@ -6,6 +6,7 @@ Every problem is an ``InvalidArgument`` that names the tensor and says what was 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
 
@@ -78,7 +79,7 @@ def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
                               f"{datatype_of(spec.dtype)}")
     shape = tuple(tensor.shape)
     check_shape(name, shape, spec.shape)
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    numel = math.prod(shape)  # Python ints: a lying shape cannot overflow into a small number
     if numel > max_elements:
         raise ResourceExhausted(f"input {name!r} has {numel} elements, over the limit of "
                                 f"{max_elements}; split the request (--max-tensor-elements)")

@@ -29,7 +29,9 @@ ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-shapes = st.lists(st.integers(min_value=-2, max_value=6), min_size=0, max_size=4)
+shapes = st.lists(st.one_of(st.integers(min_value=-2, max_value=6),
+                            st.integers(min_value=2**31, max_value=2**63 - 1)),
+                  min_size=0, max_size=4)
 parameters = st.dictionaries(st.text(max_size=8), st.one_of(
     st.booleans(), st.integers(-2**63, 2**63 - 1), st.text(max_size=8), st.floats()), max_size=3)
 

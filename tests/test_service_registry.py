@@ -4,6 +4,7 @@ errors with their status codes, health, reflection, metrics and graceful shutdow
 from __future__ import annotations
 
 import hashlib
+import io
 import signal
 import threading
 import time
@@ -245,3 +246,25 @@ def test_sigterm_lets_an_in_flight_upload_finish(tmp_path):
             assert [v.number for v in client.list_versions("big")] == [1]
     finally:
         restarted.stop()
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_malicious_pickle_upload_never_runs(client, model_name, server, tmp_path):
+    marker = tmp_path / "pwned"
+    state = dict(reference_module("small_mlp", False).state_dict())
+    state["0.weight"] = Exploit(marker)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    client.create_model(model_name, "small_mlp")
+    with pytest.raises(InvalidArgument, match="refused"):
+        client.upload(model_name, buffer.getvalue())
+    assert not marker.exists() and client.list_versions(model_name) == []
+    assert list((server.data_dir / "spool").iterdir()) == []
