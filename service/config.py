@@ -24,6 +24,9 @@ class ServerConfig:
     max_concurrent_rpcs: int = 0
     max_tensor_elements: int = 1 << 28
     max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    model_batching: tuple[str, ...] = field(default_factory=tuple)
     memory_budget_mb: int = 0
     worker_threads: int = 4
     grace_s: float = 10.0
@@ -38,6 +41,7 @@ class ServerConfig:
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
         values = {f: getattr(args, f) for f in cls.__dataclass_fields__}
         values["architectures"] = tuple(values["architectures"] or ())
+        values["model_batching"] = tuple(values["model_batching"] or ())
         return cls(**values)
 
 
@@ -71,7 +75,19 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=int(env("MAX_TENSOR_ELEMENTS", str(d.max_tensor_elements))),
         help="largest input tensor, in elements (default 2^28)")
     add("--max-batch-size", type=int, default=int(env("MAX_BATCH_SIZE", str(d.max_batch_size))),
-        help="max_batch_size reported for batchable models (default 64)")
+        help="dynamic batching: most rows merged into one forward of a batchable model; "
+             "1 turns batching off (default 64)")
+    add("--max-queue-delay-us", type=int,
+        default=int(env("MAX_QUEUE_DELAY_US", str(d.max_queue_delay_us))),
+        help="dynamic batching: extra wait for company before a batch runs; batches form "
+             "anyway from requests arriving while the model is busy (default 0)")
+    add("--max-queue-size", type=int, default=int(env("MAX_QUEUE_SIZE", str(d.max_queue_size))),
+        help="requests waiting per model; more are answered RESOURCE_EXHAUSTED (default 1024)")
+    add("--model-batching", action="append",
+        default=[v for v in (env("MODEL_BATCHING") or "").split(";") if v],
+        metavar="NAME=MAX_BATCH,DELAY_US",
+        help="per-model batching override; repeatable (env PARAMSERVE_MODEL_BATCHING, "
+             "entries separated by ';')")
     add("--memory-budget-mb", type=int,
         default=int(env("MEMORY_BUDGET_MB", str(d.memory_budget_mb))),
         help="per-device budget for loaded models in MiB; least recently used are unloaded "
@@ -105,3 +121,16 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"address {address!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_model_batching(items) -> tuple[tuple[str, int, int], ...]:
+    """``["mlp=32,200"]`` → ``(("mlp", 32, 200),)``."""
+    out = []
+    for item in items:
+        name, _, rest = item.partition("=")
+        try:
+            max_batch, delay_us = (int(v) for v in rest.split(","))
+        except ValueError:
+            raise ValueError(f"--model-batching {item!r}: write NAME=MAX_BATCH,DELAY_US") from None
+        out.append((name, max_batch, delay_us))
+    return tuple(out)

@@ -16,6 +16,8 @@ from paramserve.registry.errors import (AlreadyExists, DataLoss, FailedPrecondit
                                         InvalidArgument, NotFound, ParamserveError,
                                         ResourceExhausted)
 
+from .batcher import DeadlineExceeded
+
 log = logging.getLogger("paramserve")
 
 STATUS_OF: dict[type[ParamserveError], grpc.StatusCode] = {
@@ -25,6 +27,7 @@ STATUS_OF: dict[type[ParamserveError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DataLoss: grpc.StatusCode.DATA_LOSS,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {v: k for k, v in STATUS_OF.items()}
 

@@ -99,8 +99,10 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             inputs = codec.decode_inputs(request, loaded.signature, self.max_tensor_elements)
             requested = _requested_outputs(request, loaded.signature)
             decoded = time.perf_counter_ns()
-            outputs = await self.manager.run_blocking(loaded.forward, inputs)
+            x = inputs[loaded.signature.inputs[0].name]
+            y = await loaded.infer(x, self.manager.run_blocking, context.time_remaining())
             computed = time.perf_counter_ns()
+            outputs = {loaded.signature.outputs[0].name: y}
             response = pb.ModelInferResponse(model_name=loaded.model.name,
                                              model_version=str(loaded.version.number),
                                              id=request.id)
@@ -113,9 +115,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
                                   f"{str(err).splitlines()[0]}") from err
-        rows = input_shape[0] if input_shape and loaded.signature.batchable else 1
+        rows = x.shape[0] if x.dim() and loaded.signature.batchable else 1
         self.manager.record(loaded, True, start, decoded, computed, time.perf_counter_ns(),
-                            batch=rows)
+                            rows=rows)
         if self.metrics is not None:
             self.metrics.bytes_moved("infer_in", sum(len(b) for b in request.raw_input_contents))
             self.metrics.bytes_moved("infer_out",
@@ -138,6 +140,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 duration = getattr(stats, field)
                 getattr(entry.inference_stats, field).CopyFrom(
                     pb.StatisticDuration(count=duration.count, ns=duration.ns))
+            for rows, count in sorted(stats.batch_rows.items()):
+                entry.batch_stats.add(batch_size=rows,
+                                      compute_infer=pb.StatisticDuration(count=count))
         if request.name and not response.model_stats:
             model, version, _ = await self.manager.signature(request.name, request.version)
             response.model_stats.add(name=model.name,

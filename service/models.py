@@ -24,6 +24,7 @@ from paramserve.registry.errors import FailedPrecondition
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
+from .batcher import Batcher
 from .placement import Placement, module_bytes
 
 log = logging.getLogger("paramserve")
@@ -52,6 +53,7 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    batch_rows: dict[int, int] = field(default_factory=dict)  # rows per execution → count
 
 
 @dataclass
@@ -62,20 +64,25 @@ class LoadedModel:
     device: torch.device
     signature: Signature
     size_bytes: int
+    batcher: Batcher | None = None
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on the model's device; outputs come back on the CPU. Call from a worker thread."""
+    def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward on the model's device, output on the CPU. Call from a worker thread."""
         with torch.inference_mode():
-            (name,) = [t.name for t in self.signature.inputs]
-            x = inputs[name].to(self.device, non_blocking=True)
-            y = self.module(x)
-            return {self.signature.outputs[0].name: y.cpu()}
+            return self.module(x.to(self.device, non_blocking=True)).cpu()
+
+    async def infer(self, x: torch.Tensor, run_blocking,
+                    timeout_s: float | None = None) -> torch.Tensor:
+        if self.batcher is not None:
+            return await self.batcher.submit(x, timeout_s)
+        return await run_blocking(self.forward_tensor, x)
 
 
 class ModelManager:
     def __init__(self, store: Store, placement: Placement, executor: Executor,
-                 memory_budget_bytes: int = 0):
+                 memory_budget_bytes: int = 0, batching: BatchingPolicy | None = None):
         self.store = store
+        self.batching = batching or BatchingPolicy()
         self.placement = placement
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
@@ -134,9 +141,23 @@ class ModelManager:
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         loaded = await asyncio.shield(pending)
         if key not in self._loaded:
+            self._attach_batcher(loaded)
             self._loaded[key] = loaded
             self._evict_over_budget(loaded.device)
-        return loaded
+        return self._loaded[key]
+
+    def _attach_batcher(self, loaded: LoadedModel) -> None:
+        max_batch, delay_us = self.batching.for_model(loaded.model.name)
+        if not loaded.signature.batchable or max_batch <= 1:
+            return  # never merge requests for a forward that mixes rows
+        stats = self.stats_for(loaded.model.name, loaded.version.number)
+
+        def count_batch(rows: int, requests: int) -> None:
+            stats.execution_count += 1
+            stats.batch_rows[rows] = stats.batch_rows.get(rows, 0) + 1
+
+        loaded.batcher = Batcher(loaded.forward_tensor, self.run_blocking, max_batch, delay_us,
+                                 self.batching.max_queue_size, on_batch=count_batch)
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
         module = self.store.load_version(model, version)
@@ -154,7 +175,10 @@ class ModelManager:
         for key in on_device[:-1]:  # least recently used first; never the newest
             if used <= self.memory_budget_bytes:
                 break
-            used -= self._loaded.pop(key).size_bytes
+            evicted = self._loaded.pop(key)
+            used -= evicted.size_bytes
+            if evicted.batcher:
+                evicted.batcher.close()
 
     async def signature(self, name: str, ref: str) -> tuple[ModelInfo, VersionInfo | None,
                                                             Signature]:
@@ -186,7 +210,9 @@ class ModelManager:
     def unload(self, name: str) -> int:
         keys = [k for k in self._loaded if k[0] == name]
         for key in keys:
-            del self._loaded[key]
+            evicted = self._loaded.pop(key)
+            if evicted.batcher:
+                evicted.batcher.close()
         return len(keys)
 
     def forget(self, name: str, unload: bool = False) -> None:
@@ -201,14 +227,32 @@ class ModelManager:
         return self.stats.setdefault((name, number), ModelStats())
 
     def record(self, loaded: LoadedModel, ok: bool, start_ns: int, decoded_ns: int,
-               computed_ns: int, end_ns: int, batch: int = 1) -> None:
+               computed_ns: int, end_ns: int, rows: int = 1) -> None:
+        """Per-request counters; batched executions are counted by the batcher."""
         stats = self.stats_for(loaded.model.name, loaded.version.number)
         (stats.success if ok else stats.fail).add(end_ns - start_ns)
         if ok:
-            stats.inference_count += batch
-            stats.execution_count += 1
+            stats.inference_count += rows
+            if loaded.batcher is None:
+                stats.execution_count += 1
             stats.compute_input.add(decoded_ns - start_ns)
             stats.compute_infer.add(computed_ns - decoded_ns)
             stats.compute_output.add(end_ns - computed_ns)
             stats.queue.add(0)
         stats.last_inference_ms = int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """Server-wide batching defaults with per-model overrides (name → (max rows, delay µs))."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    per_model: tuple[tuple[str, int, int], ...] = ()
+
+    def for_model(self, name: str) -> tuple[int, int]:
+        for model, max_batch, delay_us in self.per_model:
+            if model == name:
+                return max_batch, delay_us
+        return self.max_batch_size, self.max_queue_delay_us

@@ -22,12 +22,12 @@ from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
 
-from .config import ServerConfig, split_address
+from .config import ServerConfig, parse_model_batching, split_address
 from .auth import AuthInterceptor, Tokens
 from .errors import EdgeInterceptor
 from .inference import InferenceServicer
 from .metrics import Metrics
-from .models import ModelManager
+from .models import BatchingPolicy, ModelManager
 from .placement import Placement
 from .registry_service import RegistryServicer
 
@@ -65,7 +65,9 @@ async def start(config: ServerConfig) -> RunningServer:
     store = Store(config.registry_url, data_dir=config.data_dir)
     executor = ThreadPoolExecutor(max_workers=config.worker_threads,
                                   thread_name_prefix="paramserve")
-    manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20)
+    batching = BatchingPolicy(config.max_batch_size, config.max_queue_delay_us,
+                              config.max_queue_size, parse_model_batching(config.model_batching))
+    manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20, batching)
     metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
     message_bytes = config.max_message_mb << 20
     interceptors = [EdgeInterceptor(metrics)]

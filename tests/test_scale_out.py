@@ -89,8 +89,10 @@ def test_lazy_first_requests_on_two_replicas_create_one_version(replicas):
     request.raw_input_contents.append(x.numpy().tobytes())
     stubs = [inference_pb2_grpc.GRPCInferenceServiceStub(clients[n].channel) for n in "BC"]
     futures = [stubs[i % 2].ModelInfer.future(request, timeout=120) for i in range(16)]
-    outputs = {f.result().raw_output_contents[0] for f in futures}
-    assert len(outputs) == 1
+    outputs = [torch.frombuffer(bytearray(f.result().raw_output_contents[0]),
+                                dtype=torch.float32) for f in futures]
+    # equal up to float rounding: batched rows may take another BLAS path
+    assert all((o - outputs[0]).abs().max() <= 1e-6 for o in outputs)
     assert [(v.number, v.origin) for v in clients["A"].list_versions("lazy-race")] == [
         (1, "lazy-init")]
 

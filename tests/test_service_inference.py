@@ -125,8 +125,10 @@ def test_lazy_model_is_ready_and_its_first_request_creates_one_version(client, s
     request.inputs.add(name="input", datatype="FP32", shape=[2, 12])
     request.raw_input_contents.append(x.numpy().tobytes())
     futures = [stub.ModelInfer.future(request, timeout=120) for _ in range(32)]
-    outputs = {f.result().raw_output_contents[0] for f in futures}
-    assert len(outputs) == 1
+    # Batched rows may take another BLAS path: the same up to float rounding, not bit for bit.
+    outputs = [np.frombuffer(f.result().raw_output_contents[0], dtype=np.float32)
+               for f in futures]
+    assert all(max_diff(o, outputs[0]) <= TOLERANCE for o in outputs)
     versions = client.list_versions(model_name)
     assert [(v.number, v.origin) for v in versions] == [(1, "lazy-init")]
     state = client.state_dict(model_name)
@@ -134,8 +136,7 @@ def test_lazy_model_is_ready_and_its_first_request_creates_one_version(client, s
     module = reference_module("nest_mlp", False)
     module.net[0] = torch.nn.Linear(12, 64)
     module.load_state_dict(state)
-    assert np.frombuffer(outputs.pop(), dtype=np.float32).tolist() == \
-        module(x).detach().reshape(-1).tolist()
+    assert max_diff(outputs[0], module(x).reshape(-1)) <= TOLERANCE
 
 
 def test_a_bad_first_request_to_a_lazy_model_creates_nothing(client, model_name):
