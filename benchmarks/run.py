@@ -1,0 +1,355 @@
+"""paramserve's benchmark suite: every figure beside a floor measured in the same run.
+
+    python benchmarks/run.py [--quick] [--duration-s 5] [--out benchmarks/results/NAME.json]
+
+Prints a table and writes JSON describing the machine. Targets are ratios to the floors
+(these machines are noisy; absolute numbers are not comparable across runs):
+  infer-small  sequential_mlp 20→256→10, batch 1, c=1/4/16/64 from a separate process, vs a
+               bare gRPC echo server: ≥ 0.8× echo throughput at c16 and c64; p50 at c1 ≤ echo
+               p50 + in-process forward + 0.15 ms
+  infer-wide   1024→4096→1024 at c16 vs an in-process forward at the batch size the batcher
+               reached: ≥ 0.85× throughput
+  transfer     upload/download of 100 MiB and 1 GiB vs bare gRPC streaming of the same bytes in
+               the same chunks: ≥ 0.8× MB/s; server RSS growth ≤ 64 MiB
+  cold-start   first request to a stored, unloaded 1 GiB model vs safetensors load + build +
+               move to device: ≤ 1.2×
+  registry     alias resolution and version listing with 10,000 models / 100,000 versions vs
+               10 models: p50 ≤ 2×
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+MIB = 1 << 20
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) // 1024 for line in open("/proc/meminfo")
+               if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "python":
+            platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class Proc:
+    """A server subprocess on 127.0.0.1 with a free port; stopped by ``stop()`` or at exit."""
+
+    def __init__(self, args: list[str], port_from_stdout: bool = True, port_file=None):
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        if port_from_stdout:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+            line = self.proc.stdout.readline() if ready else ""
+            self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        else:
+            deadline = time.monotonic() + 60
+            while not (Path(port_file).exists() and Path(port_file).read_text()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("floor server did not start")
+                time.sleep(0.05)
+            self.port = int(Path(port_file).read_text())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def loadgen(address: str, model: str, concurrency: int, duration_s: float, width: int) -> dict:
+    out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), address, model,
+                          str(concurrency), str(duration_s), str(width)],
+                         capture_output=True, text=True, check=True, timeout=duration_s + 120)
+    return json.loads(out.stdout)
+
+
+def p50_s(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def row(rows, name, figure, floor, ratio, target, met, unit=""):
+    rows.append({"benchmark": name, "figure": figure, "floor": floor, "ratio": ratio,
+                 "target": target, "met": met, "unit": unit})
+
+
+def bench_infer_small(client, server, floor, rows, duration_s):
+    from paramserve.registry import get_architecture
+
+    module = get_architecture("sequential_mlp").build(seed=0)
+    client.create_model("bench-small", "sequential_mlp")
+    client.upload("bench-small", module.state_dict())
+    x = torch.rand(1, 20)
+    with torch.inference_mode():
+        forward_s = p50_s(lambda: module(x), 2000)
+    results = {}
+    for concurrency in (1, 4, 16, 64):
+        ours = loadgen(server.address, "bench-small", concurrency, duration_s, 20)
+        echo = loadgen(floor.address, "bench-small", concurrency, duration_s, 20)
+        results[concurrency] = (ours, echo)
+        ratio = ours["throughput_rps"] / echo["throughput_rps"]
+        target = "≥ 0.8× echo" if concurrency in (16, 64) else "-"
+        row(rows, f"infer-small c{concurrency} throughput", round(ours["throughput_rps"]),
+            round(echo["throughput_rps"]), round(ratio, 3), target,
+            ratio >= 0.8 if concurrency in (16, 64) else None, "req/s")
+    ours, echo = results[1]
+    budget = echo["p50_ms"] + forward_s * 1000 + 0.15
+    row(rows, "infer-small c1 p50 latency", round(ours["p50_ms"], 3),
+        f"echo {echo['p50_ms']:.3f} + fwd {forward_s * 1000:.3f} + 0.15",
+        round(ours["p50_ms"] / budget, 3), "≤ 1.0× budget", ours["p50_ms"] <= budget, "ms")
+    return {str(c): {"paramserve": o, "echo": e} for c, (o, e) in results.items()} | {
+        "in_process_forward_p50_ms": forward_s * 1000}
+
+
+def bench_infer_wide(client, server, rows, duration_s):
+    from paramserve.protos import inference_pb2 as pb
+    from paramserve.protos import inference_pb2_grpc
+    from paramserve.registry import get_architecture
+
+    config = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
+    module = get_architecture("sequential_mlp").build(config, seed=0)
+    client.create_model("bench-wide", "sequential_mlp", config)
+    client.upload("bench-wide", module.state_dict())
+    ours = loadgen(server.address, "bench-wide", 16, duration_s, 1024)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(client.channel)
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="bench-wide")).model_stats[0]
+    batch = max(1, round(stats.inference_count / max(1, stats.execution_count)))
+    xb = torch.rand(batch, 1024)
+    with torch.inference_mode():
+        forward_s = p50_s(lambda: module(xb), 50)
+    in_process_rps = batch / forward_s
+    ratio = ours["throughput_rps"] / in_process_rps
+    row(rows, "infer-wide c16 throughput", round(ours["throughput_rps"]), round(in_process_rps),
+        round(ratio, 3), "≥ 0.85× in-process", ratio >= 0.85, f"rows/s (batch {batch})")
+    return {"paramserve": ours, "mean_batch": batch, "in_process_rows_per_s": in_process_rps}
+
+
+def sample_peak_rss(server, stop: threading.Event, out: list) -> None:
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, server.rss_bytes())
+        time.sleep(0.01)
+    out.append(peak)
+
+
+def measure_rss(server, fn):
+    base = server.rss_bytes()
+    stop, out = threading.Event(), []
+    sampler = threading.Thread(target=sample_peak_rss, args=(server, stop, out))
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        elapsed = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    return result, elapsed, max(0, out[0] - base)
+
+
+def bench_transfer(client, server, floor, rows, size_mib, tmp: Path):
+    from paramserve.protos import registry_pb2 as rpb
+    from paramserve.protos import registry_pb2_grpc
+    from paramserve.registry import get_architecture
+    from paramserve.registry.tensorfile import write_tensors
+    from paramserve.service.client import Client, _size_and_sha256, _upload_chunks
+
+    hidden = max(1, size_mib * MIB // (8 * 1024))
+    config = {"in_features": 1024, "hidden": hidden, "out_features": 1024}
+    name = f"bench-{size_mib}mib"
+    path = tmp / f"{name}.safetensors"
+    module = get_architecture("sequential_mlp").build(config, device="meta").to_empty(
+        device="cpu")
+    for p in module.parameters():
+        p.data.normal_()
+    with open(path, "wb") as f:
+        write_tensors(f, list(module.state_dict().items()))
+    del module
+    size = path.stat().st_size
+    client.create_model(name, "sequential_mlp", config)
+    version, up_s, up_rss = measure_rss(server, lambda: client.upload(name, path))
+    _, down_s, down_rss = measure_rss(server, lambda: client.download(
+        name, version.number, tmp / "back.safetensors"))
+    (tmp / "back.safetensors").unlink()
+    stub = registry_pb2_grpc.RegistryStub(client.channel)
+    floor_stub = registry_pb2_grpc.RegistryStub(Client(floor.address).channel)
+    header = rpb.UploadHeader(model=name, sha256=_size_and_sha256(path)[1], size_bytes=size)
+    floor_up_s = p50_s(lambda: floor_stub.UploadVersion(_upload_chunks(path, header, None)), 1)
+
+    def floor_download():
+        with open(tmp / "floor.bin", "wb") as out:
+            for chunk in floor_stub.DownloadVersion(rpb.DownloadVersionRequest(ref=str(size))):
+                out.write(chunk.data)
+
+    floor_down_s = p50_s(floor_download, 1)
+    (tmp / "floor.bin").unlink()
+    for label, ours_s, floor_s, rss in (("upload", up_s, floor_up_s, up_rss),
+                                         ("download", down_s, floor_down_s, down_rss)):
+        mbps, floor_mbps = size / MIB / ours_s, size / MIB / floor_s
+        row(rows, f"transfer {label} {size_mib} MiB", round(mbps, 1), round(floor_mbps, 1),
+            round(mbps / floor_mbps, 3), "≥ 0.8× stream", mbps / floor_mbps >= 0.8, "MiB/s")
+        row(rows, f"transfer {label} {size_mib} MiB server RSS growth", round(rss / MIB, 1),
+            "-", None, "≤ 64 MiB", rss <= 64 * MIB, "MiB")
+    del stub
+    return {"size_bytes": size, "upload_s": up_s, "download_s": down_s,
+            "floor_upload_s": floor_up_s, "floor_download_s": floor_down_s,
+            "upload_rss_growth": up_rss, "download_rss_growth": down_rss,
+            "model": name, "config": config, "sha256": version.sha256, "path": str(path)}
+
+
+def bench_cold_start(client, server, rows, transfer: dict, data_dir: Path):
+    from paramserve.protos import inference_pb2 as pb
+    from paramserve.protos import inference_pb2_grpc
+    from paramserve.registry import get_architecture
+    from safetensors.torch import load_file
+
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(client.channel)
+    name = transfer["model"]
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name))
+    x = torch.rand(1, 1024)
+    start = time.perf_counter()
+    client.infer(name, x)
+    ours_s = time.perf_counter() - start
+    blob = next((data_dir / "blobs" / "sha256").rglob(f"{transfer['sha256']}*"))
+
+    def floor():
+        state = load_file(str(blob))
+        module = get_architecture("sequential_mlp").build(transfer["config"])
+        module.load_state_dict(state)
+        module.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    floor_s = p50_s(floor, 1)
+    ratio = ours_s / floor_s
+    row(rows, f"cold start {transfer['size_bytes'] // MIB} MiB", round(ours_s, 3),
+        round(floor_s, 3), round(ratio, 3), "≤ 1.2× load+build", ratio <= 1.2, "s")
+    return {"first_request_s": ours_s, "floor_s": floor_s}
+
+
+def bench_registry(rows, tmp: Path, models: int, versions_per_model: int):
+    from sqlalchemy import insert
+
+    from paramserve.registry import Store
+    from paramserve.registry.schema import AliasRow, ModelRow, VersionRow
+
+    def populate(store, count):
+        config = {"in_features": 4, "hidden": 8, "out_features": 1}
+        with store.engine.begin() as conn:
+            conn.execute(insert(ModelRow), [
+                {"id": i + 1, "name": f"m{i}", "architecture": "small_mlp", "config": config,
+                 "init": "default", "seed": 0, "description": "", "next_version":
+                 versions_per_model + 1} for i in range(count)])
+            batch = []
+            for i in range(count):
+                for n in range(1, versions_per_model + 1):
+                    batch.append({"model_id": i + 1, "number": n, "sha256": "0" * 64,
+                                  "size_bytes": 1, "manifest": [], "origin": "upload"})
+                if len(batch) >= 20000:
+                    conn.execute(insert(VersionRow), batch)
+                    batch = []
+            if batch:
+                conn.execute(insert(VersionRow), batch)
+            conn.execute(insert(AliasRow), [
+                {"model_id": i + 1, "name": "production",
+                 "version_id": i * versions_per_model + 1} for i in range(count)])
+
+    figures = {}
+    for label, count in (("small", 10), ("large", models)):
+        with Store(data_dir=tmp / f"registry-{label}") as store:
+            populate(store, count)
+            target = f"m{count // 2}"
+            figures[label] = {
+                "resolve_alias_p50_ms": p50_s(lambda: store.resolve(target, "production"),
+                                              300) * 1000,
+                "list_versions_p50_ms": p50_s(lambda: store.list_versions(target), 300) * 1000}
+    for key in ("resolve_alias_p50_ms", "list_versions_p50_ms"):
+        ratio = figures["large"][key] / figures["small"][key]
+        row(rows, f"registry {key.removesuffix('_p50_ms')} ({models} models, "
+                  f"{models * versions_per_model} versions)", round(figures["large"][key], 3),
+            round(figures["small"][key], 3), round(ratio, 3), "≤ 2× (10 models)", ratio <= 2,
+            "ms p50")
+    return figures
+
+
+def print_table(rows):
+    header = ["benchmark", "figure", "floor", "ratio", "target", "met"]
+    table = [[r["benchmark"], f"{r['figure']} {r['unit']}".strip(), str(r["floor"]),
+              "-" if r["ratio"] is None else str(r["ratio"]), r["target"],
+              {True: "yes", False: "NO", None: "-"}[r["met"]]] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *table)]
+    for line in [header, ["-" * w for w in widths], *table]:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs, 100 MiB transfers only, 1,000 models")
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = parser.parse_args()
+    duration = 2.0 if args.quick else args.duration_s
+    from paramserve.service.client import Client
+
+    rows, figures = [], {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="paramserve-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+                       str(tmp / "data"), "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        floor = Proc([sys.executable, str(HERE / "floors.py"), str(tmp / "floor.port")],
+                     port_from_stdout=False, port_file=tmp / "floor.port")
+        try:
+            with Client(server.address, timeout_s=600) as client:
+                figures["infer_small"] = bench_infer_small(client, server, floor, rows, duration)
+                figures["infer_wide"] = bench_infer_wide(client, server, rows, duration)
+                sizes = [100] if args.quick else [100, 1024]
+                figures["transfer"] = [bench_transfer(client, server, floor, rows, s, tmp)
+                                       for s in sizes]
+                figures["cold_start"] = bench_cold_start(client, server, rows,
+                                                         figures["transfer"][-1],
+                                                         tmp / "data")
+            figures["registry"] = bench_registry(rows, tmp, 1000 if args.quick else 10000, 10)
+        finally:
+            server.stop()
+            floor.stop()
+    figures["rows"] = rows
+    print_table(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(figures, indent=2, default=str))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
