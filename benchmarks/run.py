@@ -318,6 +318,8 @@ def main() -> int:
                         help="short runs, 100 MiB transfers only, 1,000 models")
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    parser.add_argument("--only", choices=("infer", "transfer", "registry"),
+                        help="run one group (the JSON then holds only its figures)")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
     from paramserve.service.client import Client
@@ -331,15 +333,20 @@ def main() -> int:
                      port_from_stdout=False, port_file=tmp / "floor.port")
         try:
             with Client(server.address, timeout_s=600) as client:
-                figures["infer_small"] = bench_infer_small(client, server, floor, rows, duration)
-                figures["infer_wide"] = bench_infer_wide(client, server, rows, duration)
-                sizes = [100] if args.quick else [100, 1024]
-                figures["transfer"] = [bench_transfer(client, server, floor, rows, s, tmp)
-                                       for s in sizes]
-                figures["cold_start"] = bench_cold_start(client, server, rows,
-                                                         figures["transfer"][-1],
-                                                         tmp / "data")
-            figures["registry"] = bench_registry(rows, tmp, 1000 if args.quick else 10000, 10)
+                if args.only in (None, "infer"):
+                    figures["infer_small"] = bench_infer_small(client, server, floor, rows,
+                                                               duration)
+                    figures["infer_wide"] = bench_infer_wide(client, server, rows, duration)
+                if args.only in (None, "transfer"):
+                    sizes = [100] if args.quick else [100, 1024]
+                    figures["transfer"] = [bench_transfer(client, server, floor, rows, s, tmp)
+                                           for s in sizes]
+                    figures["cold_start"] = bench_cold_start(client, server, rows,
+                                                             figures["transfer"][-1],
+                                                             tmp / "data")
+            if args.only in (None, "registry"):
+                figures["registry"] = bench_registry(rows, tmp, 1000 if args.quick else 10000,
+                                                     10)
         finally:
             server.stop()
             floor.stop()

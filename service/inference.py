@@ -89,12 +89,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         start = time.perf_counter_ns()
-        input_shape = tuple(request.inputs[0].shape) if request.inputs else None
-        version = await self.manager.resolve(request.model_name, request.model_version)
-        if version is None:  # a lazy model's first request: check it before it makes a version
-            _, _, signature = await self.manager.signature(request.model_name, "")
-            codec.decode_inputs(request, signature, self.max_tensor_elements)
-        loaded = await self.manager.get(request.model_name, request.model_version, input_shape)
+        loaded = self.manager.hot(request.model_name, request.model_version)
+        if loaded is None:
+            loaded = await self._load_for(request)
         try:
             inputs = codec.decode_inputs(request, loaded.signature, self.max_tensor_elements)
             requested = _requested_outputs(request, loaded.signature)
@@ -123,6 +120,15 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             self.metrics.bytes_moved("infer_out",
                                      sum(len(b) for b in response.raw_output_contents))
         return response
+
+    async def _load_for(self, request):
+        """The slow path: resolve, maybe create a lazy model's first version, load."""
+        input_shape = tuple(request.inputs[0].shape) if request.inputs else None
+        version = await self.manager.resolve(request.model_name, request.model_version)
+        if version is None:  # a lazy model's first request: check it before it makes a version
+            _, _, signature = await self.manager.signature(request.model_name, "")
+            codec.decode_inputs(request, signature, self.max_tensor_elements)
+        return await self.manager.get(request.model_name, request.model_version, input_shape)
 
     async def ModelStatistics(self, request, context):
         if request.name:

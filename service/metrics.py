@@ -20,13 +20,22 @@ class Metrics:
         self.loaded = Gauge("paramserve_loaded_models", "model versions loaded in memory",
                             registry=self.registry)
         self.loaded.set_function(loaded_models)
+        self._children: dict = {}
+        self._bytes_children: dict = {}
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        children = self._children.get((method, code))
+        if children is None:  # labels() costs a lock and a dict walk: once per label set
+            children = self._children[(method, code)] = (self.requests.labels(method, code),
+                                                         self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def bytes_moved(self, direction: str, count: int) -> None:
-        self.bytes.labels(direction).inc(count)
+        child = self._bytes_children.get(direction)
+        if child is None:
+            child = self._bytes_children[direction] = self.bytes.labels(direction)
+        child.inc(count)
 
     def serve(self, host: str, port: int):
         """Start the HTTP endpoint; returns ``(http_server, bound_port)``."""

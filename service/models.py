@@ -65,6 +65,8 @@ class LoadedModel:
     signature: Signature
     size_bytes: int
     batcher: Batcher | None = None
+    # A forward this short runs on the event loop: a thread hop would cost more than it.
+    inline: bool = False
 
     def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """One forward on the model's device, output on the CPU. Call from a worker thread."""
@@ -75,6 +77,8 @@ class LoadedModel:
                     timeout_s: float | None = None) -> torch.Tensor:
         if self.batcher is not None:
             return await self.batcher.submit(x, timeout_s)
+        if self.inline:
+            return self.forward_tensor(x)
         return await run_blocking(self.forward_tensor, x)
 
 
@@ -89,6 +93,8 @@ class ModelManager:
         self._loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._loading: dict[tuple, asyncio.Future] = {}
         self._generation: int | None = None
+        # (name, ref) → the loaded model serving it: one dict lookup per request once warm.
+        self._hot: dict[tuple[str, str], LoadedModel] = {}
         self._resolved: dict[tuple[str, str], VersionInfo | None] = {}
         self._models: dict[str, ModelInfo] = {}
         self.stats: dict[tuple[str, int], ModelStats] = {}
@@ -113,8 +119,15 @@ class ModelManager:
                 self._resolved[key] = await self.run_blocking(self.store.resolve, name, ref)
         return self._resolved[key]
 
+    def hot(self, name: str, ref: str) -> LoadedModel | None:
+        """The model serving (name, ref) if it is loaded and nothing changed since: no await."""
+        return self._hot.get((name, ref))
+
     async def get(self, name: str, ref: str,
                   input_shape: Sequence[int] | None = None) -> LoadedModel:
+        hot = self._hot.get((name, ref))
+        if hot is not None:
+            return hot
         model = await self.model(name)
         version = await self.resolve(name, ref)
         if version is None:
@@ -125,7 +138,10 @@ class ModelManager:
                     f"{name} SCHEME`)")
             version = await self.run_blocking(self.store.materialize, name, tuple(input_shape))
             self.forget(name)
-        return await self.load(model, version)
+        loaded = await self.load(model, version)
+        if (name, ref) in self._resolved:  # nothing changed while it loaded
+            self._hot[(name, ref)] = loaded
+        return loaded
 
     async def load(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
         # created_at tells a model from a namesake created after it was deleted (elsewhere).
@@ -156,7 +172,8 @@ class ModelManager:
             stats.execution_count += 1
             stats.batch_rows[rows] = stats.batch_rows.get(rows, 0) + 1
 
-        loaded.batcher = Batcher(loaded.forward_tensor, self.run_blocking, max_batch, delay_us,
+        run = _run_inline if loaded.inline else self.run_blocking
+        loaded.batcher = Batcher(loaded.forward_tensor, run, max_batch, delay_us,
                                  self.batching.max_queue_size, on_batch=count_batch)
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
@@ -164,8 +181,10 @@ class ModelManager:
         size = module_bytes(module)
         device = self.placement.choose(size)
         module.to(device)
-        return LoadedModel(model, version, module, device, self.store.signature(model, version),
-                           size)
+        loaded = LoadedModel(model, version, module, device,
+                             self.store.signature(model, version), size)
+        loaded.inline = device.type == "cpu" and _forward_s(loaded) < INLINE_FORWARD_S
+        return loaded
 
     def _evict_over_budget(self, device: torch.device) -> None:
         if not self.memory_budget_bytes:
@@ -176,6 +195,7 @@ class ModelManager:
             if used <= self.memory_budget_bytes:
                 break
             evicted = self._loaded.pop(key)
+            self._hot = {k: v for k, v in self._hot.items() if v is not evicted}
             used -= evicted.size_bytes
             if evicted.batcher:
                 evicted.batcher.close()
@@ -199,6 +219,7 @@ class ModelManager:
                 if self._generation is not None and generation != self._generation:
                     self._resolved.clear()
                     self._models.clear()
+                    self._hot.clear()
                 self._generation = generation
             except Exception:  # a database hiccup must not end the watch
                 log.warning("cannot read the registry generation", exc_info=True)
@@ -208,6 +229,7 @@ class ModelManager:
         return list(self._loaded.values())
 
     def unload(self, name: str) -> int:
+        self._hot = {k: v for k, v in self._hot.items() if k[0] != name}
         keys = [k for k in self._loaded if k[0] == name]
         for key in keys:
             evicted = self._loaded.pop(key)
@@ -220,6 +242,8 @@ class ModelManager:
         self._models.pop(name, None)
         for key in [k for k in self._resolved if k[0] == name]:
             del self._resolved[key]
+        for key in [k for k in self._hot if k[0] == name]:
+            del self._hot[key]
         if unload:
             self.unload(name)
 
@@ -240,6 +264,28 @@ class ModelManager:
             stats.compute_output.add(end_ns - computed_ns)
             stats.queue.add(0)
         stats.last_inference_ms = int(time.time() * 1000)
+
+
+INLINE_FORWARD_S = 0.0002
+
+
+def _forward_s(loaded: LoadedModel) -> float:
+    """Median time of a forward on the example input (which also warms the module up)."""
+    arch_shape = [d if d >= 0 else 1 for d in loaded.signature.inputs[0].shape]
+    x = torch.zeros(arch_shape, dtype=loaded.signature.inputs[0].dtype)
+    times = []
+    try:
+        for _ in range(5):
+            start = time.perf_counter()
+            loaded.forward_tensor(x)
+            times.append(time.perf_counter() - start)
+    except Exception:  # a free dim the model cannot take as 1: keep it off the loop
+        return float("inf")
+    return sorted(times)[len(times) // 2]
+
+
+async def _run_inline(fn, *args):
+    return fn(*args)
 
 
 @dataclass(frozen=True)
