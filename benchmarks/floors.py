@@ -23,7 +23,7 @@ OUTPUT_BYTES = 40  # what sequential_mlp answers for one row: 10 float32
 class Echo(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         response = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
-        out = response.outputs.add(name="output", datatype="FP32", shape=[1, 10])
+        response.outputs.add(name="output", datatype="FP32", shape=[1, 10])
         response.raw_output_contents.append(bytes(OUTPUT_BYTES))
         return response
 
