@@ -1,1 +1,2 @@
-"""paramserve's gRPC edge (server, servicers, client, CLI). Not built yet: see issue `service`."""
+"""paramserve's gRPC edge: the server and its servicers, tensor codec, batching, placement,
+the Python client and the CLI. Servicers stay thin: decode, call a core object, encode."""
