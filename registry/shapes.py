@@ -29,8 +29,8 @@ class ShapeOracle:
     def __init__(self):
         self._free_dims: dict[str, list[tuple[str, int]]] = {}
 
-    def fresh_module(self, model: ModelInfo, input_shape: Sequence[int] | None = None
-                      ) -> nn.Module:
+    def fresh_module(self, model: ModelInfo,
+                     input_shape: Sequence[int] | None = None) -> nn.Module:
         """Built from the model's seed; lazy shapes fixed by a dry run on ``input_shape``; the
         init policy applied once every shape is known."""
         arch = architectures.get(model.architecture)
@@ -54,7 +54,7 @@ class ShapeOracle:
         return ExpectedState.of(self.fresh_module(model, shape))
 
     def implied_width(self, model: ModelInfo, arch: Architecture,
-                       given: Mapping[str, tuple]) -> int | None:
+                      given: Mapping[str, tuple]) -> int | None:
         """The input width that a lazy model's upload implies, read off the dimensions that
         change with it (found once per config by two dry runs)."""
         key = json.dumps([model.architecture, model.config], sort_keys=True)
