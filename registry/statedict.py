@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Mapping, Union
+from typing import BinaryIO, Mapping, Union
 
 import torch
 from torch import nn
@@ -224,7 +224,7 @@ def write_canonical(out: BinaryIO, upload: UploadedState, expected: ExpectedStat
     digest.update(head)
     for name in order:
         upload.copy_to(source[name], out, digest)
-    size = len(head) + sum(_nbytes(dtype, shape) for _, dtype, shape in specs)
+    size = len(head) + sum(tensorfile.nbytes_of(dtype, shape) for _, dtype, shape in specs)
     manifest = []
     for name in expected.specs:
         kept = expected.tied.get(name)
@@ -241,13 +241,6 @@ def _source_keys(upload: UploadedState, expected: ExpectedState) -> dict[str, st
         if kept not in source and name in upload.specs:
             source[kept] = name
     return source
-
-
-def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 def load_into(module: nn.Module, reader, model: str) -> None:

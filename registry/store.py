@@ -226,7 +226,8 @@ class Store:
                index: str | None = None) -> torch.Tensor:
         """One state_dict entry, or a slice of it (``index="0, :2"``), as a new tensor."""
         version = self.resolve(name, ref)
-        state = self.state_dict(name, version.number)
+        with self.blobs.open(version.sha256) as reader:
+            state = read_state_dict(reader)
         if param not in state:
             raise NotFound(f"version {version.number} of {name!r} has no entry {param!r}; "
                            f"entries: {list(state)}")
@@ -275,7 +276,7 @@ class Store:
         """
         parsed = parse_scheme(scheme)
         model = self.get_model(name)
-        base = self.resolve(name, ref) if ref not in (None, "") else self.latest_or_none(name)
+        base = self.version_or_none(name, ref)
         if base is not None:
             module = self.load_version(model, base)
         elif model.lazy and input_shape is None:
@@ -358,6 +359,13 @@ class Store:
         raise FailedPrecondition(f"could not allocate a version number for {name!r}: too many "
                                  "concurrent writers; retry")
 
+    def version_or_none(self, name: str, ref: int | str | None) -> VersionInfo | None:
+        """Version ``ref``; for no ref (or "latest") the newest, or ``None`` when there is
+        none yet. An explicit ref that does not exist is still ``NotFound``."""
+        if ref in (None, "", LATEST):
+            return self.latest_or_none(name)
+        return self.resolve(name, ref)
+
     def latest_or_none(self, name: str) -> VersionInfo | None:
         """The newest version, or ``None`` when the model has none yet."""
         with self.tx() as session:
@@ -367,7 +375,7 @@ class Store:
 
     def _module_for_query(self, name: str, ref: int | str | None) -> nn.Module:
         model = self.get_model(name)
-        version = self.resolve(name, ref) if ref not in (None, "") else self.latest_or_none(name)
+        version = self.version_or_none(name, ref)
         if version is None:
             return self.shapes.fresh_module(model)
         return self.load_version(model, version)

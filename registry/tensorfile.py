@@ -79,8 +79,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def _element_size(dtype: torch.dtype) -> int:
+def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def nbytes_of(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    """Bytes of a tensor of ``shape``; Python ints, so a huge shape cannot overflow."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * element_size(dtype)
 
 
 def build_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -91,10 +99,7 @@ def build_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in specs:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * _element_size(dtype)
+        nbytes = nbytes_of(dtype, shape)
         header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -106,7 +111,7 @@ def build_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
 def canonical_order(names_and_dtypes: Iterable[tuple[str, torch.dtype]]) -> list[str]:
     """Widest dtype first, then by name: aligned data and one byte layout per state_dict."""
     return [name for name, dtype in
-            sorted(names_and_dtypes, key=lambda nd: (-_element_size(nd[1]), nd[0]))]
+            sorted(names_and_dtypes, key=lambda nd: (-element_size(nd[1]), nd[0]))]
 
 
 def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -179,13 +184,11 @@ def _parse_entry(name: str, spec: object, data_start: int) -> TensorEntry:
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
         raise InvalidArgument(f"safetensors entry {name!r} has invalid data_offsets {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * _element_size(dtype) != offsets[1] - offsets[0]:
+    needed = nbytes_of(dtype, shape)
+    if needed != offsets[1] - offsets[0]:
         raise InvalidArgument(
             f"safetensors entry {name!r}: shape {shape} of {spec['dtype']} needs "
-            f"{numel * _element_size(dtype)} bytes, data_offsets give {offsets[1] - offsets[0]}")
+            f"{needed} bytes, data_offsets give {offsets[1] - offsets[0]}")
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0],
                        data_start + offsets[1])
 

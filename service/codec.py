@@ -15,6 +15,7 @@ import torch
 
 from paramserve.registry.errors import InvalidArgument, ResourceExhausted
 from paramserve.registry.signature import Signature, TensorSignature
+from paramserve.registry.tensorfile import nbytes_of
 
 TORCH_OF: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "UINT8": torch.uint8, "UINT16": torch.uint16, "UINT32": torch.uint32,
@@ -39,10 +40,6 @@ def datatype_of(dtype: torch.dtype) -> str:
         return DATATYPE_OF[dtype]
     except KeyError:
         raise InvalidArgument(f"torch dtype {dtype} has no KServe datatype") from None
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def decode_inputs(request, signature: Signature, max_elements: int) -> dict[str, torch.Tensor]:
@@ -84,7 +81,7 @@ def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
         raise ResourceExhausted(f"input {name!r} has {numel} elements, over the limit of "
                                 f"{max_elements}; split the request (--max-tensor-elements)")
     if raw is not None:
-        expected_bytes = numel * _element_size(dtype)
+        expected_bytes = nbytes_of(dtype, shape)
         if len(raw) != expected_bytes:
             raise InvalidArgument(f"input {name!r}: shape {list(shape)} of {datatype} needs "
                                   f"{expected_bytes} raw bytes, got {len(raw)}")

@@ -10,7 +10,7 @@ import torch
 from paramserve.protos import registry_pb2 as pb
 from paramserve.registry.architectures import Architecture
 from paramserve.registry.errors import InvalidArgument
-from paramserve.registry.tensorfile import DTYPES, dtype_name, tensor_bytes
+from paramserve.registry.tensorfile import DTYPES, dtype_name, nbytes_of, tensor_bytes
 from paramserve.registry.values import (ManifestEntry, ModelInfo, ParameterInfo, TensorSpec,
                                         TensorStats, VersionInfo)
 
@@ -90,10 +90,7 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
     if dtype is None:
         raise InvalidArgument(f"tensor {msg.name!r} has unknown dtype {msg.dtype!r}")
     shape = tuple(msg.shape)
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel * torch.empty((), dtype=dtype).element_size() != len(msg.data):
+    if nbytes_of(dtype, shape) != len(msg.data):
         raise InvalidArgument(f"tensor {msg.name!r}: {len(msg.data)} bytes do not make shape "
                               f"{list(shape)} of {msg.dtype}")
     if not msg.data:

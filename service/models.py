@@ -113,10 +113,7 @@ class ModelManager:
         """The version ``ref`` names; ``None`` when the model has none yet and ref is empty."""
         key = (name, ref)
         if key not in self._resolved:
-            if ref in ("", "latest"):
-                self._resolved[key] = await self.run_blocking(self.store.latest_or_none, name)
-            else:
-                self._resolved[key] = await self.run_blocking(self.store.resolve, name, ref)
+            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name, ref)
         return self._resolved[key]
 
     def hot(self, name: str, ref: str) -> LoadedModel | None:

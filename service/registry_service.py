@@ -155,7 +155,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.DeleteAliasResponse()
 
     async def ListParameters(self, request, context):
-        version = await self._version_or_none(request.model, request.ref)
+        version = await self.run_blocking(self.store.version_or_none, request.model,
+                                          request.ref)
         infos = await self.run_blocking(self.store.parameters, request.model, request.ref or None,
                                 stats=request.stats)
         return pb.ListParametersResponse(
@@ -168,7 +169,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return convert.tensor_to_proto(request.name, tensor)
 
     async def DescribeModule(self, request, context):
-        version = await self._version_or_none(request.model, request.ref)
+        version = await self.run_blocking(self.store.version_or_none, request.model,
+                                          request.ref)
         tree = await self.run_blocking(self.store.module_tree, request.model, request.ref or None)
         return pb.DescribeModuleResponse(version=version.number if version else 0, tree=tree)
 
@@ -191,11 +193,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                                   op=request.op or "set")
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
-
-    async def _version_or_none(self, model: str, ref: str):
-        if ref:
-            return await self.run_blocking(self.store.resolve, model, ref)
-        return await self.run_blocking(self.store.latest_or_none, model)
 
 
 def _write_chunk(spool, digest, data: bytes) -> None:
