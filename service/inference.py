@@ -88,23 +88,25 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request, context):
+        """The hot path: one dict lookup, a zero-copy decode, the forward (batched or not),
+        raw bytes out. SQL and the store are touched only the first time (``_load_for``)."""
         start = time.perf_counter_ns()
         loaded = self.manager.hot(request.model_name, request.model_version)
         if loaded is None:
             loaded = await self._load_for(request)
+        signature = loaded.signature
         try:
-            inputs = codec.decode_inputs(request, loaded.signature, self.max_tensor_elements)
-            requested = _requested_outputs(request, loaded.signature)
+            inputs = codec.decode_inputs(request, signature, self.max_tensor_elements)
+            requested = _requested_outputs(request, signature)
             decoded = time.perf_counter_ns()
-            x = inputs[loaded.signature.inputs[0].name]
-            y = await loaded.infer(x, self.manager.run_blocking, context.time_remaining())
+            x = inputs[signature.inputs[0].name]
+            y = await loaded.infer(x, context.time_remaining())
             computed = time.perf_counter_ns()
-            outputs = {loaded.signature.outputs[0].name: y}
             response = pb.ModelInferResponse(model_name=loaded.model.name,
-                                             model_version=str(loaded.version.number),
+                                             model_version=loaded.version_label,
                                              id=request.id)
             for name in requested:
-                codec.encode_output(response, name, outputs[name])
+                codec.encode_output(response, name, y)
         except ParamserveError:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise
@@ -112,13 +114,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
                                   f"{str(err).splitlines()[0]}") from err
-        rows = x.shape[0] if x.dim() and loaded.signature.batchable else 1
+        rows = x.shape[0] if x.dim() and signature.batchable else 1
         self.manager.record(loaded, True, start, decoded, computed, time.perf_counter_ns(),
                             rows=rows)
         if self.metrics is not None:
-            self.metrics.bytes_moved("infer_in", sum(len(b) for b in request.raw_input_contents))
-            self.metrics.bytes_moved("infer_out",
-                                     sum(len(b) for b in response.raw_output_contents))
+            self.metrics.bytes_moved("infer_in", x.nbytes)
+            self.metrics.bytes_moved("infer_out", y.nbytes)
         return response
 
     async def _load_for(self, request):
@@ -185,7 +186,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def _requested_outputs(request, signature: Signature) -> list[str]:
-    known = [t.name for t in signature.outputs]
+    known = [t.name for t in signature.outputs]  # one output today: its name
     if not request.outputs:
         return known
     names = [o.name for o in request.outputs]

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,7 +24,7 @@ from paramserve.registry.errors import FailedPrecondition
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
-from .batcher import Batcher
+from .batcher import Batcher, DeadlineExceeded
 from .placement import Placement, module_bytes
 
 log = logging.getLogger("paramserve")
@@ -65,21 +65,49 @@ class LoadedModel:
     signature: Signature
     size_bytes: int
     batcher: Batcher | None = None
-    # A forward this short runs on the event loop: a thread hop would cost more than it.
-    inline: bool = False
+    # Where forwards run: the device's compute thread, or None for the event loop itself
+    # (a forward this short costs less than the hop to a thread and back).
+    runner: Executor | None = None
+    forward_s: float = float("inf")  # median forward on the example input, timed at load
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version.number)
 
     def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward on the model's device, output on the CPU. Call from a worker thread."""
+        """One forward on the model's device, output on the CPU."""
         with torch.inference_mode():
-            return self.module(x.to(self.device, non_blocking=True)).cpu()
+            if self.device.type == "cuda":
+                return _forward_on_gpu(self.module, x, self.device)
+            return self.module(x)
 
-    async def infer(self, x: torch.Tensor, run_blocking,
-                    timeout_s: float | None = None) -> torch.Tensor:
+    async def infer(self, x: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
         if self.batcher is not None:
             return await self.batcher.submit(x, timeout_s)
-        if self.inline:
+        if self.runner is None:
             return self.forward_tensor(x)
-        return await run_blocking(self.forward_tensor, x)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return await asyncio.get_running_loop().run_in_executor(
+            self.runner, self._forward_before, x, deadline)
+
+    def _forward_before(self, x: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while it waited for the "
+                                   "model; it never ran")
+        return self.forward_tensor(x)
+
+
+def _forward_on_gpu(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copies through pinned host buffers: the upload overlaps nothing else in flight, but
+    pinned memory is what lets both copies run at full PCIe speed (pageable memory is staged
+    through a driver buffer). The caching host allocator recycles the buffers."""
+    staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    staged.copy_(x)
+    y = module(staged.to(device, non_blocking=True))
+    out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+    out.copy_(y, non_blocking=True)
+    torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 class ModelManager:
@@ -90,6 +118,7 @@ class ModelManager:
         self.placement = placement
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
+        self._compute: dict[str, ThreadPoolExecutor] = {}
         self._loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._loading: dict[tuple, asyncio.Future] = {}
         self._generation: int | None = None
@@ -154,6 +183,8 @@ class ModelManager:
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         loaded = await asyncio.shield(pending)
         if key not in self._loaded:
+            inline = loaded.device.type == "cpu" and loaded.forward_s < INLINE_FORWARD_S
+            loaded.runner = None if inline else self.compute_thread(loaded.device)
             self._attach_batcher(loaded)
             self._loaded[key] = loaded
             self._evict_over_budget(loaded.device)
@@ -169,8 +200,7 @@ class ModelManager:
             stats.execution_count += 1
             stats.batch_rows[rows] = stats.batch_rows.get(rows, 0) + 1
 
-        run = _run_inline if loaded.inline else self.run_blocking
-        loaded.batcher = Batcher(loaded.forward_tensor, run, max_batch, delay_us,
+        loaded.batcher = Batcher(loaded.forward_tensor, loaded.runner, max_batch, delay_us,
                                  self.batching.max_queue_size, on_batch=count_batch)
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
@@ -180,8 +210,20 @@ class ModelManager:
         module.to(device)
         loaded = LoadedModel(model, version, module, device,
                              self.store.signature(model, version), size)
-        loaded.inline = device.type == "cpu" and _forward_s(loaded) < INLINE_FORWARD_S
+        loaded.forward_s = _forward_s(loaded)
         return loaded
+
+    def compute_thread(self, device: torch.device) -> ThreadPoolExecutor:
+        """One thread per device runs every forward there: one OpenMP team stays warm instead
+        of one per pool thread fighting over the cores, and batches form while it works."""
+        key = str(device)
+        if key not in self._compute:
+            self._compute[key] = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{key}")
+        return self._compute[key]
+
+    def shutdown(self) -> None:
+        for executor in self._compute.values():
+            executor.shutdown(wait=True)
 
     def _evict_over_budget(self, device: torch.device) -> None:
         if not self.memory_budget_bytes:
@@ -194,8 +236,6 @@ class ModelManager:
             evicted = self._loaded.pop(key)
             self._hot = {k: v for k, v in self._hot.items() if v is not evicted}
             used -= evicted.size_bytes
-            if evicted.batcher:
-                evicted.batcher.close()
 
     async def signature(self, name: str, ref: str) -> tuple[ModelInfo, VersionInfo | None,
                                                             Signature]:
@@ -229,9 +269,7 @@ class ModelManager:
         self._hot = {k: v for k, v in self._hot.items() if k[0] != name}
         keys = [k for k in self._loaded if k[0] == name]
         for key in keys:
-            evicted = self._loaded.pop(key)
-            if evicted.batcher:
-                evicted.batcher.close()
+            del self._loaded[key]  # requests already queued on its batcher still run
         return len(keys)
 
     def forget(self, name: str, unload: bool = False) -> None:
@@ -279,10 +317,6 @@ def _forward_s(loaded: LoadedModel) -> float:
     except Exception:  # a free dim the model cannot take as 1: keep it off the loop
         return float("inf")
     return sorted(times)[len(times) // 2]
-
-
-async def _run_inline(fn, *args):
-    return fn(*args)
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,7 @@ def run(coro):
 
 
 def make_batcher(model, **kwargs):
-    executor = ThreadPoolExecutor(2)
-
-    async def run_blocking(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-
-    return Batcher(model, run_blocking, **kwargs)
+    return Batcher(model, ThreadPoolExecutor(1), **kwargs)
 
 
 def test_requests_queued_while_busy_run_as_one_batch_and_split_back():
