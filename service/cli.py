@@ -168,9 +168,16 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
     from .server import serve
 
+    config = ServerConfig.from_args(args)
+    if config.workers < 1:
+        raise ValueError("--workers must be 1 or more")
+    if config.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    asyncio.run(serve(ServerConfig.from_args(args)))
+    asyncio.run(serve(config))
     return 0
 
 

@@ -29,6 +29,8 @@ class ServerConfig:
     model_batching: tuple[str, ...] = field(default_factory=tuple)
     memory_budget_mb: int = 0
     worker_threads: int = 4
+    workers: int = 1
+    torch_threads: int = 0
     grace_s: float = 10.0
     sync_interval_s: float = 1.0
     auth_token_file: str | None = None
@@ -93,7 +95,14 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="per-device budget for loaded models in MiB; least recently used are unloaded "
              "past it; 0 = no limit (default 0)")
     add("--worker-threads", type=int, default=int(env("WORKER_THREADS", str(d.worker_threads))),
-        help="threads for forwards and store calls (default 4)")
+        help="threads for store calls, model loads and transfers; forwards run on one compute "
+             "thread per device (default 4)")
+    add("--workers", type=int, default=int(env("WORKERS", str(d.workers))),
+        help="server processes sharing the port (SO_REUSEPORT), each with its own loaded "
+             "models; for hosts with many cores (default 1)")
+    add("--torch-threads", type=int, default=int(env("TORCH_THREADS", str(d.torch_threads))),
+        help="intra-op threads of each process's forwards; 0 = one core per worker is left "
+             "to gRPC and the rest shared out: max(1, cores // workers - 1) (default 0)")
     add("--grace-s", type=float, default=float(env("GRACE_S", str(d.grace_s))),
         help="on SIGTERM, seconds in-flight requests get to finish (default 10)")
     add("--auth-token-file", default=env("AUTH_TOKEN_FILE"),
@@ -110,6 +119,23 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=float(env("SYNC_INTERVAL_S", str(d.sync_interval_s))),
         help="how often to look for registry changes made by other replicas; they are served "
              "within about this many seconds; 0 = never (default 1)")
+
+
+def torch_threads_for(config: ServerConfig, cores: int | None = None) -> int:
+    """Intra-op threads per process: what --torch-threads says, else the cores this worker
+    has less one for the event loop and gRPC's poller. With every core given to torch, its
+    threads spin while gRPC needs the CPU and a tiny forward waits on a preempted thread."""
+    if config.torch_threads > 0:
+        return config.torch_threads
+    cores = cores or available_cores()
+    return max(1, cores // max(1, config.workers) - 1)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _split(value: str | None) -> list[str]:

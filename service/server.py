@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,9 +23,9 @@ from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
 
-from .config import ServerConfig, parse_model_batching, split_address
+from .config import ServerConfig, parse_model_batching, split_address, torch_threads_for
 from .auth import AuthInterceptor, Tokens
-from .errors import EdgeInterceptor
+from .errors import guard
 from .inference import InferenceServicer
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
@@ -41,6 +42,7 @@ class RunningServer:
     metrics_port: int | None
     store: Store
     executor: ThreadPoolExecutor
+    manager: ModelManager
     health: health.aio.HealthServicer
     metrics_http: object | None
     watcher: asyncio.Task | None
@@ -51,13 +53,18 @@ class RunningServer:
         if self.watcher is not None:
             self.watcher.cancel()
         self.executor.shutdown(wait=True)
+        self.manager.shutdown()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
         self.store.close()
 
 
-async def start(config: ServerConfig) -> RunningServer:
-    """Open the store, bind the ports (port 0: a free one) and start serving."""
+async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer:
+    """Open the store, bind the ports (port 0: a free one) and start serving.
+
+    ``reuse_port``: share the port with sibling worker processes (``--workers``); otherwise a
+    taken port is an error, not a silent second listener."""
+    torch.set_num_threads(torch_threads_for(config))
     for module in config.architectures:
         load_module(module)
     load_entry_points()
@@ -70,22 +77,22 @@ async def start(config: ServerConfig) -> RunningServer:
     manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20, batching)
     metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
     message_bytes = config.max_message_mb << 20
-    interceptors = [EdgeInterceptor(metrics)]
+    interceptors = []  # none on the hot path unless tokens are on
     if config.auth_token_file:
-        interceptors.insert(0, AuthInterceptor(Tokens.from_file(config.auth_token_file),
-                                               config.auth_open_reads))
+        interceptors.append(AuthInterceptor(Tokens.from_file(config.auth_token_file),
+                                            config.auth_open_reads))
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=interceptors or None,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         options=[("grpc.max_receive_message_length", message_bytes),
                  ("grpc.max_send_message_length", message_bytes),
-                 ("grpc.so_reuseport", 0)])
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                 ("grpc.so_reuseport", 1 if reuse_port else 0)])
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(guard(
         InferenceServicer(manager, config.max_batch_size, config.max_tensor_elements, metrics),
-        server)
-    registry_pb2_grpc.add_RegistryServicer_to_server(
+        metrics), server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(guard(
         RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
-                         config.max_upload_mb << 20, metrics), server)
+                         config.max_upload_mb << 20, metrics), metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -110,7 +117,7 @@ async def start(config: ServerConfig) -> RunningServer:
     watcher = None
     if config.sync_interval_s > 0:
         watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
-    return RunningServer(server, bound, metrics_port, store, executor, health_servicer,
+    return RunningServer(server, bound, metrics_port, store, executor, manager, health_servicer,
                          metrics_http, watcher)
 
 
@@ -128,14 +135,15 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
-    running = await start(config)
-    host = split_address(config.listen)[0]
-    metrics = f"{split_address(config.metrics_listen)[0]}:{running.metrics_port}" \
-        if running.metrics_port else "off"
-    print(f"paramserve listening on {host}:{running.port} (metrics {metrics}, data "
-          f"{Path(config.data_dir).resolve()}, device {config.device})", flush=True)
+async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully. ``on_ready(running)`` replaces the
+    "listening on" line (a worker tells its supervisor instead)."""
+    running = await start(config, reuse_port)
+    if on_ready is not None:
+        on_ready(running)
+    else:
+        print(f"paramserve listening on {listening_line(config, running.port, running.metrics_port)}",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,3 +155,12 @@ async def serve(config: ServerConfig) -> None:
     finally:
         await running.stop(config.grace_s)
     print("paramserve: stopped", file=sys.stderr, flush=True)
+
+
+def listening_line(config: ServerConfig, port: int, metrics_port: int | None,
+                   workers: str = "") -> str:
+    host = split_address(config.listen)[0]
+    metrics = f"{split_address(config.metrics_listen)[0]}:{metrics_port}" \
+        if metrics_port else "off"
+    return (f"{host}:{port} (metrics {metrics}, data {Path(config.data_dir).resolve()}, "
+            f"device {config.device}{workers})")
