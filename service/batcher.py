@@ -26,6 +26,13 @@ import torch
 from paramserve.registry.errors import ParamserveError, ResourceExhausted
 
 
+# Requests that keep arriving alone skip the queue: after this many one-request batches in a
+# row, a request runs at once on the loop (when the forward runs there), saving the queue's
+# turn of the loop; every PROBE_EVERY-th still goes through the queue to look for company.
+LONELY_BATCHES = 8
+PROBE_EVERY = 16
+
+
 class DeadlineExceeded(ParamserveError):
     """The caller's deadline passed while the request waited; it never ran."""
 
@@ -41,7 +48,7 @@ class Batcher:
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
                  executor: Executor | None, max_batch_size: int, max_queue_delay_us: int = 0,
                  max_queue_size: int = 1024,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int, int], None] | None = None):
         """``executor``: where forwards run (one thread keeps one OpenMP team busy); ``None``
         runs them on the event loop, for forwards shorter than a thread hop."""
         self.forward = forward
@@ -49,10 +56,27 @@ class Batcher:
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
-        self.on_batch = on_batch  # (rows, requests) per executed batch, for statistics
+        # (rows, requests, forward ns) per executed batch, for statistics
+        self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._busy = False       # a batch is running in the executor
         self._scheduled = False  # a flush is already on the event loop's schedule
+        self._lonely = 0         # one-request batches in a row
+        self._skipped = 0        # requests run at once since the queue last found company
+
+    def run_alone(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output at once, when requests have been arriving alone and the forward runs
+        on the loop; ``None``: use ``submit``."""
+        if (self.executor is not None or self._queue or self._scheduled
+                or self._lonely < LONELY_BATCHES):
+            return None
+        self._skipped += 1
+        if self._skipped % PROBE_EVERY == 0:
+            return None
+        y, forward_ns = self._timed_forward(x)
+        if self.on_batch:
+            self.on_batch(y.shape[0] if y.dim() else 1, 1, forward_ns)
+        return y
 
     def submit(self, x: torch.Tensor, timeout_s: float | None = None) -> asyncio.Future:
         """Queue one request; the returned future holds its rows of the batch's output."""
@@ -76,24 +100,33 @@ class Batcher:
         batch = self._take()
         if not batch:
             return
+        if len(batch) == 1:
+            self._lonely += 1
+        else:
+            self._lonely = self._skipped = 0
         xs = [p.x for p in batch]
         merged = xs[0] if len(xs) == 1 else torch.cat(xs)
         if self.executor is None:
             try:
-                y = self.forward(merged)
+                result = self._timed_forward(merged)
             except Exception as err:
                 _fail(batch, err)
             else:
-                self._deliver(batch, xs, y)
+                self._deliver(batch, xs, result)
             self._schedule_next()
             return
         self._busy = True
-        running = asyncio.get_running_loop().run_in_executor(self.executor, self.forward, merged)
+        running = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_forward,
+                                                             merged)
         running.add_done_callback(lambda done: self._finished(batch, xs, done))
 
     def _finished(self, batch: list[_Pending], xs: list[torch.Tensor],
                   done: asyncio.Future) -> None:
         self._busy = False
+        if done.cancelled():  # the loop is shutting down
+            for pending in batch:
+                pending.future.cancel()
+            return
         err = done.exception()
         if err is not None:
             _fail(batch, err)
@@ -101,9 +134,15 @@ class Batcher:
             self._deliver(batch, xs, done.result())
         self._schedule_next()
 
-    def _deliver(self, batch, xs, y: torch.Tensor) -> None:
+    def _timed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        start = time.perf_counter_ns()
+        y = self.forward(x)
+        return y, time.perf_counter_ns() - start
+
+    def _deliver(self, batch, xs, result: tuple[torch.Tensor, int]) -> None:
+        y, forward_ns = result
         if self.on_batch:
-            self.on_batch(y.shape[0] if y.dim() else 1, len(batch))
+            self.on_batch(y.shape[0] if y.dim() else 1, len(batch), forward_ns)
         parts = [y] if len(xs) == 1 else torch.split(y, [x.shape[0] for x in xs])
         for pending, part in zip(batch, parts):
             if not pending.future.done():

@@ -147,9 +147,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 duration = getattr(stats, field)
                 getattr(entry.inference_stats, field).CopyFrom(
                     pb.StatisticDuration(count=duration.count, ns=duration.ns))
-            for rows, count in sorted(stats.batch_rows.items()):
-                entry.batch_stats.add(batch_size=rows,
-                                      compute_infer=pb.StatisticDuration(count=count))
+            for rows, forwards in sorted(stats.batch_rows.items()):
+                entry.batch_stats.add(batch_size=rows, compute_infer=pb.StatisticDuration(
+                    count=forwards.count, ns=forwards.ns))
         if request.name and not response.model_stats:
             model, version, _ = await self.manager.signature(request.name, request.version)
             response.model_stats.add(name=model.name,

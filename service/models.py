@@ -53,7 +53,8 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
-    batch_rows: dict[int, int] = field(default_factory=dict)  # rows per execution → count
+    # rows per execution → (executions, forward ns in all): Triton's batch_stats
+    batch_rows: dict[int, Duration] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,8 +83,11 @@ class LoadedModel:
             return self.module(x)
 
     async def infer(self, x: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline had passed before it could run")
         if self.batcher is not None:
-            return await self.batcher.submit(x, timeout_s)
+            alone = self.batcher.run_alone(x)
+            return alone if alone is not None else await self.batcher.submit(x, timeout_s)
         if self.runner is None:
             return self.forward_tensor(x)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -196,9 +200,12 @@ class ModelManager:
             return  # never merge requests for a forward that mixes rows
         stats = self.stats_for(loaded.model.name, loaded.version.number)
 
-        def count_batch(rows: int, requests: int) -> None:
+        def count_batch(rows: int, requests: int, forward_ns: int) -> None:
             stats.execution_count += 1
-            stats.batch_rows[rows] = stats.batch_rows.get(rows, 0) + 1
+            per_size = stats.batch_rows.get(rows)
+            if per_size is None:
+                per_size = stats.batch_rows[rows] = Duration()
+            per_size.add(forward_ns)
 
         loaded.batcher = Batcher(loaded.forward_tensor, loaded.runner, max_batch, delay_us,
                                  self.batching.max_queue_size, on_batch=count_batch)

@@ -136,3 +136,30 @@ def test_server_batches_batchable_models_and_never_the_others(client, model_name
 def _wide_state():
     from paramserve.registry import get_architecture
     return get_architecture("sequential_mlp").build({"hidden": 4096}, seed=0).state_dict()
+
+
+def test_requests_arriving_alone_skip_the_queue_and_company_brings_it_back():
+    from paramserve.service.batcher import LONELY_BATCHES, PROBE_EVERY
+
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        return x + 1
+
+    async def scenario():
+        batcher = Batcher(forward, None, max_batch_size=64)  # None: forwards on the loop
+        x = torch.ones(1, 2)
+        assert batcher.run_alone(x) is None  # no history yet: through the queue
+        for _ in range(LONELY_BATCHES):
+            assert torch.equal(await batcher.submit(x), x + 1)
+        ran_at_once = [batcher.run_alone(x) is not None for _ in range(PROBE_EVERY)]
+        assert ran_at_once.count(False) == 1  # one probe goes through the queue
+        # Company: requests submitted in the same turn of the loop share one forward again.
+        together = await asyncio.gather(*(batcher.submit(torch.full((1, 2), float(i)))
+                                          for i in range(5)))
+        assert [t.item() for t in torch.cat(together)[:, 0]] == [1, 2, 3, 4, 5]
+        assert seen[-1] == 5
+        assert batcher.run_alone(x) is None  # company was found: back to queueing
+
+    run(scenario())
