@@ -2,7 +2,10 @@
 same stack (grpc.aio + the same inference.proto), and a bare streaming server that moves the
 same bytes in the same chunks without storing anything.
 
-    python benchmarks/floors.py PORT_FILE   # serves until killed; writes its port to PORT_FILE
+    python benchmarks/floors.py PORT_FILE [PORT]   # serves until killed; writes its port
+
+With PORT, it joins a floor already on that port (grpc sets SO_REUSEPORT by default): two of
+them are the floor of ``serve --workers 2``.
 """
 
 from __future__ import annotations
@@ -47,12 +50,12 @@ class Stream(registry_pb2_grpc.RegistryServicer):
             yield rpb.DownloadChunk(data=part)
 
 
-async def main(port_file: str) -> None:
+async def main(port_file: str, port: int = 0) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
     registry_pb2_grpc.add_RegistryServicer_to_server(Stream(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     with open(port_file, "w") as f:
         f.write(str(port))
@@ -60,4 +63,4 @@ async def main(port_file: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0))

@@ -2,11 +2,15 @@
 
     python benchmarks/run.py [--quick] [--duration-s 5] [--out benchmarks/results/NAME.json]
 
-Prints a table and writes JSON describing the machine. Targets are ratios to the floors
+Prints a table and writes JSON describing the machine, and a plot of throughput against
+concurrency beside it (with matplotlib). Targets are ratios to the floors
 (these machines are noisy; absolute numbers are not comparable across runs):
   infer-small  sequential_mlp 20→256→10, batch 1, c=1/4/16/64 from a separate process, vs a
                bare gRPC echo server: ≥ 0.8× echo throughput at c16 and c64; p50 at c1 ≤ echo
-               p50 + in-process forward + 0.15 ms
+               p50 + in-process forward + 0.15 ms; the same with --workers 2 against two echo
+               processes on one port; Triton's perf_analyzer against us at c1/c16 beside the
+               figures Triton 2.51 reached on a 2-core machine (bash
+               benchmarks/setup-perf-analyzer.sh makes its binary loadable; else "not run")
   infer-wide   1024→4096→1024 at c16 vs an in-process forward at the batch size the batcher
                reached: ≥ 0.85× throughput
   transfer     upload/download of 100 MiB and 1 GiB vs bare gRPC streaming of the same bytes in
@@ -34,6 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_analyzer.py, plot.py
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -83,9 +89,10 @@ class Proc:
             self.proc.kill()
 
 
-def loadgen(address: str, model: str, concurrency: int, duration_s: float, width: int) -> dict:
+def loadgen(address: str, model: str, concurrency: int, duration_s: float, width: int,
+            channels: int = 1) -> dict:
     out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), address, model,
-                          str(concurrency), str(duration_s), str(width)],
+                          str(concurrency), str(duration_s), str(width), str(channels)],
                          capture_output=True, text=True, check=True, timeout=duration_s + 120)
     return json.loads(out.stdout)
 
@@ -104,6 +111,9 @@ def row(rows, name, figure, floor, ratio, target, met, unit=""):
                  "target": target, "met": met, "unit": unit})
 
 
+SMALL_CONCURRENCY = (1, 4, 16, 64)
+
+
 def bench_infer_small(client, server, floor, rows, duration_s):
     from paramserve.registry import get_architecture
 
@@ -113,16 +123,7 @@ def bench_infer_small(client, server, floor, rows, duration_s):
     x = torch.rand(1, 20)
     with torch.inference_mode():
         forward_s = p50_s(lambda: module(x), 2000)
-    results = {}
-    for concurrency in (1, 4, 16, 64):
-        ours = loadgen(server.address, "bench-small", concurrency, duration_s, 20)
-        echo = loadgen(floor.address, "bench-small", concurrency, duration_s, 20)
-        results[concurrency] = (ours, echo)
-        ratio = ours["throughput_rps"] / echo["throughput_rps"]
-        target = "≥ 0.8× echo" if concurrency in (16, 64) else "-"
-        row(rows, f"infer-small c{concurrency} throughput", round(ours["throughput_rps"]),
-            round(echo["throughput_rps"]), round(ratio, 3), target,
-            ratio >= 0.8 if concurrency in (16, 64) else None, "req/s")
+    results = compare_with_echo(server, floor, rows, duration_s, SMALL_CONCURRENCY)
     ours, echo = results[1]
     budget = echo["p50_ms"] + forward_s * 1000 + 0.15
     row(rows, "infer-small c1 p50 latency", round(ours["p50_ms"], 3),
@@ -130,6 +131,76 @@ def bench_infer_small(client, server, floor, rows, duration_s):
         round(ours["p50_ms"] / budget, 3), "≤ 1.0× budget", ours["p50_ms"] <= budget, "ms")
     return {str(c): {"paramserve": o, "echo": e} for c, (o, e) in results.items()} | {
         "in_process_forward_p50_ms": forward_s * 1000}
+
+
+def compare_with_echo(server, floor, rows, duration_s, levels, label="", channels=None):
+    """ModelInfer of bench-small at each concurrency, against the echo floor, same load."""
+    results = {}
+    for concurrency in levels:
+        spread = channels(concurrency) if channels else 1
+        ours = loadgen(server.address, "bench-small", concurrency, duration_s, 20, spread)
+        echo = loadgen(floor.address, "bench-small", concurrency, duration_s, 20, spread)
+        results[concurrency] = (ours, echo)
+        ratio = ours["throughput_rps"] / echo["throughput_rps"]
+        judged = concurrency in (16, 64)
+        row(rows, f"infer-small{label} c{concurrency} throughput", round(ours["throughput_rps"]),
+            round(echo["throughput_rps"]), round(ratio, 3), "≥ 0.8× echo" if judged else "-",
+            ratio >= 0.8 if judged else None, "req/s")
+    return results
+
+
+def bench_workers(rows, tmp: Path, duration_s, workers: int = 2):
+    """``serve --workers N`` against N echo processes sharing a port, load over 16 connections
+    (SO_REUSEPORT balances connections, so one connection would reach one worker)."""
+    from paramserve.registry import get_architecture
+    from paramserve.service.client import Client
+
+    server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+                   str(tmp / "data-workers"), "--listen", "127.0.0.1:0", "--metrics-listen",
+                   "off", "--workers", str(workers), "--sync-interval-s", "0.2"])
+    floors = [Proc([sys.executable, str(HERE / "floors.py"), str(tmp / "floors.port")],
+                   port_from_stdout=False, port_file=tmp / "floors.port")]
+    try:
+        floors += [Proc([sys.executable, str(HERE / "floors.py"), str(tmp / f"floors{i}.port"),
+                         str(floors[0].port)], port_from_stdout=False,
+                        port_file=tmp / f"floors{i}.port") for i in range(1, workers)]
+        with Client(server.address) as client:
+            client.create_model("bench-small", "sequential_mlp")
+            client.upload("bench-small",
+                          get_architecture("sequential_mlp").build(seed=0).state_dict())
+        time.sleep(1)  # every worker has seen the new model
+        results = compare_with_echo(server, floors[0], rows, duration_s, (4, 16, 64),
+                                    f" --workers {workers}", channels=lambda c: min(c, 16))
+    finally:
+        server.stop()
+        for floor in floors:
+            floor.stop()
+    return {str(c): {"paramserve": o, "echo": e} for c, (o, e) in results.items()}
+
+
+# Triton Inference Server 2.51 (C++ front end, Python backend, dynamic batching) on a 2-core
+# machine like ours, measured by perf_analyzer over gRPC, as the performance issue quotes it.
+TRITON_REFERENCE_RPS = {1: 1200, 16: 4000}
+
+
+def bench_perf_analyzer(server, rows, duration_s):
+    """Triton's own load generator against us, beside the figures Triton reached."""
+    from perf_analyzer import run_perf_analyzer, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        row(rows, "perf_analyzer", "not run", "-", None, reason, None)
+        return {"not_run": reason}
+    results = {}
+    for concurrency, triton in TRITON_REFERENCE_RPS.items():
+        figures = run_perf_analyzer(server.address, "bench-small", concurrency, duration_s)
+        results[str(concurrency)] = figures
+        share = 1.0 if concurrency == 1 else 0.8
+        ratio = figures["throughput_rps"] / triton
+        row(rows, f"perf_analyzer c{concurrency} throughput", round(figures["throughput_rps"]),
+            f"Triton ~{triton} (quoted)", round(ratio, 3), f"≥ {share:g}× Triton",
+            ratio >= share, "infer/s")
+    return results
 
 
 def bench_infer_wide(client, server, rows, duration_s):
@@ -152,7 +223,19 @@ def bench_infer_wide(client, server, rows, duration_s):
     ratio = ours["throughput_rps"] / in_process_rps
     row(rows, "infer-wide c16 throughput", round(ours["throughput_rps"]), round(in_process_rps),
         round(ratio, 3), "≥ 0.85× in-process", ratio >= 0.85, f"rows/s (batch {batch})")
-    return {"paramserve": ours, "mean_batch": batch, "in_process_rows_per_s": in_process_rps}
+    # Where the gap is: the server's own forwards (timed around the module call, from
+    # ModelStatistics) against the same forward in this idle process.
+    common = max(stats.batch_stats, key=lambda b: b.compute_infer.count)
+    in_server_ms = common.compute_infer.ns / common.compute_infer.count / 1e6
+    with torch.inference_mode():
+        alone_ms = p50_s(lambda: module(torch.rand(common.batch_size, 1024)), 50) * 1000
+    row(rows, f"infer-wide forward inside the server, batch {common.batch_size}",
+        round(in_server_ms, 2), round(alone_ms, 2), round(in_server_ms / alone_ms, 3),
+        "diagnostic", None, "ms")
+    return {"paramserve": ours, "mean_batch": batch, "in_process_rows_per_s": in_process_rps,
+            "batch_sizes": {b.batch_size: b.compute_infer.count for b in stats.batch_stats},
+            "forward_in_server_ms": in_server_ms, "forward_in_process_ms": alone_ms,
+            "forward_batch": common.batch_size}
 
 
 def sample_peak_rss(server, stop: threading.Event, out: list) -> None:
@@ -317,7 +400,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="short runs, 100 MiB transfers only, 1,000 models")
     parser.add_argument("--duration-s", type=float, default=5.0)
-    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"),
+                        help="the JSON; the plot goes beside it as .png (needs matplotlib: "
+                             "pip install -e '.[bench]')")
     parser.add_argument("--only", choices=("infer", "transfer", "registry"),
                         help="run one group (the JSON then holds only its figures)")
     args = parser.parse_args()
@@ -336,6 +421,7 @@ def main() -> int:
                 if args.only in (None, "infer"):
                     figures["infer_small"] = bench_infer_small(client, server, floor, rows,
                                                                duration)
+                    figures["perf_analyzer"] = bench_perf_analyzer(server, rows, duration)
                     figures["infer_wide"] = bench_infer_wide(client, server, rows, duration)
                 if args.only in (None, "transfer"):
                     sizes = [100] if args.quick else [100, 1024]
@@ -344,6 +430,8 @@ def main() -> int:
                     figures["cold_start"] = bench_cold_start(client, server, rows,
                                                              figures["transfer"][-1],
                                                              tmp / "data")
+            if args.only in (None, "infer"):
+                figures["infer_small_workers"] = bench_workers(rows, tmp, duration)
             if args.only in (None, "registry"):
                 figures["registry"] = bench_registry(rows, tmp, 1000 if args.quick else 10000,
                                                      10)
@@ -355,7 +443,37 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2, default=str))
     print(f"\nwrote {args.out}")
+    if "infer_small" in figures:
+        from plot import plot_throughput
+
+        png = plot_throughput(throughput_series(figures), str(Path(args.out).with_suffix(".png")),
+                              f"sequential_mlp 20→256→10, batch 1 ({machine_label(figures)})")
+        if png:
+            print(f"wrote {png}")
     return 0
+
+
+def throughput_series(figures: dict) -> dict:
+    """{series: {concurrency: req/s}} for the plot."""
+    def pick(results, who):
+        return {c: r[who]["throughput_rps"] for c, r in results.items() if isinstance(r, dict)
+                and who in r}
+
+    series = {"paramserve": pick(figures["infer_small"], "paramserve"),
+              "echo floor": pick(figures["infer_small"], "echo")}
+    workers = figures.get("infer_small_workers") or {}
+    if workers:
+        series["paramserve --workers 2"] = pick(workers, "paramserve")
+        series["echo floor ×2 processes"] = pick(workers, "echo")
+    analyzer = figures.get("perf_analyzer") or {}
+    series["perf_analyzer → paramserve"] = {c: r["throughput_rps"] for c, r in analyzer.items()
+                                            if isinstance(r, dict)}
+    return series
+
+
+def machine_label(figures: dict) -> str:
+    m = figures["machine"]
+    return f"{m['cores']} cores, {m['cpu']}" + (f", {m['cuda']}" if m.get("cuda") else "")
 
 
 if __name__ == "__main__":
