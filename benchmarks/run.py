@@ -178,6 +178,41 @@ def bench_workers(rows, tmp: Path, duration_s, workers: int = 2):
     return {str(c): {"paramserve": o, "echo": e} for c, (o, e) in results.items()}
 
 
+def bench_torch_threads(rows, tmp: Path, duration_s, default_small, default_wide):
+    """The --torch-threads default against giving torch every core, same loads: the data
+    behind the default (the load generator shares the host, as it does in every row here)."""
+    from paramserve.registry import get_architecture
+    from paramserve.service.client import Client
+    from paramserve.service.config import ServerConfig, available_cores, torch_threads_for
+
+    every_core = available_cores()
+    default = torch_threads_for(ServerConfig())
+    if every_core == default:
+        return {}
+    server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+                   str(tmp / "data-threads"), "--listen", "127.0.0.1:0", "--metrics-listen",
+                   "off", "--torch-threads", str(every_core)])
+    wide = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
+    try:
+        with Client(server.address) as client:
+            for name, config in (("bench-small", {}), ("bench-wide", wide)):
+                client.create_model(name, "sequential_mlp", config)
+                client.upload(name, get_architecture("sequential_mlp").build(
+                    config, seed=0).state_dict())
+        small = loadgen(server.address, "bench-small", 16, duration_s, 20)
+        wide_run = loadgen(server.address, "bench-wide", 16, duration_s, 1024)
+    finally:
+        server.stop()
+    for label, ours, alt in (("infer-small c16", default_small, small),
+                             ("infer-wide c16", default_wide, wide_run)):
+        row(rows, f"{label}: --torch-threads {default} (default) vs {every_core}",
+            round(ours["throughput_rps"]), round(alt["throughput_rps"]),
+            round(ours["throughput_rps"] / alt["throughput_rps"], 3), "diagnostic", None,
+            "req/s")
+    return {"default": default, "every_core": every_core, "small_c16": small,
+            "wide_c16": wide_run}
+
+
 # Triton Inference Server 2.51 (C++ front end, Python backend, dynamic batching) on a 2-core
 # machine like ours, measured by perf_analyzer over gRPC, as the performance issue quotes it.
 TRITON_REFERENCE_RPS = {1: 1200, 16: 4000}
@@ -432,6 +467,9 @@ def main() -> int:
                                                              tmp / "data")
             if args.only in (None, "infer"):
                 figures["infer_small_workers"] = bench_workers(rows, tmp, duration)
+                figures["torch_threads"] = bench_torch_threads(
+                    rows, tmp, duration, figures["infer_small"]["16"]["paramserve"],
+                    figures["infer_wide"]["paramserve"])
             if args.only in (None, "registry"):
                 figures["registry"] = bench_registry(rows, tmp, 1000 if args.quick else 10000,
                                                      10)

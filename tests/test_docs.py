@@ -61,3 +61,14 @@ def test_readme_quick_start_against_a_server(server, tmp_path):
                                 text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert expected in result.stdout
+
+
+def test_every_serve_flag_in_the_readme_is_in_serve_help():
+    usage = " ".join(line for line in README.splitlines()
+                     if line.lstrip().startswith(("paramserve serve [", "[--")))
+    flags = set(re.findall(r"--[a-z][a-z-]+", usage))
+    assert {"--workers", "--torch-threads", "--max-batch-size"} <= flags
+    result = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "serve", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not flags - set(re.findall(r"--[a-z][a-z-]+", result.stdout))
