@@ -42,3 +42,36 @@ def test_models_run_on_the_gpu_with_cpu_outputs(tmp_path, device):
             assert client.infer("lazy", torch.rand(2, 7)).shape == (2, 10)
     finally:
         srv.stop()
+
+
+@needs_gpu
+def test_gpu_forwards_copy_through_pinned_buffers_and_match_the_cpu():
+    from paramserve.service.models import _forward_on_gpu
+
+    module = reference_module("sequential_mlp", False)
+    x = torch.rand(32, 20)
+    expected = module(x).detach()
+    on_gpu = module.to("cuda:0")
+    with torch.inference_mode():
+        y = _forward_on_gpu(on_gpu, x, torch.device("cuda:0"))
+    assert y.device.type == "cpu" and y.is_pinned()
+    assert torch.allclose(y, expected, atol=1e-4)
+
+
+@needs_gpu
+def test_batched_concurrent_requests_on_the_gpu_match_the_cpu(tmp_path):
+    import concurrent.futures
+
+    srv = ServerProcess(tmp_path / "data", "--device", "cuda:0")
+    try:
+        with Client(srv.address) as client:
+            module = reference_module("sequential_mlp", False)
+            client.create_model("mlp", "sequential_mlp")
+            client.upload("mlp", module.state_dict())
+            xs = [torch.rand(1 + i % 3, 20) for i in range(64)]
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                ys = list(pool.map(lambda x: client.infer("mlp", x), xs))
+            for x, y in zip(xs, ys):
+                assert torch.allclose(y, module(x), atol=1e-4)
+    finally:
+        srv.stop()
