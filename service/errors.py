@@ -68,36 +68,46 @@ def _rpc_methods(servicer) -> list[str]:
     return [name for name in vars(base) if not name.startswith("_")]
 
 
+class _Call:
+    """One RPC's outcome: the status an exception maps to, and its metrics when it ends."""
+
+    def __init__(self, method: str, metrics):
+        self.method, self.metrics = method, metrics
+        self.code, self.start = grpc.StatusCode.OK, time.perf_counter()
+
+    async def fail(self, err: Exception, context) -> None:
+        if isinstance(err, grpc.aio.AbortError):  # the servicer chose the status itself
+            self.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise err
+        self.code, message = _status_and_message(err, self.method)
+        await context.abort(self.code, message)
+
+    def end(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(self.method, self.code.name,
+                                         time.perf_counter() - self.start)
+
+
 def _wrap_unary(behavior, method, metrics):
     async def wrapped(request, context):
-        start, code = time.perf_counter(), grpc.StatusCode.OK
+        call = _Call(method, metrics)
         try:
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise  # the servicer chose the status itself
         except Exception as err:
-            code, message = _status_and_message(err, method)
-            await context.abort(code, message)
+            await call.fail(err, context)
         finally:
-            if metrics is not None:
-                metrics.observe_request(method, code.name, time.perf_counter() - start)
+            call.end()
     return wrapped
 
 
 def _wrap_stream(behavior, method, metrics):
     async def wrapped(request, context):
-        start, code = time.perf_counter(), grpc.StatusCode.OK
+        call = _Call(method, metrics)
         try:
             async for item in behavior(request, context):
                 yield item
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
         except Exception as err:
-            code, message = _status_and_message(err, method)
-            await context.abort(code, message)
+            await call.fail(err, context)
         finally:
-            if metrics is not None:
-                metrics.observe_request(method, code.name, time.perf_counter() - start)
+            call.end()
     return wrapped
