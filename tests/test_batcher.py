@@ -80,10 +80,8 @@ def test_a_full_queue_is_refused_at_once():
         await asyncio.sleep(0.05)  # the first is running; two may wait
         waiting = [asyncio.ensure_future(batcher.submit(torch.ones(1, 1))) for _ in range(2)]
         await asyncio.sleep(0)
-        started = time.monotonic()
         with pytest.raises(ResourceExhausted, match="queue is full"):
-            await batcher.submit(torch.ones(1, 1))
-        assert time.monotonic() - started < 0.05
+            batcher.submit(torch.ones(1, 1))  # refused on the spot: no await, no waiting
         await asyncio.gather(first, *waiting)
 
     run(scenario())
