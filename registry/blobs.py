@@ -1,8 +1,9 @@
 """Content-addressed blob files: ``<root>/sha256/ab/<sha256>.safetensors``.
 
-A blob is written to ``<root>/tmp/``, fsynced, then renamed into place, so a crash leaves either
-no blob or a whole one, never a partial file under a content address. Readers hash while they
-read; a blob whose bytes no longer match its name is reported as ``DataLoss``.
+A blob is written to ``<root>/tmp/`` (by a ``HashingWriter``: one pass), fsynced, then
+renamed into place, so a crash leaves either no blob or a whole one, never a partial file under
+a content address. Readers hash while they read; a blob whose bytes no longer match its name is
+reported as ``DataLoss``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .errors import DataLoss
+from .fileio import HashingWriter
 
 TEMP_SUFFIX = ".partial"
 
@@ -40,28 +42,42 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def write(self, produce: Callable[[BinaryIO], tuple[str, int]]) -> BlobRef:
-        """Run ``produce(file) -> (sha256, size)`` on a temp file and move it into place.
+    def create(self) -> HashingWriter:
+        """A new temp file for one blob; finish it with ``commit`` or ``discard()``."""
+        return HashingWriter(self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True)
+
+    def commit(self, writer: HashingWriter) -> BlobRef:
+        """fsync the writer's temp file and rename it to its content address.
+
+        On any failure the temp file is removed and nothing appears in the store.
+        """
+        try:
+            writer.sync()
+            sha256, size = writer.sha256, writer.size
+            final = self.path(sha256)
+            if final.is_file() and final.stat().st_size == size:
+                writer.discard()  # same content already stored (content addressing)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(writer.path, final)
+                _fsync_dir(final.parent)
+        except BaseException:
+            writer.discard()
+            raise
+        return BlobRef(sha256, size)
+
+    def write(self, produce: Callable[[HashingWriter], None]) -> BlobRef:
+        """Run ``produce(writer)`` on a new temp file and move the result into place.
 
         If ``produce`` raises, the temp file is removed and nothing appears in the store.
         """
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        writer = self.create()
         try:
-            with open(tmp, "wb") as file:
-                sha256, size = produce(file)
-                file.flush()
-                os.fsync(file.fileno())
-            final = self.path(sha256)
-            if final.is_file() and final.stat().st_size == size:
-                tmp.unlink()  # same content already stored (content addressing)
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
+            produce(writer)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            writer.discard()
             raise
-        return BlobRef(sha256, size)
+        return self.commit(writer)
 
     def open(self, sha256: str) -> "VerifyingReader":
         """Open a blob for one sequential read; call ``finish()`` after the last byte."""

@@ -69,7 +69,8 @@ class UploadedState:
     def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.specs = specs
 
-    def copy_to(self, name: str, out: BinaryIO, digest) -> None:
+    def copy_to(self, name: str, out: BinaryIO) -> None:
+        """Write the entry's bytes to ``out``."""
         raise NotImplementedError
 
     def read_bytes(self, name: str) -> bytes:
@@ -87,7 +88,7 @@ class SafetensorsUpload(UploadedState):
         self.header = tensorfile.read_header(file, size)
         super().__init__({n: (e.dtype, e.shape) for n, e in self.header.entries.items()})
 
-    def copy_to(self, name, out, digest):
+    def copy_to(self, name, out):
         entry = self.header.entries[name]
         self.file.seek(entry.begin)
         left = entry.nbytes
@@ -96,7 +97,6 @@ class SafetensorsUpload(UploadedState):
             if not chunk:
                 raise InvalidArgument(f"safetensors upload truncated inside tensor {name!r}")
             out.write(chunk)
-            digest.update(chunk)
             left -= len(chunk)
 
     def read_bytes(self, name):
@@ -122,10 +122,8 @@ class TensorMappingUpload(UploadedState):
         self.tensors = dict(tensors)
         super().__init__({n: (t.dtype, tuple(t.shape)) for n, t in self.tensors.items()})
 
-    def copy_to(self, name, out, digest):
-        data = tensorfile.tensor_bytes(self.tensors[name])
-        out.write(data)
-        digest.update(data)
+    def copy_to(self, name, out):
+        out.write(tensorfile.tensor_bytes(self.tensors[name]))
 
     def read_bytes(self, name):
         return bytes(tensorfile.tensor_bytes(self.tensors[name]))
@@ -210,28 +208,41 @@ def validate(model: str, upload: UploadedState, expected: ExpectedState) -> None
         raise InvalidStateDict(model, missing, unexpected, mismatched, other)
 
 
-def write_canonical(out: BinaryIO, upload: UploadedState, expected: ExpectedState,
-                    digest) -> tuple[str, int, list[ManifestEntry]]:
-    """Write a validated upload as canonical safetensors, tied keys once.
+@dataclass(frozen=True)
+class CanonicalPlan:
+    """The blob the store writes for a validated upload: its header, which upload entry fills
+    each stored tensor (in file order), and the manifest of every state_dict key.
 
-    Returns ``(sha256, size, manifest)``; the manifest lists every state_dict key.
+    Tied keys are stored once (under the key the module names first); the header's metadata
+    maps the others to it. The layout depends on the specs only, never on the values, so an
+    upload whose header equals ``header`` byte for byte *is* its canonical blob.
     """
+
+    header: bytes
+    sources: list[tuple[str, str]]  # (stored name, the upload's name holding its data)
+    manifest: list[ManifestEntry]
+
+
+def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalPlan:
+    """Plan the canonical blob of an upload that passed ``validate``."""
     source = _source_keys(upload, expected)
     order = tensorfile.canonical_order((n, upload.specs[source[n]][0]) for n in source)
     specs = [(n, *upload.specs[source[n]]) for n in order]
-    head = tensorfile.build_header(specs, dict(sorted(expected.tied.items())))
-    out.write(head)
-    digest.update(head)
-    for name in order:
-        upload.copy_to(source[name], out, digest)
-    size = len(head) + sum(tensorfile.nbytes_of(dtype, shape) for _, dtype, shape in specs)
+    header = tensorfile.build_header(specs, dict(sorted(expected.tied.items())))
     manifest = []
     for name in expected.specs:
         kept = expected.tied.get(name)
         dtype, shape = upload.specs[source[kept or name]]
         manifest.append(ManifestEntry(name, TensorSpec(tuple(shape), tensorfile.dtype_name(dtype)),
                                       kept))
-    return digest.hexdigest(), size, manifest
+    return CanonicalPlan(header, [(n, source[n]) for n in order], manifest)
+
+
+def write_canonical(out: BinaryIO, upload: UploadedState, plan: CanonicalPlan) -> None:
+    """Write the planned blob to ``out`` (a ``HashingWriter``, which hashes what it is given)."""
+    out.write(plan.header)
+    for _, name in plan.sources:
+        upload.copy_to(name, out)
 
 
 def _source_keys(upload: UploadedState, expected: ExpectedState) -> dict[str, str]:
@@ -304,15 +315,14 @@ def read_state_dict(reader) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_module(out: BinaryIO, module: nn.Module, digest) -> tuple[str, int, list[ManifestEntry]]:
-    """Write a module's state as a canonical blob; returns (sha256, size, manifest)."""
+def module_upload(module: nn.Module) -> tuple[UploadedState, ExpectedState]:
+    """A module's own state as an upload, ready for ``canonical_plan`` (nothing to validate)."""
     expected = ExpectedState.of(module)
-    state = module.state_dict()
     uninitialized = [n for n, s in expected.specs.items() if s.shape is None]
     if uninitialized:
         raise FailedPrecondition(f"parameters {uninitialized} are not initialized yet; "
                                  "run a first input through the model")
-    return write_canonical(out, TensorMappingUpload(state), expected, digest)
+    return TensorMappingUpload(module.state_dict()), expected
 
 
 def finish_lazy_modules(module: nn.Module) -> None:

@@ -17,12 +17,11 @@ A version's blob is on disk (fsynced) before its row commits, so a row always ha
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import threading
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from sqlalchemy import func, select, update
@@ -40,8 +39,9 @@ from .schemes import apply_scheme, parse_scheme
 from .shapes import ShapeOracle
 from .signature import Signature
 from .slicing import parse_index, select as select_index
-from .statedict import (Source, load_into, open_upload, read_state_dict,
-                        validate, write_canonical, write_module)
+from .statedict import (Source, canonical_plan, load_into, module_upload, open_upload,
+                        read_state_dict, validate, write_canonical)
+from .uploads import StreamedUpload
 from .values import ManifestEntry, ModelInfo, ParameterInfo, TensorSpec, VersionInfo
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -137,11 +137,26 @@ class Store:
         try:
             expected = self.shapes.expected_state(model, upload.specs)
             validate(name, upload, expected)
-            blob, manifest = self._write_blob(
-                lambda file, digest: write_canonical(file, upload, expected, digest))
+            plan = canonical_plan(upload, expected)
+            blob = self.blobs.write(lambda out: write_canonical(out, upload, plan))
         finally:
             upload.close()
-        return self._add_version(name, blob, manifest, "upload", None, alias)
+        return self._add_version(name, blob, plan.manifest, "upload", None, alias)
+
+    def begin_upload(self, name: str, size_bytes: int, alias: str | None = None,
+                     spool_dir: str | Path | None = None) -> StreamedUpload:
+        """An upload of ``size_bytes`` that arrives in chunks (a network stream): feed it with
+        ``write``, end it with ``finish(sha256)`` → the new version, or ``abort()``.
+
+        Checked as ``upload`` checks; a canonical safetensors stream is written straight into
+        its blob, anything else is spooled (to ``<data-dir>/spool`` by default) and then
+        uploaded from there.
+        """
+        model = self.get_model(name)
+        if alias is not None:
+            _check_alias(alias)
+        return StreamedUpload(self, model, size_bytes, alias,
+                              Path(spool_dir) if spool_dir else self.data_dir / "spool")
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         with self.tx() as session:
@@ -261,8 +276,7 @@ class Store:
                     f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
                     f"{name} SCHEME`)")
             module = self.shapes.fresh_module(model, input_shape)
-            blob, manifest = self._write_blob(
-                lambda file, digest: write_module(file, module, digest))
+            blob, manifest = self._write_module(module)
             return self._add_version(name, blob, manifest, "lazy-init", None, None,
                                      first_only=True)
 
@@ -315,19 +329,16 @@ class Store:
 
     def _save_module(self, name: str, module: nn.Module, origin: str,
                      parent: VersionInfo | None) -> VersionInfo:
-        blob, manifest = self._write_blob(lambda file, digest: write_module(file, module, digest))
+        blob, manifest = self._write_module(module)
         return self._add_version(name, blob, manifest, origin,
                                  parent.number if parent else None, None)
 
-    def _write_blob(self, produce: Callable) -> tuple[BlobRef, list[ManifestEntry]]:
-        manifest: list[ManifestEntry] = []
-
-        def run(file):
-            sha256, size, entries = produce(file, hashlib.sha256())
-            manifest.extend(entries)
-            return sha256, size
-
-        return self.blobs.write(run), manifest
+    def _write_module(self, module: nn.Module) -> tuple[BlobRef, list[ManifestEntry]]:
+        """A module's state as a new blob; returns the blob and its manifest."""
+        upload, expected = module_upload(module)
+        plan = canonical_plan(upload, expected)
+        blob = self.blobs.write(lambda out: write_canonical(out, upload, plan))
+        return blob, plan.manifest
 
     def _add_version(self, name: str, blob: BlobRef, manifest: list[ManifestEntry], origin: str,
                      parent: int | None, alias: str | None, first_only: bool = False

@@ -116,8 +116,15 @@ def canonical_order(names_and_dtypes: Iterable[tuple[str, torch.dtype]]) -> list
 
 def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]],
                   metadata: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """Write a safetensors file; returns ``(sha256 hex, bytes written)``."""
-    tensors = list(tensors)
+    """Write a safetensors file; returns ``(sha256 hex, bytes written)``.
+
+    The tensors are laid out in ``canonical_order`` whatever order they come in, so the same
+    tensors always make the same bytes, and a state_dict written here (tied entries once, as
+    the store keeps them) is already the store's blob: its upload needs no rewrite.
+    """
+    given = dict(tensors)
+    tensors = [(name, given[name]) for name in canonical_order(
+        (name, tensor.dtype) for name, tensor in given.items())]
     digest = hashlib.sha256()
     head = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
     file.write(head)

@@ -1,24 +1,23 @@
 """The ``paramserve.v1.Registry`` servicer: each RPC decodes, calls the store, encodes.
 
 Blocking store calls run in the worker pool; a change to a model tells the model manager to
-forget what it cached about it. Uploads are spooled to a temporary file under the data dir
-(sha256 and size checked against the header) before the store validates and keeps them.
+forget what it cached about it. Upload streams are read by ``upload_stream``, which hands the
+bytes to the store as they arrive.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 
 from paramserve.protos import registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import all_architectures
-from paramserve.registry.errors import InvalidArgument, ResourceExhausted
+from paramserve.registry.errors import InvalidArgument
 
 from . import convert
 from .models import ModelManager
+from .upload_stream import receive_upload
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 MAX_DOWNLOAD_CHUNK_BYTES = 16 << 20
@@ -67,52 +66,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.DeleteModelResponse()
 
     async def UploadVersion(self, request_iterator, context):
-        header = None
-        digest, size = hashlib.sha256(), 0
-        fd, path = tempfile.mkstemp(prefix="upload-", suffix=".partial", dir=self.spool_dir)
-        try:
-            with os.fdopen(fd, "wb") as spool:
-                async for chunk in request_iterator:
-                    kind = chunk.WhichOneof("kind")
-                    if kind == "header":
-                        if header is not None:
-                            raise InvalidArgument("upload stream has two headers; send one "
-                                                  "header, then data chunks")
-                        header = chunk.header
-                        self._check_header(header)
-                        continue
-                    if header is None:
-                        raise InvalidArgument("upload stream must start with a header naming "
-                                              "the model, the size and the sha256")
-                    size += len(chunk.data)
-                    if size > header.size_bytes:
-                        raise InvalidArgument(f"upload sent more than the {header.size_bytes} "
-                                              "bytes its header announced")
-                    await self.run_blocking(_write_chunk, spool, digest, chunk.data)
-            if header is None:
-                raise InvalidArgument("empty upload stream: send a header, then the bytes")
-            if size != header.size_bytes:
-                raise InvalidArgument(f"upload ended after {size} of the {header.size_bytes} "
-                                      "bytes its header announced; send the whole file")
-            if digest.hexdigest() != header.sha256.lower():
-                raise InvalidArgument(f"upload's sha256 is {digest.hexdigest()}, the header "
-                                      f"says {header.sha256}; the bytes were damaged in "
-                                      "transit, send them again")
-            if self.metrics is not None:
-                self.metrics.bytes_moved("upload", size)
-            version = await self.run_blocking(self.store.upload, header.model, path,
-                                      alias=header.alias or None)
-            self.manager.forget(header.model)
-            return convert.version_to_proto(version)
-        finally:
-            os.unlink(path)
-
-    def _check_header(self, header: pb.UploadHeader) -> None:
-        if header.size_bytes < 0 or len(header.sha256) != 64:
-            raise InvalidArgument("upload header needs size_bytes >= 0 and a 64-hex-digit sha256")
-        if self.max_upload_bytes and header.size_bytes > self.max_upload_bytes:
-            raise ResourceExhausted(f"upload of {header.size_bytes} bytes is over the server's "
-                                    f"limit of {self.max_upload_bytes} (--max-upload-mb)")
+        version, size = await receive_upload(request_iterator, self.store, self.run_blocking,
+                                             self.spool_dir, self.max_upload_bytes)
+        if self.metrics is not None:
+            self.metrics.bytes_moved("upload", size)
+        self.manager.forget(version.model)
+        return convert.version_to_proto(version)
 
     async def DownloadVersion(self, request, context):
         chunk_bytes = request.chunk_bytes or DOWNLOAD_CHUNK_BYTES
@@ -194,7 +153,3 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
 
-
-def _write_chunk(spool, digest, data: bytes) -> None:
-    spool.write(data)
-    digest.update(data)

@@ -1,0 +1,133 @@
+"""Files written once, front to back, and hashed on the way: blobs and upload spools.
+
+What makes a large write cheap here is the memory it lands in, not the disk. Measured on the
+2-core VM for 1 GiB: writing into fresh page-cache pages costs ~2 s of system time (the guest's
+free memory is handed back to the host, and touching it again is slow), into pages freed a
+moment ago ~0.2 s; a final fsync costs ~0.3 s. ``Writeback`` therefore writes blobs to disk
+behind the writer and recycles their pages. Reserving blocks up front (fallocate) made no
+measurable difference, so files are not preallocated: an announced size reserves no disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+from pathlib import Path
+
+SYNC_FILE_RANGE_WRITE = 0x02
+SYNC_FILE_RANGE_ALL = 0x01 | 0x02 | 0x04  # wait before, write, wait after
+WRITEBACK_STEP_BYTES = 32 << 20
+IOV_MAX = 1024
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_uint]
+        return libc
+    except (OSError, AttributeError):  # not Linux, or a libc without these calls
+        return None
+
+
+_LIBC = _libc()
+
+
+class Writeback:
+    """Writes a file to disk behind its writer (Linux ``sync_file_range``; elsewhere nothing).
+
+    Every ``step`` bytes it starts writeback of the new step without waiting for it, then
+    waits for the step before (long since under way) and drops its pages from the page cache.
+    So the final fsync has little left to do, a file of any size holds about two steps of
+    page cache, and the next writes land in the pages just freed (cheap, see above). The
+    price: the file is not cached afterwards (its first reader reads the disk), and the writer
+    waits when the disk is slower than the bytes arrive (backpressure, not buffering).
+    """
+
+    def __init__(self, fd: int, step: int = WRITEBACK_STEP_BYTES):
+        self.fd, self.step = fd, step
+        self.started = 0  # writeback started for [0, started)
+        self.dropped = 0  # on disk and out of the page cache: [0, dropped)
+
+    def advance(self, written: int) -> None:
+        """Tell it ``written`` bytes are in the file; acts on whole steps only."""
+        if _LIBC is None or written - self.started < self.step:
+            return
+        end = written - written % self.step
+        _LIBC.sync_file_range(self.fd, self.started, end - self.started, SYNC_FILE_RANGE_WRITE)
+        self.started = end
+        done = end - self.step
+        if done > self.dropped:
+            _LIBC.sync_file_range(self.fd, self.dropped, done - self.dropped, SYNC_FILE_RANGE_ALL)
+            os.posix_fadvise(self.fd, self.dropped, done - self.dropped,
+                             os.POSIX_FADV_DONTNEED)
+            self.dropped = done
+
+
+def write_all(fd: int, buffers: list) -> int:
+    """``os.writev`` until every byte of ``buffers`` is written; returns the byte count."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+    total = sum(v.nbytes for v in views)
+    while views:
+        done = os.writev(fd, views[:IOV_MAX])  # it may write fewer bytes than given
+        while views and done >= views[0].nbytes:
+            done -= views.pop(0).nbytes
+        if done:
+            views[0] = views[0][done:]
+    return total
+
+
+class HashingWriter:
+    """A new file written sequentially and hashed as the bytes arrive, in one pass.
+
+    ``writeback``: write it to disk behind the writer (``Writeback``), for files that will be
+    fsynced (blobs); not for spools that are read back at once.
+    """
+
+    def __init__(self, path: Path, writeback: bool = False):
+        self.path = Path(path)
+        self.size = 0
+        self._digest = hashlib.sha256()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags, 0o644)
+        self._writeback = Writeback(self._fd) if writeback else None
+
+    def write(self, data) -> int:
+        """Append ``data`` (bytes or any buffer) and hash it; returns its length, as files do."""
+        return self.write_many([data])
+
+    def write_many(self, buffers: list) -> int:
+        """Append several buffers with one system call; returns how many bytes that was.
+
+        One call per batch, not per chunk: each call gives up the GIL and must win it back
+        from the event loop, which holds it while it receives the next chunks.
+        """
+        for data in buffers:
+            self._digest.update(data)
+        n = write_all(self._fd, buffers)
+        self.size += n
+        if self._writeback is not None:
+            self._writeback.advance(self.size)
+        return n
+
+    @property
+    def sha256(self) -> str:
+        """The hex digest of everything written so far."""
+        return self._digest.hexdigest()
+
+    def sync(self) -> None:
+        """fsync and close: the bytes are on disk."""
+        os.fsync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the file; safe to call more than once, and after a rename."""
+        self.close()
+        self.path.unlink(missing_ok=True)

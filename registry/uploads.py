@@ -1,0 +1,191 @@
+"""An upload that arrives in chunks (a network stream), written while it arrives.
+
+Its first bytes pick one of two paths:
+
+- **Straight to the blob** when it is canonical safetensors: the header parses, the state_dict
+  it describes fits the architecture (``validate``), and it is byte for byte the header the
+  store would write for those tensors (``canonical_plan``). The upload then *is* its blob, so
+  every chunk goes into the blob's temp file, hashed on the way: one pass over the bytes.
+  ``tensorfile.write_tensors`` (so our client, given a dict of tensors) and the store's own
+  downloads produce such files, as long as tied entries are given once.
+- **Spooled** otherwise (torch.save pickles, other safetensors layouts such as the
+  safetensors library's, tied entries given twice): the bytes go to a temp file under the
+  spool dir, hashed on the way, and ``finish`` hands it to ``Store.upload``, which validates
+  and rewrites it.
+
+A safetensors upload whose header describes a state_dict that cannot fit is refused as soon
+as the header is in. Whatever fails, nothing is left: no version row, no blob, no temp file
+(a crash may leave a temp file, which ``paramserve check --repair`` removes).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from . import tensorfile
+from .blobs import TEMP_SUFFIX
+from .errors import FailedPrecondition, InvalidArgument
+from .fileio import HashingWriter
+from .statedict import CanonicalPlan, UploadedState, canonical_plan, validate
+from .values import ModelInfo, VersionInfo
+
+if TYPE_CHECKING:
+    from .store import Store
+
+HEADER_PEEK_LIMIT = 8 << 20  # a larger safetensors header is spooled, not held in memory
+
+
+class StreamedUpload:
+    """One upload of ``size`` announced bytes; made by ``Store.begin_upload``.
+
+    ``write`` and ``finish`` block (hashing, file I/O, SQL): call them off an event loop, one
+    at a time. ``abort`` may come from any thread; it waits for a write in progress.
+    """
+
+    def __init__(self, store: "Store", model: ModelInfo, size: int, alias: str | None,
+                 spool_dir: Path):
+        self._store = store
+        self.model = model
+        self.size = size
+        self.alias = alias
+        self.spool_dir = spool_dir
+        self.received = 0
+        self._prefix = bytearray()  # the first bytes, held until they pick the path
+        self._file: HashingWriter | None = None
+        self._plan: CanonicalPlan | None = None  # set when the bytes go straight to the blob
+        self._lock = threading.Lock()
+        self._ended = False
+
+    @property
+    def decided(self) -> bool:
+        """True once the first bytes have picked the path (and passed the early checks)."""
+        return self._file is not None
+
+    @property
+    def direct(self) -> bool:
+        """True when the bytes go straight into the blob (canonical safetensors)."""
+        return self._plan is not None
+
+    def write(self, chunks: Iterable[bytes]) -> None:
+        """Take the next chunks, in order; any failure discards the upload."""
+        with self._lock:
+            if self._ended:
+                raise FailedPrecondition("this upload has ended; start a new one")
+            try:
+                chunks = list(chunks)
+                while chunks and self._file is None:
+                    self._take(chunks.pop(0))
+                if chunks:
+                    self._take_many(chunks)
+            except BaseException:
+                self._discard()
+                raise
+
+    def finish(self, sha256: str) -> VersionInfo:
+        """Check the size and ``sha256`` (hex) of what arrived, then store it as the next
+        version. Whatever happens, the upload is over afterwards."""
+        with self._lock:
+            if self._ended:
+                raise FailedPrecondition("this upload has ended; start a new one")
+            try:
+                if self.received != self.size:
+                    raise InvalidArgument(f"upload ended after {self.received} of the "
+                                          f"{self.size} bytes its header announced; send the "
+                                          "whole file")
+                if self._file is None:
+                    self._choose_path(ended=True)
+                if self._file.sha256 != sha256.lower():
+                    raise InvalidArgument(f"upload's sha256 is {self._file.sha256}, the client "
+                                          f"says {sha256}; the bytes were damaged in transit, "
+                                          "send them again")
+                return self._store_version()
+            finally:
+                self._discard()
+
+    def abort(self) -> None:
+        """Drop whatever was written; a no-op once the upload has ended."""
+        with self._lock:
+            self._discard()
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        """One chunk while the path is not chosen yet: it joins the prefix."""
+        self._count(len(data))
+        self._prefix += data
+        self._choose_path(ended=False)
+
+    def _take_many(self, chunks: list[bytes]) -> None:
+        self._count(sum(len(data) for data in chunks))
+        self._file.write_many(chunks)
+
+    def _count(self, n: int) -> None:
+        if self.received + n > self.size:
+            raise InvalidArgument(f"upload sent more than the {self.size} bytes its header "
+                                  "announced")
+        self.received += n
+
+    def _choose_path(self, ended: bool) -> None:
+        """Open the blob or the spool once the first bytes tell which, and write them there;
+        waits (does nothing) while a safetensors header is still incomplete."""
+        need = _header_end(self._prefix)
+        if need is not None and len(self._prefix) < need and not ended:
+            return
+        plan = None
+        if need is not None and len(self._prefix) >= need:
+            plan = self._direct_plan(bytes(self._prefix[:need]))
+        if plan is not None:
+            self._file = self._store.blobs.create()
+            self._plan = plan
+        else:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self._file = HashingWriter(self.spool_dir / f"upload-{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        self._file.write(self._prefix)
+        self._prefix = bytearray()
+
+    def _direct_plan(self, head: bytes) -> CanonicalPlan | None:
+        """The blob's plan when ``head`` is the canonical header of a state_dict that fits;
+        ``None`` when the upload must be spooled. Raises ``InvalidStateDict`` when it cannot
+        fit, as ``Store.upload`` would, but before the rest of the bytes are sent."""
+        try:
+            header = tensorfile.read_header(io.BytesIO(head), self.size)
+        except InvalidArgument:
+            return None  # the spooled path reports it, after the size and sha256 checks
+        upload = UploadedState({n: (e.dtype, e.shape) for n, e in header.entries.items()})
+        expected = self._store.shapes.expected_state(self.model, upload.specs)
+        if any(name in upload.specs and kept in upload.specs
+               for name, kept in expected.tied.items()):
+            return None  # tied entries given twice: their values must be compared
+        validate(self.model.name, upload, expected)
+        plan = canonical_plan(upload, expected)
+        return plan if plan.header == head else None
+
+    def _store_version(self) -> VersionInfo:
+        if self._plan is None:
+            self._file.close()
+            return self._store.upload(self.model.name, self._file.path, alias=self.alias)
+        blob = self._store.blobs.commit(self._file)
+        return self._store._add_version(self.model.name, blob, self._plan.manifest, "upload",
+                                        None, self.alias)
+
+    def _discard(self) -> None:
+        self._ended = True
+        self._prefix = bytearray()
+        if self._file is not None:
+            self._file.discard()
+
+
+def _header_end(prefix: bytes) -> int | None:
+    """Where a safetensors header in ``prefix`` ends (9 while that is not known yet); ``None``
+    when the upload cannot go straight to a blob: not safetensors, or a huge header."""
+    if len(prefix) < 9:
+        return 9
+    if prefix[8:9] != b"{":
+        return None
+    (length,) = struct.unpack_from("<Q", prefix)
+    return 8 + length if length <= HEADER_PEEK_LIMIT else None
