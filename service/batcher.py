@@ -132,7 +132,8 @@ class Batcher:
             _fail(batch, err)
         else:
             self._deliver(batch, xs, done.result())
-        self._schedule_next()
+        if self._queue and not self._scheduled:
+            self._flush()  # now, not after the woken requests have sent their replies
 
     def _timed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         start = time.perf_counter_ns()
