@@ -7,7 +7,8 @@ returns None, and the benchmark run goes on.
 from __future__ import annotations
 
 
-def plot_throughput(results: dict, out_png: str, title: str = "infer-small throughput") -> str | None:
+def plot_throughput(results: dict, out_png: str,
+                    title: str = "infer-small throughput") -> str | None:
     """Draw ``{series: {concurrency: infer/s}}`` on a log2 concurrency axis; returns out_png.
 
     Any series may be missing or partial (a row not run); empty series are skipped. Keys may

@@ -142,8 +142,8 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
     if on_ready is not None:
         on_ready(running)
     else:
-        print(f"paramserve listening on {listening_line(config, running.port, running.metrics_port)}",
-              flush=True)
+        line = listening_line(config, running.port, running.metrics_port)
+        print(f"paramserve listening on {line}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
