@@ -419,14 +419,14 @@ def bench_registry(rows, tmp: Path, models: int, versions_per_model: int):
     return figures
 
 
-def print_table(rows):
+def format_table(rows) -> str:
     header = ["benchmark", "figure", "floor", "ratio", "target", "met"]
     table = [[r["benchmark"], f"{r['figure']} {r['unit']}".strip(), str(r["floor"]),
               "-" if r["ratio"] is None else str(r["ratio"]), r["target"],
               {True: "yes", False: "NO", None: "-"}[r["met"]]] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    for line in [header, ["-" * w for w in widths], *table]:
-        print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
+                     for line in [header, ["-" * w for w in widths], *table]) + "\n"
 
 
 def main() -> int:
@@ -436,7 +436,7 @@ def main() -> int:
                         help="short runs, 100 MiB transfers only, 1,000 models")
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"),
-                        help="the JSON; the plot goes beside it as .png (needs matplotlib: "
+                        help="the JSON; the table goes beside it as .txt, the plot as .png (needs matplotlib: "
                              "pip install -e '.[bench]')")
     parser.add_argument("--only", choices=("infer", "transfer", "registry"),
                         help="run one group (the JSON then holds only its figures)")
@@ -477,7 +477,10 @@ def main() -> int:
             server.stop()
             floor.stop()
     figures["rows"] = rows
-    print_table(rows)
+    table = format_table(rows)
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".txt").write_text(f"{machine_label(figures)}\n\n{table}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2, default=str))
     print(f"\nwrote {args.out}")
