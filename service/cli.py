@@ -163,10 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     import asyncio
-    import logging
 
     from .config import ServerConfig
-    from .server import serve
+    from .server import configure_logging, serve
 
     config = ServerConfig.from_args(args)
     if config.workers < 1:
@@ -175,8 +174,7 @@ def cmd_serve(args) -> int:
         from .workers import serve_workers
 
         return serve_workers(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging()
     asyncio.run(serve(config))
     return 0
 

@@ -133,7 +133,7 @@ def encode_output(response, name: str, tensor: torch.Tensor) -> None:
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     datatype = datatype_of(tensor.dtype)
-    out = response.outputs.add(name=name, datatype=datatype, shape=tensor.shape)
+    response.outputs.add(name=name, datatype=datatype, shape=tensor.shape)
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
     response.raw_output_contents.append(tensor.detach().numpy().tobytes())

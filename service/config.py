@@ -149,6 +149,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_address(host: str, port: int) -> str:
+    """The inverse of ``split_address``: an IPv6 host goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_model_batching(items) -> tuple[tuple[str, int, int], ...]:
     """``["mlp=32,200"]`` → ``(("mlp", 32, 200),)``."""
     out = []

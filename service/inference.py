@@ -103,7 +103,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             y = await loaded.infer(x, context.time_remaining())
             computed = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=loaded.model.name,
-                                             model_version=loaded.version_label,
+                                             model_version=str(loaded.version.number),
                                              id=request.id)
             for name in requested:
                 codec.encode_output(response, name, y)

@@ -71,10 +71,6 @@ class LoadedModel:
     runner: Executor | None = None
     forward_s: float = float("inf")  # median forward on the example input, timed at load
 
-    @property
-    def version_label(self) -> str:
-        return str(self.version.number)
-
     def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """One forward on the model's device, output on the CPU."""
         with torch.inference_mode():

@@ -23,7 +23,8 @@ from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
 
-from .config import ServerConfig, parse_model_batching, split_address, torch_threads_for
+from .config import (ServerConfig, join_address, parse_model_batching, split_address,
+                     torch_threads_for)
 from .auth import AuthInterceptor, Tokens
 from .errors import guard
 from .inference import InferenceServicer
@@ -100,8 +101,7 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME]
     reflection.enable_server_reflection(services, server)
-    host, port = split_address(config.listen)
-    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    address = join_address(*split_address(config.listen))
     credentials = server_credentials(config)
     bound = (server.add_secure_port(address, credentials) if credentials
              else server.add_insecure_port(address))
@@ -160,7 +160,17 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
 def listening_line(config: ServerConfig, port: int, metrics_port: int | None,
                    workers: str = "") -> str:
     host = split_address(config.listen)[0]
-    metrics = f"{split_address(config.metrics_listen)[0]}:{metrics_port}" \
-        if metrics_port else "off"
-    return (f"{host}:{port} (metrics {metrics}, data {Path(config.data_dir).resolve()}, "
-            f"device {config.device}{workers})")
+    return (f"{host}:{port} (metrics {metrics_label(config, metrics_port)}, data "
+            f"{Path(config.data_dir).resolve()}, device {config.device}{workers})")
+
+
+def metrics_label(config: ServerConfig, metrics_port: int | None) -> str:
+    """Where the metrics of a process are served, or "off"."""
+    return f"{split_address(config.metrics_listen)[0]}:{metrics_port}" if metrics_port else "off"
+
+
+def configure_logging(label: str = "") -> None:
+    """INFO to stderr, each line tagged with ``label`` (a worker's index); alembic quiet."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {label}%(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from .config import ServerConfig, split_address
+from .config import ServerConfig, join_address, split_address
 
 RESTART_DELAY_S = 1.0
 START_TIMEOUT_S = 300.0
@@ -56,26 +56,22 @@ def _refuse_if_taken(family, host: str, port: int, listen: str) -> None:
 def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
     """Worker ``index``'s settings: the shared port; metrics on their own port each
     (base + index), since a scrape must reach one process and see all of its counters."""
-    host = split_address(config.listen)[0]
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listen = join_address(split_address(config.listen)[0], port)
     metrics = config.metrics_listen
     if metrics != "off":
         metrics_host, metrics_port = split_address(metrics)
         if metrics_port:
-            metrics = f"{metrics_host}:{metrics_port + index}"
+            metrics = join_address(metrics_host, metrics_port + index)
     return dataclasses.replace(config, listen=listen, metrics_listen=metrics)
 
 
 def _worker_main(config: ServerConfig, index: int, ready) -> None:
     import asyncio
-    import logging
 
-    from .server import serve
+    from .server import configure_logging, serve
 
     _stop_with_supervisor()
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s worker {index} %(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging(f"worker {index} ")
 
     def announce(running) -> None:
         ready.send(running.metrics_port)
@@ -104,6 +100,7 @@ class Supervisor:
 
     def start_worker(self, index: int) -> int | None:
         """Start worker ``index`` and wait until it serves; returns its metrics port."""
+        from .server import metrics_label
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main, name=f"paramserve-worker-{index}", daemon=False,
@@ -119,10 +116,8 @@ class Supervisor:
             process.join(10)
             raise RuntimeError(f"worker {index} exited with code {process.exitcode} before "
                                "serving; its error is above") from None
-        metrics = "off" if metrics_port is None else \
-            f"{split_address(self.config.metrics_listen)[0]}:{metrics_port}"
-        print(f"paramserve: worker {index} (pid {process.pid}) serving; metrics {metrics}",
-              file=sys.stderr, flush=True)
+        print(f"paramserve: worker {index} (pid {process.pid}) serving; metrics "
+              f"{metrics_label(self.config, metrics_port)}", file=sys.stderr, flush=True)
         return metrics_port
 
     def run(self) -> int:
