@@ -112,14 +112,34 @@ def row(rows, name, figure, floor, ratio, target, met, unit=""):
 
 
 SMALL_CONCURRENCY = (1, 4, 16, 64)
+WIDE_CONFIG = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
+
+
+def serve_proc(data_dir: Path, *flags: str) -> Proc:
+    """``paramserve serve`` on a free loopback port, metrics off."""
+    return Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+                 str(data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "off", *flags])
+
+
+def floor_proc(port_file: Path, join_port: int | None = None) -> Proc:
+    """The echo/streaming floor (floors.py); ``join_port``: share an existing floor's port."""
+    extra = [] if join_port is None else [str(join_port)]
+    return Proc([sys.executable, str(HERE / "floors.py"), str(port_file), *extra],
+                port_from_stdout=False, port_file=port_file)
+
+
+def add_mlp(client, name: str, config: dict | None = None):
+    """Create ``name`` as a sequential_mlp and upload seed-0 parameters; returns the module."""
+    from paramserve.registry import get_architecture
+
+    module = get_architecture("sequential_mlp").build(config or {}, seed=0)
+    client.create_model(name, "sequential_mlp", config)
+    client.upload(name, module.state_dict())
+    return module
 
 
 def bench_infer_small(client, server, floor, rows, duration_s):
-    from paramserve.registry import get_architecture
-
-    module = get_architecture("sequential_mlp").build(seed=0)
-    client.create_model("bench-small", "sequential_mlp")
-    client.upload("bench-small", module.state_dict())
+    module = add_mlp(client, "bench-small")
     x = torch.rand(1, 20)
     with torch.inference_mode():
         forward_s = p50_s(lambda: module(x), 2000)
@@ -152,22 +172,16 @@ def compare_with_echo(server, floor, rows, duration_s, levels, label="", channel
 def bench_workers(rows, tmp: Path, duration_s, workers: int = 2):
     """``serve --workers N`` against N echo processes sharing a port, load over 16 connections
     (SO_REUSEPORT balances connections, so one connection would reach one worker)."""
-    from paramserve.registry import get_architecture
     from paramserve.service.client import Client
 
-    server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
-                   str(tmp / "data-workers"), "--listen", "127.0.0.1:0", "--metrics-listen",
-                   "off", "--workers", str(workers), "--sync-interval-s", "0.2"])
-    floors = [Proc([sys.executable, str(HERE / "floors.py"), str(tmp / "floors.port")],
-                   port_from_stdout=False, port_file=tmp / "floors.port")]
+    server = serve_proc(tmp / "data-workers", "--workers", str(workers),
+                        "--sync-interval-s", "0.2")
+    floors = [floor_proc(tmp / "floors.port")]
     try:
-        floors += [Proc([sys.executable, str(HERE / "floors.py"), str(tmp / f"floors{i}.port"),
-                         str(floors[0].port)], port_from_stdout=False,
-                        port_file=tmp / f"floors{i}.port") for i in range(1, workers)]
+        floors += [floor_proc(tmp / f"floors{i}.port", floors[0].port)
+                   for i in range(1, workers)]
         with Client(server.address) as client:
-            client.create_model("bench-small", "sequential_mlp")
-            client.upload("bench-small",
-                          get_architecture("sequential_mlp").build(seed=0).state_dict())
+            add_mlp(client, "bench-small")
         time.sleep(1)  # every worker has seen the new model
         results = compare_with_echo(server, floors[0], rows, duration_s, (4, 16, 64),
                                     f" --workers {workers}", channels=lambda c: min(c, 16))
@@ -181,7 +195,6 @@ def bench_workers(rows, tmp: Path, duration_s, workers: int = 2):
 def bench_torch_threads(rows, tmp: Path, duration_s, default_small, default_wide):
     """The --torch-threads default against giving torch every core, same loads: the data
     behind the default (the load generator shares the host, as it does in every row here)."""
-    from paramserve.registry import get_architecture
     from paramserve.service.client import Client
     from paramserve.service.config import ServerConfig, available_cores, torch_threads_for
 
@@ -189,16 +202,11 @@ def bench_torch_threads(rows, tmp: Path, duration_s, default_small, default_wide
     default = torch_threads_for(ServerConfig())
     if every_core == default:
         return {}
-    server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
-                   str(tmp / "data-threads"), "--listen", "127.0.0.1:0", "--metrics-listen",
-                   "off", "--torch-threads", str(every_core)])
-    wide = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
+    server = serve_proc(tmp / "data-threads", "--torch-threads", str(every_core))
     try:
         with Client(server.address) as client:
-            for name, config in (("bench-small", {}), ("bench-wide", wide)):
-                client.create_model(name, "sequential_mlp", config)
-                client.upload(name, get_architecture("sequential_mlp").build(
-                    config, seed=0).state_dict())
+            add_mlp(client, "bench-small")
+            add_mlp(client, "bench-wide", WIDE_CONFIG)
         small = loadgen(server.address, "bench-small", 16, duration_s, 20)
         wide_run = loadgen(server.address, "bench-wide", 16, duration_s, 1024)
     finally:
@@ -241,12 +249,8 @@ def bench_perf_analyzer(server, rows, duration_s):
 def bench_infer_wide(client, server, rows, duration_s):
     from paramserve.protos import inference_pb2 as pb
     from paramserve.protos import inference_pb2_grpc
-    from paramserve.registry import get_architecture
 
-    config = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
-    module = get_architecture("sequential_mlp").build(config, seed=0)
-    client.create_model("bench-wide", "sequential_mlp", config)
-    client.upload("bench-wide", module.state_dict())
+    module = add_mlp(client, "bench-wide", WIDE_CONFIG)
     ours = loadgen(server.address, "bench-wide", 16, duration_s, 1024)
     stub = inference_pb2_grpc.GRPCInferenceServiceStub(client.channel)
     stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="bench-wide")).model_stats[0]
@@ -258,9 +262,9 @@ def bench_infer_wide(client, server, rows, duration_s):
     ratio = ours["throughput_rps"] / in_process_rps
     row(rows, "infer-wide c16 throughput", round(ours["throughput_rps"]), round(in_process_rps),
         round(ratio, 3), "≥ 0.85× in-process", ratio >= 0.85, f"rows/s (batch {batch})")
-    # Where the gap is: the server's own forwards (timed around the module call, from
-    # ModelStatistics) against the same forward in this idle process.
-    common = max(stats.batch_stats, key=lambda b: b.compute_infer.count)
+    # Where the gap is: the server's own forwards at the batch size nearest the mean (timed
+    # around the module call, from ModelStatistics) against the same forward here, idle.
+    common = min(stats.batch_stats, key=lambda b: abs(b.batch_size - batch))
     in_server_ms = common.compute_infer.ns / common.compute_infer.count / 1e6
     with torch.inference_mode():
         alone_ms = p50_s(lambda: module(torch.rand(common.batch_size, 1024)), 50) * 1000
@@ -436,8 +440,8 @@ def main() -> int:
                         help="short runs, 100 MiB transfers only, 1,000 models")
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"),
-                        help="the JSON; the table goes beside it as .txt, the plot as .png (needs matplotlib: "
-                             "pip install -e '.[bench]')")
+                        help="the JSON; the table goes beside it as .txt, the plot as .png "
+                             "(needs matplotlib: pip install -e '.[bench]')")
     parser.add_argument("--only", choices=("infer", "transfer", "registry"),
                         help="run one group (the JSON then holds only its figures)")
     args = parser.parse_args()
@@ -447,10 +451,8 @@ def main() -> int:
     rows, figures = [], {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="paramserve-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        server = Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
-                       str(tmp / "data"), "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        floor = Proc([sys.executable, str(HERE / "floors.py"), str(tmp / "floor.port")],
-                     port_from_stdout=False, port_file=tmp / "floor.port")
+        server = serve_proc(tmp / "data")
+        floor = floor_proc(tmp / "floor.port")
         try:
             with Client(server.address, timeout_s=600) as client:
                 if args.only in (None, "infer"):
