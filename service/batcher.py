@@ -37,26 +37,35 @@ class DeadlineExceeded(ParamserveError):
     """The caller's deadline passed while the request waited; it never ran."""
 
 
+class BatchingError(ParamserveError):
+    """A batched forward's output did not split back into its requests' rows."""
+
+
 @dataclass
 class _Pending:
     x: torch.Tensor
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
+    queued_ns: int          # time.perf_counter_ns() when it was queued
 
 
 class Batcher:
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 executor: Executor | None, max_batch_size: int, max_queue_delay_us: int = 0,
+                 executor: Executor, max_batch_size: int, max_queue_delay_us: int = 0,
                  max_queue_size: int = 1024,
-                 on_batch: Callable[[int, int, int], None] | None = None):
-        """``executor``: where forwards run (one thread keeps one OpenMP team busy); ``None``
-        runs them on the event loop, for forwards shorter than a thread hop."""
+                 on_batch: Callable[[int, int, int, int], None] | None = None,
+                 inline_max_elements: int = 0):
+        """``forward``: a plain function (it must not hold the batcher's owner, or the two
+        would keep each other alive). ``executor``: where forwards run (one thread keeps one
+        OpenMP team busy); a batch of at most ``inline_max_elements`` input elements runs on
+        the event loop instead, for forwards shorter than a thread hop (0: never)."""
         self.forward = forward
         self.executor = executor
+        self.inline_max_elements = inline_max_elements
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
-        # (rows, requests, forward ns) per executed batch, for statistics
+        # (rows, requests, forward ns, queue ns summed over the requests) per executed batch
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._busy = False       # a batch is running in the executor
@@ -67,7 +76,7 @@ class Batcher:
     def run_alone(self, x: torch.Tensor) -> torch.Tensor | None:
         """The output at once, when requests have been arriving alone and the forward runs
         on the loop; ``None``: use ``submit``."""
-        if (self.executor is not None or self._queue or self._scheduled
+        if (x.numel() > self.inline_max_elements or self._queue or self._scheduled
                 or self._lonely < LONELY_BATCHES):
             return None
         self._skipped += 1
@@ -75,7 +84,7 @@ class Batcher:
             return None
         y, forward_ns = self._timed_forward(x)
         if self.on_batch:
-            self.on_batch(y.shape[0] if y.dim() else 1, 1, forward_ns)
+            self.on_batch(y.shape[0] if y.dim() else 1, 1, forward_ns, 0)
         return y
 
     def submit(self, x: torch.Tensor, timeout_s: float | None = None) -> asyncio.Future:
@@ -86,7 +95,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._queue.append(_Pending(x, future, deadline))
+        self._queue.append(_Pending(x, future, deadline, time.perf_counter_ns()))
         if not self._busy and not self._scheduled:
             self._scheduled = True
             if self.max_queue_delay_s:
@@ -104,24 +113,31 @@ class Batcher:
             self._lonely += 1
         else:
             self._lonely = self._skipped = 0
+        started_ns = time.perf_counter_ns()
+        queue_ns = sum(started_ns - p.queued_ns for p in batch)
         xs = [p.x for p in batch]
-        merged = xs[0] if len(xs) == 1 else torch.cat(xs)
-        if self.executor is None:
+        try:
+            merged = xs[0] if len(xs) == 1 else torch.cat(xs)
+        except Exception as err:  # every request of the batch hears why; none hangs
+            _fail(batch, err)
+            self._schedule_next()
+            return
+        if merged.numel() <= self.inline_max_elements:
             try:
                 result = self._timed_forward(merged)
             except Exception as err:
                 _fail(batch, err)
             else:
-                self._deliver(batch, xs, result)
+                self._deliver(batch, xs, result, queue_ns)
             self._schedule_next()
             return
         self._busy = True
         running = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_forward,
                                                              merged)
-        running.add_done_callback(lambda done: self._finished(batch, xs, done))
+        running.add_done_callback(lambda done: self._finished(batch, xs, done, queue_ns))
 
     def _finished(self, batch: list[_Pending], xs: list[torch.Tensor],
-                  done: asyncio.Future) -> None:
+                  done: asyncio.Future, queue_ns: int) -> None:
         self._busy = False
         if done.cancelled():  # the loop is shutting down
             for pending in batch:
@@ -131,7 +147,7 @@ class Batcher:
         if err is not None:
             _fail(batch, err)
         else:
-            self._deliver(batch, xs, done.result())
+            self._deliver(batch, xs, done.result(), queue_ns)
         if self._queue and not self._scheduled:
             self._flush()  # now, not after the woken requests have sent their replies
 
@@ -140,11 +156,26 @@ class Batcher:
         y = self.forward(x)
         return y, time.perf_counter_ns() - start
 
-    def _deliver(self, batch, xs, result: tuple[torch.Tensor, int]) -> None:
+    def _deliver(self, batch, xs, result: tuple[torch.Tensor, int], queue_ns: int) -> None:
+        """Each request gets its rows; an output that does not split by the inputs' rows
+        fails every request of the batch (nothing is left waiting)."""
         y, forward_ns = result
-        if self.on_batch:
-            self.on_batch(y.shape[0] if y.dim() else 1, len(batch), forward_ns)
-        parts = [y] if len(xs) == 1 else torch.split(y, [x.shape[0] for x in xs])
+        try:
+            if self.on_batch:
+                self.on_batch(y.shape[0] if y.dim() else 1, len(batch), forward_ns, queue_ns)
+            if len(xs) == 1:
+                parts = [y]
+            else:
+                rows = [x.shape[0] for x in xs]
+                if not y.dim() or y.shape[0] != sum(rows):
+                    raise BatchingError(
+                        f"the model answered {y.shape[0] if y.dim() else 'a scalar'} rows for "
+                        f"{sum(rows)} input rows, so its requests cannot be batched; mark its "
+                        "architecture batchable=False")
+                parts = torch.split(y, rows)
+        except Exception as err:
+            _fail(batch, err)
+            return
         for pending, part in zip(batch, parts):
             if not pending.future.done():
                 pending.future.set_result(part)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from paramserve.protos import inference_pb2 as pb
 from paramserve.protos import inference_pb2_grpc
-from paramserve.registry.errors import InvalidArgument, NotFound, ParamserveError
+from paramserve.registry.errors import (InvalidArgument, NotFound, ParamserveError,
+                                        ResourceExhausted)
 from paramserve.registry.signature import Signature, TensorSignature
 
 from . import codec
@@ -43,7 +46,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             model = await self.manager.model(request.name)
             version = await self.manager.resolve(request.name, request.version)
-        except NotFound:
+        except (NotFound, InvalidArgument):
+            return pb.ModelReadyResponse(ready=False)
+        if not self.manager.is_available(request.name):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=version is not None or (model.lazy and
                                                                    not request.version))
@@ -110,10 +115,17 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         except ParamserveError:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise
+        except torch.OutOfMemoryError as err:
+            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            raise ResourceExhausted(f"model {loaded.model.name!r} ran out of {loaded.device} "
+                                    "memory on this input; send fewer rows") from err
         except RuntimeError as err:  # torch rejected the input inside the forward
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            if _is_cpu_oom(err):
+                raise ResourceExhausted(f"model {loaded.model.name!r} ran out of memory on "
+                                        "this input; send fewer rows") from err
             raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
-                                  f"{str(err).splitlines()[0]}") from err
+                                  f"{str(err).splitlines()[0][:300]}") from err
         rows = x.shape[0] if x.dim() and signature.batchable else 1
         self.manager.record(loaded, True, start, decoded, computed, time.perf_counter_ns(),
                             rows=rows)
@@ -132,12 +144,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.manager.get(request.model_name, request.model_version, input_shape)
 
     async def ModelStatistics(self, request, context):
+        created_at = None
         if request.name:
-            await self.manager.model(request.name)  # NOT_FOUND for an unknown model
+            created_at = (await self.manager.model(request.name)).created_at  # NOT_FOUND
         response = pb.ModelStatisticsResponse()
-        for (name, number), stats in sorted(self.manager.stats.items()):
-            if (request.name and name != request.name) or (
-                    request.version and request.version != str(number)):
+        for (name, number), stats in self.manager.stats.items(request.name, created_at):
+            if request.version and request.version != str(number):
                 continue
             entry = response.model_stats.add(
                 name=name, version=str(number), last_inference=stats.last_inference_ms,
@@ -161,28 +173,34 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         response = pb.RepositoryIndexResponse()
         loaded = {m.model.name for m in self.manager.loaded()}
         for model in models:
-            ready = model.latest_version is not None or model.lazy
+            servable = model.latest_version is not None or model.lazy
+            ready = servable and self.manager.is_available(model.name)
             if request.ready and not ready:
                 continue
-            reason = "" if ready else "no version yet: upload or init one"
+            if not servable:
+                reason = "no version yet: upload or init one"
+            elif not ready:
+                reason = "unloaded: load it with RepositoryModelLoad"
+            else:
+                reason = "loaded" if model.name in loaded else ""
             response.models.add(name=model.name, version=str(model.latest_version or ""),
-                                state="READY" if ready else "UNAVAILABLE",
-                                reason=reason or ("loaded" if model.name in loaded else ""))
+                                state="READY" if ready else "UNAVAILABLE", reason=reason)
         return response
 
     async def RepositoryModelLoad(self, request, context):
-        model = await self.manager.model(request.model_name)
-        version = await self.manager.resolve(request.model_name, "")
-        if version is not None:
-            await self.manager.load(model, version)
-        elif not model.lazy:
-            await self.manager.get(request.model_name, "")  # raises FAILED_PRECONDITION
+        parameters = {key: value.string_param for key, value in request.parameters.items()}
+        await self.manager.load_for_repository(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         await self.manager.model(request.model_name)
         self.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _is_cpu_oom(err: RuntimeError) -> bool:
+    """The CPU allocator's failure is a plain RuntimeError; only its message tells it."""
+    return "can't allocate memory" in str(err) or "not enough memory" in str(err)
 
 
 def _requested_outputs(request, signature: Signature) -> list[str]:

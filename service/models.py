@@ -1,137 +1,76 @@
-"""The model manager: versions resolved, loaded, placed, kept (LRU) and run.
+"""The model manager: which loaded module answers a request, and when it stops answering.
 
 ``get(name, ref, input_shape)`` answers one inference request's question "which module runs
-this?": it resolves the ref (cached until a registry change through this server), creates the
+this?": it resolves the ref (cached by its canonical form until the model changes), creates the
 first version of a lazy model when needed (the store makes that exactly one version), loads the
-version once even when many requests ask at the same time, and places it on a device.
+version once even when many requests ask at the same time, and places it on a device. What is
+loaded is kept by ``LoadedModels`` (service/loaded.py), the one owner; this module decides what
+goes there and when it leaves: evicted over the budget, retired when no ref serves its version
+any more (an alias moved, a newer latest), or unloaded by the repository API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
 
 from paramserve.registry import Store
-from paramserve.registry.errors import FailedPrecondition
+from paramserve.registry.errors import (FailedPrecondition, InvalidArgument, NotFound,
+                                        ParamserveError)
+from paramserve.registry.refs import parse_ref
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
-from .batcher import Batcher, DeadlineExceeded
+from .batcher import Batcher
+from .loaded import (INLINE_FORWARD_S, INLINE_MAX_ELEMENTS, LoadedModel, LoadedModels, key_of,
+                     release_freed_memory)
 from .placement import Placement, module_bytes
+from .stats import Statistics
 
 log = logging.getLogger("paramserve")
 
-
-@dataclass
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
+CONTROL_MODES = ("on-demand", "explicit")
 
 
-@dataclass
-class ModelStats:
-    """Triton-style counters of one (model, version)."""
-
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    # rows per execution → (executions, forward ns in all): Triton's batch_stats
-    batch_rows: dict[int, Duration] = field(default_factory=dict)
-
-
-@dataclass
-class LoadedModel:
-    model: ModelInfo
-    version: VersionInfo
-    module: nn.Module
-    device: torch.device
-    signature: Signature
-    size_bytes: int
-    batcher: Batcher | None = None
-    # Where forwards run: the device's compute thread, or None for the event loop itself
-    # (a forward this short costs less than the hop to a thread and back).
-    runner: Executor | None = None
-    forward_s: float = float("inf")  # median forward on the example input, timed at load
-
-    def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward on the model's device, output on the CPU."""
-        with torch.inference_mode():
-            if self.device.type == "cuda":
-                return _forward_on_gpu(self.module, x, self.device)
-            return self.module(x)
-
-    async def infer(self, x: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
-        if timeout_s is not None and timeout_s <= 0:
-            raise DeadlineExceeded("the request's deadline had passed before it could run")
-        if self.batcher is not None:
-            alone = self.batcher.run_alone(x)
-            return alone if alone is not None else await self.batcher.submit(x, timeout_s)
-        if self.runner is None:
-            return self.forward_tensor(x)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return await asyncio.get_running_loop().run_in_executor(
-            self.runner, self._forward_before, x, deadline)
-
-    def _forward_before(self, x: torch.Tensor, deadline: float | None) -> torch.Tensor:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while it waited for the "
-                                   "model; it never ran")
-        return self.forward_tensor(x)
-
-
-def _forward_on_gpu(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copies through pinned host buffers: the upload overlaps nothing else in flight, but
-    pinned memory is what lets both copies run at full PCIe speed (pageable memory is staged
-    through a driver buffer). The caching host allocator recycles the buffers."""
-    staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    staged.copy_(x)
-    y = module(staged.to(device, non_blocking=True))
-    out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-    out.copy_(y, non_blocking=True)
-    torch.cuda.current_stream(device).synchronize()
-    return out
+class ModelUnavailable(ParamserveError):
+    """Explicit model control: the model is not loaded; RepositoryModelLoad makes it ready."""
 
 
 class ModelManager:
     def __init__(self, store: Store, placement: Placement, executor: Executor,
-                 memory_budget_bytes: int = 0, batching: BatchingPolicy | None = None):
+                 memory_budget_bytes: int = 0, batching: BatchingPolicy | None = None,
+                 control_mode: str = "on-demand"):
+        if control_mode not in CONTROL_MODES:
+            raise InvalidArgument(f"--model-control-mode {control_mode!r}: use one of "
+                                  f"{', '.join(CONTROL_MODES)}")
         self.store = store
         self.batching = batching or BatchingPolicy()
         self.placement = placement
         self.executor = executor
-        self.memory_budget_bytes = memory_budget_bytes
+        self.control_mode = control_mode
+        self.cache = LoadedModels(memory_budget_bytes)
+        self.stats = Statistics()
         self._compute: dict[str, ThreadPoolExecutor] = {}
-        self._loaded: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._loading: dict[tuple, asyncio.Future] = {}
         self._generation: int | None = None
-        # (name, ref) → the loaded model serving it: one dict lookup per request once warm.
-        self._hot: dict[tuple[str, str], LoadedModel] = {}
-        self._resolved: dict[tuple[str, str], VersionInfo | None] = {}
+        self._resolved: dict[tuple[str, Any], VersionInfo | None] = {}
         self._models: dict[str, ModelInfo] = {}
-        self.stats: dict[tuple[str, int], ModelStats] = {}
+        self._batching_overrides: dict[str, tuple[int, int]] = {}
+        self._explicitly_loaded: set[str] = set()  # explicit mode: what RepositoryModelLoad made
+        self._rechecks: set[asyncio.Task] = set()
 
     async def run_blocking(self, fn, *args):
         """Run a blocking call (SQL, torch, file I/O) in the worker pool."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    # ---- resolution --------------------------------------------------------------------
     async def model(self, name: str) -> ModelInfo:
         info = self._models.get(name)
         if info is None:
@@ -139,21 +78,25 @@ class ModelManager:
         return info
 
     async def resolve(self, name: str, ref: str) -> VersionInfo | None:
-        """The version ``ref`` names; ``None`` when the model has none yet and ref is empty."""
-        key = (name, ref)
+        """The version ``ref`` names; ``None`` when the model has none yet and ref is empty.
+        Cached by the canonical ref ("01" and "1" are one entry), so the cache holds at most
+        the model's versions and aliases however many spellings clients send."""
+        key = (name, parse_ref(ref))
         if key not in self._resolved:
-            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name, ref)
+            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name,
+                                                          key[1])
         return self._resolved[key]
 
     def hot(self, name: str, ref: str) -> LoadedModel | None:
         """The model serving (name, ref) if it is loaded and nothing changed since: no await."""
-        return self._hot.get((name, ref))
+        return self.cache.hot(name, ref)
 
     async def get(self, name: str, ref: str,
                   input_shape: Sequence[int] | None = None) -> LoadedModel:
-        hot = self._hot.get((name, ref))
+        hot = self.cache.hot(name, ref)
         if hot is not None:
             return hot
+        self._check_available(name)
         model = await self.model(name)
         version = await self.resolve(name, ref)
         if version is None:
@@ -164,17 +107,25 @@ class ModelManager:
                     f"{name} SCHEME`)")
             version = await self.run_blocking(self.store.materialize, name, tuple(input_shape))
             self.forget(name)
+            model = await self.model(name)
         loaded = await self.load(model, version)
-        if (name, ref) in self._resolved:  # nothing changed while it loaded
-            self._hot[(name, ref)] = loaded
+        if (name, parse_ref(ref)) in self._resolved:  # nothing changed while it loaded
+            self.cache.serve(name, ref, parse_ref(ref), loaded)
         return loaded
 
+    def _check_available(self, name: str) -> None:
+        if self.control_mode == "explicit" and name not in self._explicitly_loaded:
+            raise ModelUnavailable(f"model {name!r} is not loaded (explicit model control); "
+                                   "load it with RepositoryModelLoad")
+
+    def is_available(self, name: str) -> bool:
+        return self.control_mode != "explicit" or name in self._explicitly_loaded
+
+    # ---- loading -----------------------------------------------------------------------
     async def load(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
-        # created_at tells a model from a namesake created after it was deleted (elsewhere).
-        key = (model.name, model.created_at, version.number)
-        loaded = self._loaded.get(key)
+        key = key_of(model, version)
+        loaded = self.cache.get(key)
         if loaded is not None:
-            self._loaded.move_to_end(key)
             return loaded
         pending = self._loading.get(key)
         if pending is None:
@@ -182,38 +133,36 @@ class ModelManager:
                 self.run_blocking(self._load_blocking, model, version))
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         loaded = await asyncio.shield(pending)
-        if key not in self._loaded:
-            inline = loaded.device.type == "cpu" and loaded.forward_s < INLINE_FORWARD_S
-            loaded.runner = None if inline else self.compute_thread(loaded.device)
+        if self.cache.get(key) is None:
             self._attach_batcher(loaded)
-            self._loaded[key] = loaded
-            self._evict_over_budget(loaded.device)
-        return self._loaded[key]
+            self.cache.add(loaded)
+        return self.cache.get(key) or loaded
 
     def _attach_batcher(self, loaded: LoadedModel) -> None:
-        max_batch, delay_us = self.batching.for_model(loaded.model.name)
+        stats = self.stats.of(loaded.model.name, loaded.version.number, loaded.model.created_at)
+        loaded.queue_time = stats.queue
+        max_batch, delay_us = self.batching_for(loaded.model.name)
         if not loaded.signature.batchable or max_batch <= 1:
             return  # never merge requests for a forward that mixes rows
-        stats = self.stats_for(loaded.model.name, loaded.version.number)
-
-        def count_batch(rows: int, requests: int, forward_ns: int) -> None:
-            stats.execution_count += 1
-            per_size = stats.batch_rows.get(rows)
-            if per_size is None:
-                per_size = stats.batch_rows[rows] = Duration()
-            per_size.add(forward_ns)
-
-        loaded.batcher = Batcher(loaded.forward_tensor, loaded.runner, max_batch, delay_us,
-                                 self.batching.max_queue_size, on_batch=count_batch)
+        loaded.batcher = Batcher(loaded.forward_fn(), loaded.runner, max_batch, delay_us,
+                                 self.batching.max_queue_size, on_batch=stats.count_batch,
+                                 inline_max_elements=INLINE_MAX_ELEMENTS if loaded.inline else 0)
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
         module = self.store.load_version(model, version)
         size = module_bytes(module)
         device = self.placement.choose(size)
         module.to(device)
-        loaded = LoadedModel(model, version, module, device,
-                             self.store.signature(model, version), size)
+        signature = self.store.signature(model, version)
+        loaded = LoadedModel(model, version, module, device, signature, size,
+                             runner=self.compute_thread(device))
         loaded.forward_s = _forward_s(loaded)
+        loaded.inline = device.type == "cpu" and loaded.forward_s < INLINE_FORWARD_S
+        if signature.batchable and not _rows_independent(loaded):
+            log.warning("model %r: its outputs do not follow its input rows one for one, so its "
+                        "requests are never batched; declare its architecture batchable=False",
+                        model.name)
+            loaded.signature = dataclasses.replace(signature, batchable=False)
         return loaded
 
     def compute_thread(self, device: torch.device) -> ThreadPoolExecutor:
@@ -225,92 +174,171 @@ class ModelManager:
         return self._compute[key]
 
     def shutdown(self) -> None:
+        for task in list(self._rechecks):
+            task.cancel()
         for executor in self._compute.values():
             executor.shutdown(wait=True)
-
-    def _evict_over_budget(self, device: torch.device) -> None:
-        if not self.memory_budget_bytes:
-            return
-        on_device = [k for k, m in self._loaded.items() if m.device == device]
-        used = sum(self._loaded[k].size_bytes for k in on_device)
-        for key in on_device[:-1]:  # least recently used first; never the newest
-            if used <= self.memory_budget_bytes:
-                break
-            evicted = self._loaded.pop(key)
-            self._hot = {k: v for k, v in self._hot.items() if v is not evicted}
-            used -= evicted.size_bytes
 
     async def signature(self, name: str, ref: str) -> tuple[ModelInfo, VersionInfo | None,
                                                             Signature]:
         model = await self.model(name)
         version = await self.resolve(name, ref)
-        loaded = self._loaded.get((name, model.created_at, version.number)) if version else None
+        loaded = self.cache.get(key_of(model, version)) if version else None
         if loaded is not None:
             return model, version, loaded.signature
         return model, version, await self.run_blocking(self.store.signature, model, version)
 
+    def loaded(self) -> list[LoadedModel]:
+        return self.cache.all()
+
+    # ---- change and unload -------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
         """Poll the registry's generation; on a change made elsewhere (another replica, a
-        script on the store) drop every cached resolution, so the change is served within
-        about ``interval_s``. Loaded modules stay: a version's parameters never change."""
+        script on the store) forget every cached resolution, so the change is served within
+        about ``interval_s``, and retire the loaded versions no ref serves any more."""
         while True:
             try:
                 generation = await self.run_blocking(self.store.generation)
                 if self._generation is not None and generation != self._generation:
+                    for name in {m.model.name for m in self.cache.all()} | set(self._models):
+                        self.forget(name)
                     self._resolved.clear()
-                    self._models.clear()
-                    self._hot.clear()
                 self._generation = generation
             except Exception:  # a database hiccup must not end the watch
                 log.warning("cannot read the registry generation", exc_info=True)
             await asyncio.sleep(interval_s)
 
-    def loaded(self) -> list[LoadedModel]:
-        return list(self._loaded.values())
-
-    def unload(self, name: str) -> int:
-        self._hot = {k: v for k, v in self._hot.items() if k[0] != name}
-        keys = [k for k in self._loaded if k[0] == name]
-        for key in keys:
-            del self._loaded[key]  # requests already queued on its batcher still run
-        return len(keys)
-
     def forget(self, name: str, unload: bool = False) -> None:
-        """Drop what is cached about ``name`` after a change to it through this server."""
+        """Drop what is cached about ``name`` after a change to it. Its loaded versions are
+        rechecked: each stays only while one of the refs it was served for still names it.
+        ``unload``: the model is gone; retire all of them and its statistics now."""
         self._models.pop(name, None)
         for key in [k for k in self._resolved if k[0] == name]:
             del self._resolved[key]
-        for key in [k for k in self._hot if k[0] == name]:
-            del self._hot[key]
+        self.cache.drop_hot(name)
         if unload:
-            self.unload(name)
+            self.cache.retire_model(name, "model deleted")
+            self.stats.forget(name)
+            self._batching_overrides.pop(name, None)
+            self._explicitly_loaded.discard(name)
+            return
+        loaded = self.cache.of_model(name)
+        if loaded:
+            task = asyncio.ensure_future(self._recheck(name, loaded))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
 
-    def stats_for(self, name: str, number: int) -> ModelStats:
-        return self.stats.setdefault((name, number), ModelStats())
+    async def _recheck(self, name: str, loaded: list[LoadedModel]) -> None:
+        try:
+            model = await self.model(name)
+        except NotFound:
+            for entry in loaded:
+                self.cache.retire(entry, "model deleted")
+            self.stats.forget(name)
+            return
+        for entry in loaded:
+            still = set()
+            for ref in list(entry.refs):
+                try:
+                    version = await self.resolve(name, "" if ref is None else str(ref))
+                except NotFound:
+                    continue
+                if version is not None and key_of(model, version) == entry.key:
+                    still.add(ref)
+            if still:
+                entry.refs = still
+            else:
+                self.cache.retire(entry, "no ref serves this version any more")
 
+    def unload(self, name: str) -> int:
+        """RepositoryModelUnload: free the model's loaded versions now (requests in flight
+        finish first). Under explicit control it is also not ready until loaded again."""
+        self.cache.drop_hot(name)
+        self._explicitly_loaded.discard(name)
+        count = self.cache.retire_model(name, "unloaded by request")
+        release_freed_memory()
+        return count
+
+    async def load_for_repository(self, name: str,
+                                  parameters: Mapping[str, str] | None = None) -> None:
+        """RepositoryModelLoad: apply its config overrides, load the latest version (a lazy
+        model with none stays ready for its first request) and, under explicit control,
+        make the model available."""
+        model = await self.model(name)
+        override = batching_override(parameters or {}, name)
+        if override is not None and override != self._batching_overrides.get(name):
+            self._batching_overrides[name] = override
+            self.cache.retire_model(name, "reloaded with new batching settings")
+            self.cache.drop_hot(name)
+        version = await self.resolve(name, "")
+        if version is None and not model.lazy:
+            raise FailedPrecondition(
+                f"model {name!r} has no version to serve yet; upload parameters "
+                f"(`paramserve upload {name} FILE`) or initialize it")
+        if version is not None:
+            loaded = await self.load(model, version)
+            self.cache.serve(name, "", None, loaded)
+        self._explicitly_loaded.add(name)
+
+    def batching_for(self, name: str) -> tuple[int, int]:
+        return self._batching_overrides.get(name) or self.batching.for_model(name)
+
+    # ---- statistics --------------------------------------------------------------------
     def record(self, loaded: LoadedModel, ok: bool, start_ns: int, decoded_ns: int,
                computed_ns: int, end_ns: int, rows: int = 1) -> None:
-        """Per-request counters; batched executions are counted by the batcher."""
-        stats = self.stats_for(loaded.model.name, loaded.version.number)
-        (stats.success if ok else stats.fail).add(end_ns - start_ns)
-        if ok:
-            stats.inference_count += rows
-            if loaded.batcher is None:
-                stats.execution_count += 1
-            stats.compute_input.add(decoded_ns - start_ns)
-            stats.compute_infer.add(computed_ns - decoded_ns)
-            stats.compute_output.add(end_ns - computed_ns)
-            stats.queue.add(0)
-        stats.last_inference_ms = int(time.time() * 1000)
+        """Per-request counters; batched executions are counted by the batcher, queue time
+        where the request waited (``LoadedModel.infer``)."""
+        stats = self.stats.of(loaded.model.name, loaded.version.number, loaded.model.created_at)
+        stats.count_request(ok, start_ns, decoded_ns, computed_ns, end_ns, rows,
+                            batched=loaded.batcher is not None)
 
 
-INLINE_FORWARD_S = 0.0002
+def batching_override(parameters: Mapping[str, str], name: str) -> tuple[int, int] | None:
+    """RepositoryModelLoad's ``config`` parameter (Triton's model config as JSON): the batching
+    fields are applied; anything else is refused rather than silently ignored."""
+    unknown = sorted(set(parameters) - {"config"})
+    if unknown:
+        raise InvalidArgument(f"RepositoryModelLoad parameters {unknown[:5]} are not supported; "
+                              "only 'config' (batching fields) is")
+    if "config" not in parameters:
+        return None
+    from paramserve.registry.limits import load_config_json
+    config = load_config_json(parameters["config"])
+    supported = {"name", "max_batch_size", "dynamic_batching"}
+    extra = sorted(set(config) - supported)
+    if extra:
+        raise InvalidArgument(f"model config fields {extra[:5]} cannot be changed here; "
+                              f"supported: {sorted(supported)}")
+    if config.get("name", name) != name:
+        raise InvalidArgument(f"config name {str(config['name'])[:80]!r} is not {name!r}")
+    dynamic = config.get("dynamic_batching", {})
+    if not isinstance(dynamic, dict) or set(dynamic) - {"max_queue_delay_microseconds"}:
+        raise InvalidArgument("dynamic_batching supports only max_queue_delay_microseconds")
+    max_batch = _bounded_int(config.get("max_batch_size", 64), "max_batch_size", 0, 1 << 16)
+    delay_us = _bounded_int(dynamic.get("max_queue_delay_microseconds", 0),
+                            "max_queue_delay_microseconds", 0, 10_000_000)
+    return max(1, max_batch), delay_us
+
+
+def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        value = int(value)  # Triton's JSON writes int64 fields as strings
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer in {low}..{high}")
+    return value
+
+
+def _example_input(loaded: LoadedModel, rows: int, seed: int = 0) -> torch.Tensor:
+    spec = loaded.signature.inputs[0]
+    shape = [rows] + [d if d >= 0 else 1 for d in spec.shape[1:]]
+    if spec.dtype.is_floating_point:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(spec.dtype)
+    return torch.zeros(shape, dtype=spec.dtype)
 
 
 def _forward_s(loaded: LoadedModel) -> float:
     """Median time of a forward on the example input (which also warms the module up)."""
-    arch_shape = [d if d >= 0 else 1 for d in loaded.signature.inputs[0].shape]
-    x = torch.zeros(arch_shape, dtype=loaded.signature.inputs[0].dtype)
+    x = _example_input(loaded, 1)
     times = []
     try:
         for _ in range(5):
@@ -320,6 +348,22 @@ def _forward_s(loaded: LoadedModel) -> float:
     except Exception:  # a free dim the model cannot take as 1: keep it off the loop
         return float("inf")
     return sorted(times)[len(times) // 2]
+
+
+def _rows_independent(loaded: LoadedModel) -> bool:
+    """Whether two rows run together give the rows each gives alone: what merging requests
+    needs. A model whose forward fails on the probe is left as declared."""
+    x = _example_input(loaded, 2, seed=1)
+    try:
+        together = loaded.forward_tensor(x)
+        alone = [loaded.forward_tensor(x[i:i + 1]) for i in range(2)]
+    except Exception:
+        return True
+    if not isinstance(together, torch.Tensor) or together.dim() == 0 or together.shape[0] != 2:
+        return False
+    if any(a.shape[0] != 1 for a in alone):
+        return False
+    return torch.allclose(torch.cat(alone).float(), together.float(), rtol=1e-3, atol=1e-5)
 
 
 @dataclass(frozen=True)
