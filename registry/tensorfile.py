@@ -23,9 +23,11 @@ from typing import BinaryIO, Iterable, Mapping
 
 import torch
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ResourceExhausted
+from .limits import DEFAULT_LIMITS, Limits, brief, json_outline, loads_bounded, over
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_RANK = 64  # torch's own limit on tensor dimensions
+MAX_HEADER_DEPTH = 3  # {"name": {"shape": [...]}}: deeper is never a safetensors header
 READ_CHUNK_BYTES = 8 << 20
 
 DTYPES: dict[str, torch.dtype] = {
@@ -138,23 +140,38 @@ def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]],
     return digest.hexdigest(), size
 
 
-def read_header(file: BinaryIO, total_bytes: int | None = None) -> Header:
-    """Parse and validate the header at the file's current position (normally 0)."""
+def read_header(file: BinaryIO, total_bytes: int | None = None,
+                limits: Limits = DEFAULT_LIMITS) -> Header:
+    """Parse and validate the header at the file's current position (normally 0).
+
+    Its size (``limits.max_header_bytes``) is checked before it is read, its nesting and
+    entry count (``limits.max_header_entries``) before it is parsed: a header cannot make
+    the server allocate more than a few times its bounded size.
+    """
     prefix = file.read(8)
     if len(prefix) != 8:
         raise InvalidArgument("not a safetensors file: shorter than its 8-byte header length")
     (length,) = struct.unpack("<Q", prefix)
-    if length > MAX_HEADER_BYTES:
-        raise InvalidArgument(f"safetensors header claims {length} bytes, over the limit of "
-                              f"{MAX_HEADER_BYTES}; the file is corrupt or not safetensors")
+    if total_bytes is not None and 8 + length > total_bytes:
+        raise InvalidArgument(f"safetensors file truncated: header needs {length} bytes, "
+                              f"{total_bytes - 8} present (or not safetensors)")
+    if length > limits.max_header_bytes:
+        raise ResourceExhausted(over("safetensors header size in bytes", length,
+                                     "max_header_bytes", limits))
     raw = file.read(length)
     if len(raw) != length:
         raise InvalidArgument(f"safetensors file truncated: header needs {length} bytes, "
                               f"{len(raw)} present")
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidArgument(f"safetensors header is not valid JSON: {err}") from err
+    if raw[:1] != b"{":
+        raise InvalidArgument("safetensors header must be a JSON object")
+    depth, items = json_outline(raw)
+    if depth > MAX_HEADER_DEPTH:
+        raise InvalidArgument(f"safetensors header is nested {depth} deep; a valid one is at "
+                              f"most {MAX_HEADER_DEPTH} (object, entry, shape)")
+    if items > limits.max_header_entries + 1:  # + __metadata__
+        raise ResourceExhausted(over("safetensors header entry count", items - 1,
+                                     "max_header_entries", limits))
+    parsed = loads_bounded(raw, "safetensors header")
     if not isinstance(parsed, dict):
         raise InvalidArgument("safetensors header must be a JSON object")
     metadata = parsed.pop("__metadata__", None) or {}
@@ -167,7 +184,7 @@ def read_header(file: BinaryIO, total_bytes: int | None = None) -> Header:
     position = data_start
     for entry in entries:
         if entry.begin != position:
-            raise InvalidArgument(f"safetensors tensor {entry.name!r} starts at byte "
+            raise InvalidArgument(f"safetensors tensor {brief(entry.name)} starts at byte "
                                   f"{entry.begin - data_start}, expected {position - data_start}:"
                                   " tensors overlap or leave a gap")
         position = entry.end
@@ -180,21 +197,27 @@ def read_header(file: BinaryIO, total_bytes: int | None = None) -> Header:
 
 def _parse_entry(name: str, spec: object, data_start: int) -> TensorEntry:
     if not isinstance(spec, dict):
-        raise InvalidArgument(f"safetensors entry {name!r} must be an object")
-    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+        raise InvalidArgument(f"safetensors entry {brief(name)} must be an object")
+    name_of_dtype = spec.get("dtype")
+    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
-        raise InvalidArgument(f"safetensors entry {name!r} has unknown dtype "
-                              f"{spec.get('dtype')!r}; known: {sorted(DTYPES)}")
+        raise InvalidArgument(f"safetensors entry {brief(name)} has unknown dtype "
+                              f"{brief(name_of_dtype)}; known: {sorted(DTYPES)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise InvalidArgument(f"safetensors entry {name!r} has an invalid shape {shape!r}")
+        raise InvalidArgument(f"safetensors entry {brief(name)} has an invalid shape "
+                              f"{brief(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
-        raise InvalidArgument(f"safetensors entry {name!r} has invalid data_offsets {offsets!r}")
+        raise InvalidArgument(f"safetensors entry {brief(name)} has invalid data_offsets "
+                              f"{brief(offsets)}")
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"safetensors entry {brief(name)} has {len(shape)} dimensions; "
+                              f"torch takes at most {MAX_RANK}")
     needed = nbytes_of(dtype, shape)
     if needed != offsets[1] - offsets[0]:
         raise InvalidArgument(
-            f"safetensors entry {name!r}: shape {shape} of {spec['dtype']} needs "
+            f"safetensors entry {brief(name)}: shape {shape} of {spec['dtype']} needs "
             f"{needed} bytes, data_offsets give {offsets[1] - offsets[0]}")
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0],
                        data_start + offsets[1])

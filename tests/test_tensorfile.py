@@ -69,7 +69,7 @@ def forge(header: dict, data: bytes = b"", length: int | None = None) -> bytes:
 
 @pytest.mark.parametrize("blob, message", [
     (b"\x01\x02", "shorter than its 8-byte"),
-    (struct.pack("<Q", 10**12) + b"{}", "over the limit"),
+    (struct.pack("<Q", 10**12) + b"{}", "header needs 1000000000000 bytes"),
     (forge({}, length=500), "truncated: header needs 500"),
     (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
     (forge({"t": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
