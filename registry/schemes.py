@@ -32,6 +32,9 @@ from torch import nn
 
 from .architectures import seeded
 from .errors import InvalidArgument
+from .limits import DEFAULT_LIMITS, Limits, brief, flag
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -82,23 +85,31 @@ def describe_schemes() -> str:
         for name, d in SCHEMES.items())
 
 
-def parse_scheme(text: str) -> Scheme:
-    """``"normal(0, 0.01)"``, ``"normal(std=0.01)"``, ``"zeros"`` … → a validated Scheme."""
+def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
+    """``"normal(0, 0.01)"``, ``"normal(std=0.01)"``, ``"zeros"`` … → a validated Scheme.
+
+    Only plain numbers are accepted as arguments, finite and within float32's range, so the
+    text never reaches ``eval`` and a scheme cannot overflow the weights it fills.
+    """
     text = (text or "").strip()
+    if len(text) > limits.max_scheme_chars:
+        raise InvalidArgument(f"init scheme {brief(text, 40)} is {len(text)} characters, over "
+                              f"the limit of {limits.max_scheme_chars} ({flag('max_scheme_chars')}"
+                              f"); write NAME or NAME(ARGS), one of: {describe_schemes()}")
     try:
         node = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        node = None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        node = None  # ValueError: a NUL byte or an integer literal over 4,300 digits
     if isinstance(node, ast.Name):
         name, positional, keywords = node.id, [], []
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         name, positional, keywords = node.func.id, node.args, node.keywords
     else:
-        raise InvalidArgument(f"cannot parse init scheme {text!r}; write NAME or NAME(ARGS), "
-                              f"one of: {describe_schemes()}")
+        raise InvalidArgument(f"cannot parse init scheme {brief(text)}; write NAME or "
+                              f"NAME(ARGS), one of: {describe_schemes()}")
     definition = SCHEMES.get(name)
     if definition is None:
-        raise InvalidArgument(f"unknown init scheme {name!r}; known: {describe_schemes()}")
+        raise InvalidArgument(f"unknown init scheme {brief(name)}; known: {describe_schemes()}")
     names = [p for p, _ in definition.params]
     if len(positional) > len(names):
         raise InvalidArgument(f"scheme {name!r} takes {len(names)} argument(s) {names}, "
@@ -106,7 +117,10 @@ def parse_scheme(text: str) -> Scheme:
     args: dict[str, float] = {}
     for key, value in list(zip(names, positional)) + [(k.arg, k.value) for k in keywords]:
         if key not in names:
-            raise InvalidArgument(f"scheme {name!r} has no argument {key!r}; it takes {names}")
+            raise InvalidArgument(f"scheme {name!r} has no argument {brief(key)}; it takes "
+                                  f"{names}")
+        if key in args:
+            raise InvalidArgument(f"scheme {name!r} is given argument {key!r} twice")
         args[key] = _number(value, name, key)
     for key, default in definition.params:
         if key not in args:
@@ -116,18 +130,35 @@ def parse_scheme(text: str) -> Scheme:
             args[key] = default
     if name == "normal" and args["std"] < 0:
         raise InvalidArgument("normal(std) must be >= 0")
-    if name == "uniform" and args["a"] > args["b"]:
-        raise InvalidArgument(f"uniform(a, b) needs a <= b, got a={args['a']}, b={args['b']}")
+    if name == "uniform":
+        if args["a"] > args["b"]:
+            raise InvalidArgument(f"uniform(a, b) needs a <= b, got a={args['a']:g}, "
+                                  f"b={args['b']:g}")
+        if args["b"] - args["a"] > FLOAT32_MAX:
+            raise InvalidArgument(f"uniform(a, b): the range b - a = {args['b'] - args['a']:g} "
+                                  f"is over float32's largest value {FLOAT32_MAX:g}")
+    if name == "normal" and abs(args["mean"]) + 6 * args["std"] > FLOAT32_MAX:
+        raise InvalidArgument(f"normal(mean, std) would draw values over float32's largest "
+                              f"value {FLOAT32_MAX:g}; use a smaller mean or std")
     return Scheme(name, args)
 
 
 def _number(node: ast.AST, scheme: str, key: str) -> float:
+    """A literal int or float, optionally signed: nothing else is evaluated."""
+    sign = 1.0
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
+        node = node.operand
+    if not (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
+        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be a number like "
+                              "0.01 or -2")
     try:
-        value = float(ast.literal_eval(node))
-    except (ValueError, TypeError, SyntaxError):
-        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be a number") from None
-    if not math.isfinite(value):
-        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be finite")
+        value = sign * float(node.value)
+    except OverflowError:  # an integer literal beyond any float
+        value = math.inf
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be a finite number "
+                              f"within float32's range (|x| <= {FLOAT32_MAX:g})")
     return value
 
 
@@ -145,7 +176,16 @@ def apply_scheme(module: nn.Module, scheme: Scheme, seed: int) -> list[str]:
                     sub.reset_parameters()
                     touched.append(name)
                 continue
-            definition.weight(weight, **scheme.args)
+            try:
+                definition.weight(weight, **scheme.args)
+            except (RuntimeError, ValueError, OverflowError) as err:
+                raise InvalidArgument(f"init scheme {scheme} does not fit {name or 'the module'!r}"
+                                      f" ({weight.dtype}[{', '.join(map(str, weight.shape))}]):"
+                                      f" {str(err).splitlines()[0][:160]}") from err
+            if (weight.is_floating_point() and weight.device.type != "meta"
+                    and not bool(torch.isfinite(weight).all())):
+                raise InvalidArgument(f"init scheme {scheme} overflows {weight.dtype} in "
+                                      f"{name or 'the module'!r}; use smaller arguments")
             bias = sub._parameters.get("bias")
             if definition.zero_bias and bias is not None:
                 nn.init.zeros_(bias)

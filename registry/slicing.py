@@ -14,8 +14,12 @@ import re
 import torch
 
 from .errors import InvalidArgument
+from .limits import DEFAULT_LIMITS, Limits, brief, flag
 
-_PART = re.compile(r"^\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?)?$")
+# ASCII digits only ("\\d" takes "٠١" too); at most 19, so every number fits in int64.
+_INT = r"-?[0-9]{1,19}"
+_PART = re.compile(rf"\s*({_INT})?\s*(?::\s*({_INT})?\s*(?::\s*({_INT})?\s*)?)?\Z")
+MAX_INDEX_PARTS = 64  # torch's own limit on tensor dimensions
 
 Index = tuple[object, ...]
 
@@ -29,28 +33,39 @@ def split_param(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def parse_index(text: str | None) -> Index:
-    """A comma-separated list of integers, ``a:b:c`` slices and at most one ``...``."""
+def parse_index(text: str | None, limits: Limits = DEFAULT_LIMITS) -> Index:
+    """A comma-separated list of integers, ``a:b:c`` slices and at most one ``...``.
+
+    Bounded before it is parsed (``limits.max_index_chars``); every number fits in int64.
+    """
     if text is None or not text.strip():
         return ()
+    if len(text) > limits.max_index_chars:
+        raise InvalidArgument(f"index {brief(text, 40)} is {len(text)} characters, over the "
+                              f"limit of {limits.max_index_chars} ({flag('max_index_chars')})")
+    raw_parts = text.split(",")
+    if len(raw_parts) > MAX_INDEX_PARTS:
+        raise InvalidArgument(f"index {brief(text, 40)} has {len(raw_parts)} parts; a tensor "
+                              f"has at most {MAX_INDEX_PARTS} dimensions")
     parts: list[object] = []
-    for raw in text.split(","):
+    for raw in raw_parts:
         part = raw.strip()
         if part == "...":
             if Ellipsis in parts:
-                raise InvalidArgument(f"index {text!r} has more than one '...'")
+                raise InvalidArgument(f"index {brief(text)} has more than one '...'")
             parts.append(Ellipsis)
             continue
         match = _PART.match(part)
         if not part or not match:
-            raise InvalidArgument(f"cannot parse index {text!r}: {part!r} is not an integer, "
-                                  "a slice like 0:2 or ::2, or '...'")
+            raise InvalidArgument(f"cannot parse index {brief(text)}: {brief(part, 30)} is not "
+                                  "an integer (at most 19 digits), a slice like 0:2 or ::2, "
+                                  "or '...'")
         start, stop, step = match.groups()
         if ":" not in part:
             parts.append(int(start))
             continue
         if step is not None and int(step) <= 0:
-            raise InvalidArgument(f"index {text!r}: slice steps must be positive")
+            raise InvalidArgument(f"index {brief(text)}: slice steps must be positive")
         parts.append(slice(*(None if v is None else int(v) for v in (start, stop, step))))
     return tuple(parts)
 
@@ -59,9 +74,10 @@ def select(tensor: torch.Tensor, index: Index, name: str) -> torch.Tensor:
     """``tensor[index]`` as a view, with a message naming the tensor when it does not fit."""
     try:
         return tensor[index] if index else tensor
-    except (IndexError, TypeError, RuntimeError) as err:
-        raise InvalidArgument(f"index [{format_index(index)}] does not fit {name!r} of shape "
-                              f"{list(tensor.shape)}: {err}") from err
+    except (IndexError, TypeError, RuntimeError, ValueError, OverflowError) as err:
+        raise InvalidArgument(f"index [{brief(format_index(index), 120)}] does not fit "
+                              f"{brief(name)} of shape {list(tensor.shape)}: "
+                              f"{str(err).splitlines()[0][:160]}") from err
 
 
 def format_index(index: Index) -> str:
