@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .limits import INT64_MAX, INT64_MIN, brief
 
 ENTRY_POINT_GROUP = "paramserve.architectures"
+LAZY_KEY = "in_features"  # None there selects the lazy variant
 
 # Module construction and initialization draw from torch's global RNG; seeding it must not
 # interleave between threads, or the same seed would not give the same parameters.
@@ -51,22 +53,47 @@ class Architecture:
     example_input_shape: tuple[int, ...]
     batchable: bool = True
     input_dtype: torch.dtype = torch.float32
+    # Inclusive ranges of integer config values: a value out of range is refused before any
+    # build (``{"blocks": 8000}`` would tie a worker up building 32,000 modules).
+    bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     _frozen_defaults: str = field(default="", repr=False, compare=False)
 
     def resolve_config(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Defaults overlaid with ``config``; unknown keys and non-JSON values are refused."""
+        """Defaults overlaid with ``config``; unknown keys, non-JSON values and integers out of
+        their declared ``bounds`` are refused."""
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidArgument(f"config for {self.name!r} must be a JSON object, not a "
+                                  f"{type(config).__name__}")
         config = dict(config or {})
-        unknown = sorted(set(config) - set(self.defaults))
+        unknown = sorted(str(k) for k in set(config) - set(self.defaults))
         if unknown:
             raise InvalidArgument(
-                f"architecture {self.name!r} has no config key(s) {unknown}; "
+                f"architecture {self.name!r} has no config key(s) {brief(unknown, 120)}; "
                 f"valid keys and defaults: {json.dumps(dict(self.defaults))}")
         resolved = {**self.defaults, **config}
         try:
-            json.dumps(resolved)
-        except TypeError as err:
-            raise InvalidArgument(f"config for {self.name!r} must be JSON-able: {err}") from err
+            json.dumps(resolved, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise InvalidArgument(f"config for {self.name!r} must be JSON-able: "
+                                  f"{str(err)[:120]}") from None
+        for key, value in resolved.items():
+            self._check_value(key, value)
         return resolved
+
+    def _check_value(self, key: str, value: Any) -> None:
+        if key in self.bounds:
+            low, high = self.bounds[key]
+            if value is None and key == LAZY_KEY:
+                return
+            if type(value) is not int:
+                raise InvalidArgument(
+                    f"config {key!r} of {self.name!r} must be an integer in [{low}, {high}]"
+                    f"{' or null (lazy)' if key == LAZY_KEY else ''}, not {brief(value, 40)}")
+            if not low <= value <= high:
+                raise InvalidArgument(f"config {key!r} of {self.name!r} is {brief(value, 30)},"
+                                      f" out of its range [{low}, {high}]")
+        elif type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidArgument(f"config {key!r} of {self.name!r} must fit in 64 bits")
 
     def is_lazy(self, config: Mapping[str, Any]) -> bool:
         return "in_features" in self.defaults and config.get("in_features") is None
@@ -96,10 +123,11 @@ class Architecture:
             with seeded(seed) if seed is not None else nullcontext(), \
                     torch.device(device) if device is not None else nullcontext():
                 module = self.builder(**resolved)
-        except (TypeError, ValueError, RuntimeError) as err:
+        except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as err:
             raise InvalidArgument(
                 f"architecture {self.name!r} cannot be built from config "
-                f"{json.dumps(resolved)}: {err}") from err
+                f"{brief(json.dumps(resolved), 200)}: {str(err).splitlines()[0][:200]}"
+            ) from err
         if not isinstance(module, nn.Module):
             raise InvalidArgument(f"architecture {self.name!r} returned {type(module).__name__}, "
                                   "not an nn.Module; fix its builder")
@@ -112,6 +140,9 @@ class seeded:
 
     def __init__(self, seed: int):
         self.seed = int(seed)
+        if not INT64_MIN <= self.seed < 1 << 64:  # what torch.manual_seed takes
+            raise InvalidArgument(f"seed {brief(seed, 30)} is out of range: use a 64-bit "
+                                  "integer")
 
     def __enter__(self):
         _RNG_LOCK.acquire()
@@ -132,12 +163,21 @@ _ARCHITECTURES: dict[str, Architecture] = {}
 
 def architecture(name: str, *, defaults: Mapping[str, Any] | None = None, doc: str = "",
                  example_input_shape: tuple[int, ...], batchable: bool = True,
-                 input_dtype: torch.dtype = torch.float32, replace: bool = False):
+                 input_dtype: torch.dtype = torch.float32, replace: bool = False,
+                 bounds: Mapping[str, tuple[int, int]] | None = None):
     """Decorator registering ``builder(**config) -> nn.Module`` under ``name``.
 
     ``batchable=False`` when the forward mixes rows of a batch (a mean over the whole input,
     a sum to a scalar): a server must never merge requests for those.
+    ``bounds={"blocks": (1, 64)}``: inclusive ranges of integer config values, checked before
+    any build. Keys without a range only have to fit in 64 bits; the parameters a config
+    makes are bounded separately (``Limits.max_init_elements``, counted on the meta device).
     """
+    bounds = dict(bounds or {})
+    unknown = sorted(set(bounds) - set(defaults or {}))
+    if unknown:
+        raise InvalidArgument(f"architecture {name!r} declares bounds for {unknown}, which "
+                              "are not config keys")
 
     def register(builder: Callable[..., nn.Module]):
         if name in _ARCHITECTURES and not replace:
@@ -147,7 +187,7 @@ def architecture(name: str, *, defaults: Mapping[str, Any] | None = None, doc: s
             name=name, builder=builder, defaults=dict(defaults or {}),
             doc=doc or _first_line(builder.__doc__),
             example_input_shape=tuple(example_input_shape), batchable=batchable,
-            input_dtype=input_dtype)
+            input_dtype=input_dtype, bounds=bounds)
         return builder
 
     return register

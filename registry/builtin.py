@@ -148,6 +148,14 @@ def block2(in_features: int | None, blocks: int = 4) -> nn.Sequential:
     return net
 
 
+MAX_WIDTH = 1 << 24  # any one layer's width; what a whole config makes is bounded by elements
+MAX_BLOCKS = 256     # rgnet's block1s: the guide has 4
+
+
+def _widths(*keys: str) -> dict[str, tuple[int, int]]:
+    return {key: (1, MAX_WIDTH) for key in keys}
+
+
 def _next(in_features: int | None, width: int) -> int | None:
     """The input width of the layer after one of ``width`` outputs (None stays lazy)."""
     return None if in_features is None else width
@@ -155,7 +163,8 @@ def _next(in_features: int | None, width: int) -> int | None:
 
 @architecture("sequential_mlp", defaults={"in_features": 20, "hidden": 256, "out_features": 10},
               doc="nn.Sequential(Linear(20, 256), ReLU(), Linear(256, 10))",
-              example_input_shape=(2, 20))
+              example_input_shape=(2, 20),
+              bounds=_widths("in_features", "hidden", "out_features"))
 def sequential_mlp(in_features, hidden, out_features):
     return nn.Sequential(linear(in_features, hidden), nn.ReLU(),
                          linear(_next(in_features, hidden), out_features))
@@ -163,14 +172,16 @@ def sequential_mlp(in_features, hidden, out_features):
 
 @architecture("mlp", defaults={"in_features": 20, "hidden_features": 256, "out_features": 10},
               doc="The MLP class: self.hidden 20→256, ReLU, self.out 256→10",
-              example_input_shape=(2, 20))
+              example_input_shape=(2, 20),
+              bounds=_widths("in_features", "hidden_features", "out_features"))
 def mlp(in_features, hidden_features, out_features):
     return MLP(in_features, hidden_features, out_features)
 
 
 @architecture("my_sequential", defaults={"in_features": 20, "hidden": 256, "out_features": 10},
               doc="MySequential(Linear(20, 256), ReLU(), Linear(256, 10))",
-              example_input_shape=(2, 20))
+              example_input_shape=(2, 20),
+              bounds=_widths("in_features", "hidden", "out_features"))
 def my_sequential(in_features, hidden, out_features):
     return MySequential(linear(in_features, hidden), nn.ReLU(),
                         linear(_next(in_features, hidden), out_features))
@@ -178,7 +189,8 @@ def my_sequential(in_features, hidden, out_features):
 
 @architecture("fixed_hidden_mlp", defaults={"in_features": 20, "features": 20},
               doc="FixedHiddenMLP: constant rand_weight buffer, shared linear, returns a scalar",
-              example_input_shape=(2, 20), batchable=False)
+              example_input_shape=(2, 20), batchable=False,
+              bounds=_widths("in_features", "features"))
 def fixed_hidden_mlp(in_features, features):
     if in_features is not None and in_features != features:
         raise ValueError(f"in_features ({in_features}) must equal features ({features}): "
@@ -188,14 +200,16 @@ def fixed_hidden_mlp(in_features, features):
 
 @architecture("nest_mlp", defaults={"in_features": 20},
               doc="NestMLP: Sequential(20→64, ReLU, 64→32, ReLU) then Linear(32, 16)",
-              example_input_shape=(2, 20))
+              example_input_shape=(2, 20),
+              bounds=_widths("in_features"))
 def nest_mlp(in_features):
     return NestMLP(in_features)
 
 
 @architecture("chimera", defaults={"in_features": 20},
               doc="Sequential(NestMLP(), Linear(16, 20), FixedHiddenMLP()); returns a scalar",
-              example_input_shape=(2, 20), batchable=False)
+              example_input_shape=(2, 20), batchable=False,
+              bounds=_widths("in_features"))
 def chimera(in_features):
     return nn.Sequential(NestMLP(in_features), linear(_next(in_features, 16), 20),
                          FixedHiddenMLP(_next(in_features, 20), 20))
@@ -203,7 +217,8 @@ def chimera(in_features):
 
 @architecture("small_mlp", defaults={"in_features": 4, "hidden": 8, "out_features": 1},
               doc="nn.Sequential(Linear(4, 8), ReLU(), Linear(8, 1)) of the parameter sections",
-              example_input_shape=(2, 4))
+              example_input_shape=(2, 4),
+              bounds=_widths("in_features", "hidden", "out_features"))
 def small_mlp(in_features, hidden, out_features):
     return nn.Sequential(linear(in_features, hidden), nn.ReLU(),
                          linear(_next(in_features, hidden), out_features))
@@ -211,14 +226,16 @@ def small_mlp(in_features, hidden, out_features):
 
 @architecture("rgnet", defaults={"in_features": 4, "blocks": 4},
               doc='Sequential(block2() of "block i" block1s, Linear(4, 1))',
-              example_input_shape=(2, 4))
+              example_input_shape=(2, 4),
+              bounds={**_widths("in_features"), "blocks": (1, MAX_BLOCKS)})
 def rgnet(in_features, blocks):
     return nn.Sequential(block2(in_features, blocks), linear(_next(in_features, 4), 1))
 
 
 @architecture("tied_mlp", defaults={"in_features": 4},
               doc="One shared Linear(8, 8) at positions 2 and 4 (tied parameters)",
-              example_input_shape=(2, 4))
+              example_input_shape=(2, 4),
+              bounds=_widths("in_features"))
 def tied_mlp(in_features):
     shared = linear(_next(in_features, 8), 8)
     return nn.Sequential(linear(in_features, 8), nn.ReLU(), shared, nn.ReLU(), shared,
@@ -234,13 +251,15 @@ def centered_layer():
 
 @architecture("centered_mlp", defaults={"in_features": 8, "out_features": 128},
               doc="nn.Sequential(Linear(8, 128), CenteredLayer())",
-              example_input_shape=(4, 8), batchable=False)
+              example_input_shape=(4, 8), batchable=False,
+              bounds=_widths("in_features", "out_features"))
 def centered_mlp(in_features, out_features):
     return nn.Sequential(linear(in_features, out_features), CenteredLayer())
 
 
 @architecture("my_linear_net", defaults={"in_features": 64},
               doc="nn.Sequential(MyLinear(64, 8), MyLinear(8, 1))",
-              example_input_shape=(2, 64))
+              example_input_shape=(2, 64),
+              bounds=_widths("in_features"))
 def my_linear_net(in_features):
     return nn.Sequential(my_linear(in_features, 8), my_linear(_next(in_features, 8), 1))

@@ -46,9 +46,12 @@ def output_signature(build: Callable[[str | None], nn.Module], example_shape: Se
         try:
             outputs = [_forward(build(device), shape, dtype, device) for shape in shapes]
             break
-        except (RuntimeError, NotImplementedError, ValueError):
+        except (RuntimeError, NotImplementedError, ValueError, IndexError, TypeError) as err:
             if device is None:
-                raise
+                raise FailedPrecondition(
+                    f"model {model!r} cannot run its example input of shape {list(shapes[0])}:"
+                    f" {(str(err).splitlines() or [''])[0][:200]}; check its architecture and "
+                    "config") from err
     for out in outputs:
         if not isinstance(out, torch.Tensor):
             raise FailedPrecondition(
