@@ -4,6 +4,14 @@ A blob is written to ``<root>/tmp/`` (by a ``HashingWriter``: one pass), fsynced
 renamed into place, so a crash leaves either no blob or a whole one, never a partial file under
 a content address. Readers hash while they read; a blob whose bytes no longer match its name is
 reported as ``DataLoss``.
+
+A blob that already exists is replaced by the new, hashed file rather than kept: the bytes are
+the same when the old file is sound (readers holding it open keep their inode), and a damaged
+old file (same size, other bytes) is healed instead of being served under the new version.
+Checking the old file's hash instead would read the whole blob a second time.
+
+This class only moves files. *When* a blob may be deleted is decided by ``gc.BlobCollector``,
+ordered with uploads through the database.
 """
 
 from __future__ import annotations
@@ -13,10 +21,10 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 from .errors import DataLoss
-from .fileio import HashingWriter
+from .fileio import HashingWriter, disk_full_is_resource_exhausted
 
 TEMP_SUFFIX = ".partial"
 
@@ -42,22 +50,25 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def create(self) -> HashingWriter:
-        """A new temp file for one blob; finish it with ``commit`` or ``discard()``."""
-        return HashingWriter(self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True)
+    def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> HashingWriter:
+        """A new temp file for one blob; finish it with ``commit`` or ``discard()``.
+        ``segments``: the tensors' byte ranges, each hashed on its own as well."""
+        return HashingWriter(self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True,
+                             segments=segments)
 
     def commit(self, writer: HashingWriter) -> BlobRef:
-        """fsync the writer's temp file and rename it to its content address.
+        """fsync the writer's temp file and rename it to its content address (replacing a
+        file already there: see the module's docstring).
 
-        On any failure the temp file is removed and nothing appears in the store.
+        On any failure the temp file is removed and nothing appears in the store. The caller
+        must hold the blob (``gc.BlobCollector.hold``) so that no collection removes it before
+        a version row refers to it.
         """
         try:
             writer.sync()
             sha256, size = writer.sha256, writer.size
             final = self.path(sha256)
-            if final.is_file() and final.stat().st_size == size:
-                writer.discard()  # same content already stored (content addressing)
-            else:
+            with disk_full_is_resource_exhausted(final):
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(writer.path, final)
                 _fsync_dir(final.parent)
@@ -81,13 +92,16 @@ class BlobStore:
 
     def open(self, sha256: str) -> "VerifyingReader":
         """Open a blob for one sequential read; call ``finish()`` after the last byte."""
+        return VerifyingReader(self.open_raw(sha256), sha256, self.path(sha256))
+
+    def open_raw(self, sha256: str) -> BinaryIO:
+        """Open a blob for ranged reads (nothing is verified: check what you read)."""
         path = self.path(sha256)
         try:
-            file = open(path, "rb")
+            return open(path, "rb")
         except FileNotFoundError:
             raise DataLoss(f"blob {path} is missing; restore it from a backup or delete the "
                            "version that refers to it") from None
-        return VerifyingReader(file, sha256, path)
 
     def verify(self, sha256: str) -> None:
         """Hash the whole blob; raises ``DataLoss`` when it does not match its name."""

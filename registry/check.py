@@ -2,9 +2,15 @@
 
 Invariants: every version row has its blob and the blob's sha256 matches; no alias points at a
 missing version; no temporary file is ever served (they live apart, in ``blobs/tmp`` and
-``spool``). ``repair`` removes orphaned blobs (no row refers to them) and temporary files older
-than ``min_age_s`` (younger ones may belong to a write in flight); it never removes a blob a
-version refers to, and cannot restore a missing or corrupt one.
+``spool``).
+
+``repair`` removes orphaned blobs and temporary files. A blob is an orphan by the database's
+state, never by its file's age: no version row refers to it and no upload holds it (a hold
+older than ``STALE_HOLD_S`` is a crashed writer's and is removed first). Each removal is
+re-decided under the blob's lock by ``gc.BlobCollector``, so an upload that re-uses the blob
+meanwhile keeps it. Temporary files older than ``min_age_s`` are removed (younger ones may
+belong to a write in flight). Repair never removes a blob a version refers to, and cannot
+restore a missing or corrupt one.
 """
 
 from __future__ import annotations
@@ -13,11 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
-
 from .blobs import TEMP_SUFFIX
 from .errors import DataLoss
-from .schema import AliasRow, ModelRow, VersionRow
+from .gc import STALE_HOLD_S
 from .store import Store
 
 
@@ -27,7 +31,8 @@ class CheckReport:
     missing_blobs: list[str] = field(default_factory=list)   # "model@number sha256"
     corrupt_blobs: list[str] = field(default_factory=list)
     dangling_aliases: list[str] = field(default_factory=list)
-    orphan_blobs: list[str] = field(default_factory=list)
+    orphan_blobs: list[str] = field(default_factory=list)    # no version row, no hold
+    held_blobs: list[str] = field(default_factory=list)      # an upload in flight (or dead)
     temp_files: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
@@ -38,15 +43,9 @@ class CheckReport:
 
 
 def check(store: Store, repair: bool = False, min_age_s: float = 600.0,
-          verify_hashes: bool = True) -> CheckReport:
+          verify_hashes: bool = True, stale_hold_s: float = STALE_HOLD_S) -> CheckReport:
     report = CheckReport()
-    with store.tx() as session:
-        rows = session.execute(select(ModelRow.name, VersionRow.number, VersionRow.sha256)
-                               .join(VersionRow, VersionRow.model_id == ModelRow.id)).all()
-        aliases = session.execute(
-            select(ModelRow.name, AliasRow.name, AliasRow.version_id)
-            .join(AliasRow, AliasRow.model_id == ModelRow.id)).all()
-        version_ids = set(session.scalars(select(VersionRow.id)))
+    rows, holds, report.dangling_aliases = store.repository.blob_references()
     referenced = set()
     for model, number, sha in rows:
         report.versions_checked += 1
@@ -59,14 +58,21 @@ def check(store: Store, repair: bool = False, min_age_s: float = 600.0,
                 store.blobs.verify(sha)
             except DataLoss:
                 report.corrupt_blobs.append(label)
-    report.dangling_aliases = [f"{m}@{a}" for m, a, vid in aliases if vid not in version_ids]
-    now = time.time()
+    unreferenced = {}
     for path in sorted((store.blobs.root / "sha256").rglob("*.safetensors")):
-        if path.name.split(".")[0] not in referenced:
+        sha = path.name.split(".")[0]
+        if sha in referenced:
+            continue
+        if sha in holds:
+            report.held_blobs.append(str(path))
+        else:
             report.orphan_blobs.append(str(path))
-            if repair and now - path.stat().st_mtime >= min_age_s:
-                path.unlink(missing_ok=True)
-                report.removed.append(str(path))
+        unreferenced[sha] = path
+    if repair:  # the holds' shas too: a writer that died before placing its file left one
+        candidates = set(unreferenced) | (set(holds) - referenced)
+        removed = store.collector.collect(candidates, stale_hold_s=stale_hold_s)
+        report.removed.extend(str(unreferenced[sha]) for sha in removed if sha in unreferenced)
+    now = time.time()
     for folder in (store.blobs.tmp_dir, store.data_dir / "spool"):
         for path in sorted(Path(folder).glob(f"*{TEMP_SUFFIX}")) if folder.is_dir() else []:
             report.temp_files.append(str(path))

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import ResourceExhausted
 
 SYNC_FILE_RANGE_WRITE = 0x02
 SYNC_FILE_RANGE_ALL = 0x01 | 0x02 | 0x04  # wait before, write, wait after
 WRITEBACK_STEP_BYTES = 32 << 20
 IOV_MAX = 1024
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _libc():
@@ -79,19 +85,39 @@ def write_all(fd: int, buffers: list) -> int:
     return total
 
 
+@contextmanager
+def disk_full_is_resource_exhausted(path: Path) -> Iterator[None]:
+    """ENOSPC / EDQUOT while writing under ``path`` → ``ResourceExhausted`` saying where."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        what = "disk is full" if err.errno == errno.ENOSPC else "disk quota is exhausted"
+        raise ResourceExhausted(f"the {what}: cannot write {path}; free space on the volume "
+                                f"of {path.parent} and retry") from err
+
+
 class HashingWriter:
     """A new file written sequentially and hashed as the bytes arrive, in one pass.
 
     ``writeback``: write it to disk behind the writer (``Writeback``), for files that will be
-    fsynced (blobs); not for spools that are read back at once.
+    fsynced (blobs); not for spools that are read back at once. ``segments``: named byte
+    ranges ``(name, begin, end)`` of the file, in file order, each hashed on its own too
+    (a blob's tensors: a ranged read of one tensor is checked against its own digest).
     """
 
-    def __init__(self, path: Path, writeback: bool = False):
+    def __init__(self, path: Path, writeback: bool = False,
+                 segments: Sequence[tuple[str, int, int]] = ()):
         self.path = Path(path)
         self.size = 0
         self._digest = hashlib.sha256()
+        self._segments = list(segments)
+        self._segment_digests = [hashlib.sha256() for _ in self._segments]
+        self._segment_index = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(self.path, flags, 0o644)
+        with disk_full_is_resource_exhausted(self.path):
+            self._fd = os.open(self.path, flags, 0o644)
         self._writeback = Writeback(self._fd) if writeback else None
 
     def write(self, data) -> int:
@@ -104,22 +130,52 @@ class HashingWriter:
         One call per batch, not per chunk: each call gives up the GIL and must win it back
         from the event loop, which holds it while it receives the next chunks.
         """
+        position = self.size
         for data in buffers:
             self._digest.update(data)
-        n = write_all(self._fd, buffers)
-        self.size += n
-        if self._writeback is not None:
-            self._writeback.advance(self.size)
+            if self._segments:
+                position = self._hash_segments(memoryview(data).cast("B"), position)
+        with disk_full_is_resource_exhausted(self.path):
+            n = write_all(self._fd, buffers)
+            self.size += n
+            if self._writeback is not None:
+                self._writeback.advance(self.size)
         return n
+
+    def _hash_segments(self, view: memoryview, position: int) -> int:
+        """Feed the bytes of ``view`` (at file offset ``position``) to the segments they
+        overlap; returns the offset after them."""
+        start, end_of_view = 0, view.nbytes
+        segments, i = self._segments, self._segment_index
+        while i < len(segments) and start < end_of_view:
+            _, begin, end = segments[i]
+            at = position + start
+            if at >= end:
+                i += 1
+            elif at < begin:
+                start = min(end_of_view, begin - position)
+            else:
+                stop = min(end_of_view, end - position)
+                self._segment_digests[i].update(view[start:stop])
+                start = stop
+        self._segment_index = i
+        return position + end_of_view
 
     @property
     def sha256(self) -> str:
         """The hex digest of everything written so far."""
         return self._digest.hexdigest()
 
+    @property
+    def segment_sha256(self) -> dict[str, str]:
+        """Segment name → hex digest of its bytes (complete once the file is written)."""
+        return {name: d.hexdigest() for (name, _, _), d in zip(self._segments,
+                                                               self._segment_digests)}
+
     def sync(self) -> None:
         """fsync and close: the bytes are on disk."""
-        os.fsync(self._fd)
+        with disk_full_is_resource_exhausted(self.path):
+            os.fsync(self._fd)
         self.close()
 
     def close(self) -> None:

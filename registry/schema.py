@@ -84,6 +84,21 @@ class AliasRow(Base):
     version: Mapped[VersionRow] = relationship()
 
 
+class BlobHoldRow(Base):
+    """An upload's claim on a blob between placing the file and committing its version row.
+
+    Garbage collection deletes a blob only when no version row and no hold names it (checked
+    under the blob's lock, see ``repository``); a hold older than ``STALE_HOLD_S`` was left by
+    a crashed writer and is removed by ``paramserve check --repair``.
+    """
+
+    __tablename__ = "blob_holds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class RegistryState(Base):
     """One row: ``generation`` grows with every change, so replicas notice changes cheaply."""
 

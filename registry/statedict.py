@@ -12,22 +12,29 @@ so a reader gets every state_dict key back and ``load_into`` ties nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Mapping, Union
+from typing import BinaryIO, Iterator, Mapping, Union
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import tensorfile
-from .errors import DataLoss, FailedPrecondition, InvalidArgument, InvalidStateDict
+from .errors import (DataLoss, FailedPrecondition, InvalidArgument, InvalidStateDict,
+                     ResourceExhausted)
+from .limits import DEFAULT_LIMITS, Limits
 from .values import ManifestEntry, TensorSpec
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO,
                Mapping[str, torch.Tensor]]
 COPY_CHUNK_BYTES = 8 << 20
+# A blob the store wrote was bounded when it was uploaded, perhaps under larger limits than
+# today's: its header is read with the format's own bounds, and anything wrong is DataLoss.
+STORED_BLOB_LIMITS = Limits(max_header_entries=1 << 24, max_header_bytes=100_000_000)
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,10 @@ class UploadedState:
 class SafetensorsUpload(UploadedState):
     """A safetensors upload, copied byte for byte: no tensor is ever materialized."""
 
-    def __init__(self, file: BinaryIO, size: int, owns_file: bool):
+    def __init__(self, file: BinaryIO, size: int, owns_file: bool,
+                 limits: Limits = DEFAULT_LIMITS):
         self.file, self.owns_file = file, owns_file
-        self.header = tensorfile.read_header(file, size)
+        self.header = tensorfile.read_header(file, size, limits=limits)
         super().__init__({n: (e.dtype, e.shape) for n, e in self.header.entries.items()})
 
     def copy_to(self, name, out):
@@ -129,8 +137,9 @@ class TensorMappingUpload(UploadedState):
         return bytes(tensorfile.tensor_bytes(self.tensors[name]))
 
 
-def open_upload(source: Source) -> UploadedState:
-    """Detect the format of ``source`` and open it; bad or unsafe bytes → ``InvalidArgument``."""
+def open_upload(source: Source, limits: Limits = DEFAULT_LIMITS) -> UploadedState:
+    """Detect the format of ``source`` and open it; bad or unsafe bytes → ``InvalidArgument``;
+    a header over ``limits`` → ``ResourceExhausted``."""
     if isinstance(source, Mapping):
         return TensorMappingUpload(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -154,7 +163,7 @@ def open_upload(source: Source) -> UploadedState:
                 file.close()
             return TensorMappingUpload(tensors)
         if len(start) == 9 and start[8:9] == b"{":
-            return SafetensorsUpload(file, size, owns)
+            return SafetensorsUpload(file, size, owns, limits)
         raise InvalidArgument("upload is neither safetensors nor a torch.save'd state_dict "
                               f"(it starts with {start[:8]!r}); save with "
                               "safetensors.torch.save_file or torch.save(model.state_dict())")
@@ -221,6 +230,12 @@ class CanonicalPlan:
     header: bytes
     sources: list[tuple[str, str]]  # (stored name, the upload's name holding its data)
     manifest: list[ManifestEntry]
+    segments: tuple[tuple[str, int, int], ...] = ()  # (stored name, begin, end) in the file
+
+    def manifest_with(self, digests: Mapping[str, str]) -> list[ManifestEntry]:
+        """The manifest with each key's stored-bytes sha256 (a tied key: its kept key's)."""
+        return [dataclasses.replace(e, sha256=digests.get(e.tied_to or e.name))
+                for e in self.manifest]
 
 
 def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalPlan:
@@ -235,7 +250,12 @@ def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalP
         dtype, shape = upload.specs[source[kept or name]]
         manifest.append(ManifestEntry(name, TensorSpec(tuple(shape), tensorfile.dtype_name(dtype)),
                                       kept))
-    return CanonicalPlan(header, [(n, source[n]) for n in order], manifest)
+    segments, offset = [], len(header)
+    for name, dtype, shape in specs:
+        nbytes = tensorfile.nbytes_of(dtype, shape)
+        segments.append((name, offset, offset + nbytes))
+        offset += nbytes
+    return CanonicalPlan(header, [(n, source[n]) for n in order], manifest, tuple(segments))
 
 
 def write_canonical(out: BinaryIO, upload: UploadedState, plan: CanonicalPlan) -> None:
@@ -260,9 +280,15 @@ def load_into(module: nn.Module, reader, model: str) -> None:
     The module may be built on the meta device: it is then given CPU memory here, once, and
     filled straight from the file (no second copy of the parameters). Lazy parameters take the
     stored shapes; tied parameters get their data once. The blob's sha256 is checked when the
-    last byte has been read.
+    last byte has been read. Whatever is wrong with the bytes is ``DataLoss`` naming the blob.
     """
-    header = tensorfile.read_header(reader)
+    with stored_blob(reader.path):
+        _load_into(module, reader, model)
+    finish_lazy_modules(module)
+
+
+def _load_into(module: nn.Module, reader, model: str) -> None:
+    header = read_stored_header(reader, reader.size_bytes)
     state = module.state_dict(keep_vars=True)
     stored = set(header.entries) | set(header.metadata)
     if stored != set(state):
@@ -296,12 +322,16 @@ def load_into(module: nn.Module, reader, model: str) -> None:
             with torch.no_grad():
                 state[name].data.copy_(state[kept].data)
     reader.finish()
-    finish_lazy_modules(module)
 
 
 def read_state_dict(reader) -> dict[str, torch.Tensor]:
     """A blob as a plain state_dict; tied keys map to the same tensor object."""
-    header = tensorfile.read_header(reader)
+    with stored_blob(reader.path):
+        return _read_state_dict(reader)
+
+
+def _read_state_dict(reader) -> dict[str, torch.Tensor]:
+    header = read_stored_header(reader, reader.size_bytes)
     tensors: dict[str, torch.Tensor] = {}
     for entry in sorted(header.entries.values(), key=lambda e: e.begin):
         tensor = torch.empty(entry.shape, dtype=entry.dtype)
@@ -313,6 +343,22 @@ def read_state_dict(reader) -> dict[str, torch.Tensor]:
         tensors[name] = tensors[kept]
     reader.finish()
     return tensors
+
+
+@contextmanager
+def stored_blob(path) -> Iterator[None]:
+    """Errors of the format while reading a blob the store wrote are ``DataLoss`` naming it
+    (the same errors in an upload are the client's: ``InvalidArgument``)."""
+    try:
+        yield
+    except (InvalidArgument, ResourceExhausted) as err:
+        raise DataLoss(f"blob {path} is damaged: {str(err).splitlines()[0][:200]}; restore it "
+                       "from a backup or delete the version that refers to it") from err
+
+
+def read_stored_header(file: BinaryIO, size_bytes: int) -> tensorfile.Header:
+    """The header of a stored blob (call inside ``stored_blob``)."""
+    return tensorfile.read_header(file, size_bytes, limits=STORED_BLOB_LIMITS)
 
 
 def module_upload(module: nn.Module) -> tuple[UploadedState, ExpectedState]:

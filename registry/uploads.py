@@ -25,19 +25,32 @@ import struct
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol, Sequence
 
 from . import tensorfile
-from .blobs import TEMP_SUFFIX
+from .blobs import TEMP_SUFFIX, BlobStore
 from .errors import FailedPrecondition, InvalidArgument
 from .fileio import HashingWriter
-from .statedict import CanonicalPlan, UploadedState, canonical_plan, validate
-from .values import ModelInfo, VersionInfo
-
-if TYPE_CHECKING:
-    from .store import Store
+from .limits import Limits
+from .shapes import ShapeOracle
+from .statedict import CanonicalPlan, Source, UploadedState, canonical_plan, validate
+from .values import ManifestEntry, ModelInfo, VersionInfo
 
 HEADER_PEEK_LIMIT = 8 << 20  # a larger safetensors header is spooled, not held in memory
+
+
+class UploadTarget(Protocol):
+    """What an upload needs of the store (``Store`` is one)."""
+
+    limits: Limits
+    shapes: ShapeOracle
+    blobs: BlobStore
+
+    def upload(self, name: str, source: Source, alias: str | None = None) -> VersionInfo: ...
+
+    def add_version(self, name: str, blob: HashingWriter, manifest: Sequence[ManifestEntry],
+                    origin: str, parent: int | None = None, alias: str | None = None,
+                    first_only: bool = False) -> VersionInfo: ...
 
 
 class StreamedUpload:
@@ -47,7 +60,7 @@ class StreamedUpload:
     at a time. ``abort`` may come from any thread; it waits for a write in progress.
     """
 
-    def __init__(self, store: "Store", model: ModelInfo, size: int, alias: str | None,
+    def __init__(self, store: UploadTarget, model: ModelInfo, size: int, alias: str | None,
                  spool_dir: Path):
         self._store = store
         self.model = model
@@ -140,7 +153,7 @@ class StreamedUpload:
         if need is not None and len(self._prefix) >= need:
             plan = self._direct_plan(bytes(self._prefix[:need]))
         if plan is not None:
-            self._file = self._store.blobs.create()
+            self._file = self._store.blobs.create(plan.segments)
             self._plan = plan
         else:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +166,8 @@ class StreamedUpload:
         ``None`` when the upload must be spooled. Raises ``InvalidStateDict`` when it cannot
         fit, as ``Store.upload`` would, but before the rest of the bytes are sent."""
         try:
-            header = tensorfile.read_header(io.BytesIO(head), self.size)
+            header = tensorfile.read_header(io.BytesIO(head), self.size,
+                                            limits=self._store.limits)
         except InvalidArgument:
             return None  # the spooled path reports it, after the size and sha256 checks
         upload = UploadedState({n: (e.dtype, e.shape) for n, e in header.entries.items()})
@@ -169,9 +183,10 @@ class StreamedUpload:
         if self._plan is None:
             self._file.close()
             return self._store.upload(self.model.name, self._file.path, alias=self.alias)
-        blob = self._store.blobs.commit(self._file)
-        return self._store._add_version(self.model.name, blob, self._plan.manifest, "upload",
-                                        None, self.alias)
+        blob, self._file = self._file, None  # add_version owns it now
+        return self._store.add_version(self.model.name, blob,
+                                       self._plan.manifest_with(blob.segment_sha256), "upload",
+                                       alias=self.alias)
 
     def _discard(self) -> None:
         self._ended = True

@@ -144,7 +144,9 @@ def test_deleting_versions_keeps_shared_blobs_and_removes_unreferenced_ones(stor
                       alias="x")
     store.delete_version("m", 1)
     assert store.blobs.exists(v2.sha256)
-    store.delete_version("m", 3)
+    with pytest.raises(FailedPrecondition, match="'x'"):
+        store.delete_version("m", 3)  # an alias points at it
+    assert store.delete_version("m", 3, force=True) == ["x"]
     assert not store.blobs.exists(v3.sha256) and "x" not in store.get_model("m").aliases
     assert store.upload("m", state).number == 4  # numbers are never reused below the max
     store.delete_model("m")
