@@ -26,7 +26,7 @@ from torch.nn.parameter import UninitializedTensorMixin, is_lazy
 from . import architectures
 from .architectures import Architecture, seeded
 from .errors import InvalidArgument, ResourceExhausted
-from .limits import DEFAULT_LIMITS, Limits, brief, flag
+from .limits import DEFAULT_LIMITS, Limits, brief, flag, over
 from .schemes import apply_scheme, parse_scheme
 from .signature import INPUT_NAME, Signature, TensorSignature, output_signature
 from .statedict import ExpectedState

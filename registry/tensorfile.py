@@ -175,6 +175,9 @@ def read_header(file: BinaryIO, total_bytes: int | None = None,
     if not isinstance(parsed, dict):
         raise InvalidArgument("safetensors header must be a JSON object")
     metadata = parsed.pop("__metadata__", None) or {}
+    if len(parsed) > limits.max_header_entries:
+        raise ResourceExhausted(over("safetensors header entry count", len(parsed),
+                                     "max_header_entries", limits))
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise InvalidArgument("safetensors __metadata__ must map strings to strings")
