@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from paramserve.registry.errors import ParamserveError
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
@@ -43,6 +44,11 @@ INLINE_MAX_ELEMENTS = 1 << 16
 MAX_HOT_REFS = 4096
 
 Key = tuple  # (model name, model created_at, version number)
+
+
+class ModelUnavailable(ParamserveError):
+    """Explicit model control: the model is not loaded; RepositoryModelLoad makes it ready
+    (UNAVAILABLE, as Triton answers)."""
 
 
 def key_of(model: ModelInfo, version: VersionInfo) -> Key:

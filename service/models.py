@@ -22,25 +22,20 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from paramserve.registry import Store
-from paramserve.registry.errors import (FailedPrecondition, InvalidArgument, NotFound,
-                                        ParamserveError)
+from paramserve.registry.errors import FailedPrecondition, InvalidArgument, NotFound
 from paramserve.registry.refs import parse_ref
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
 from .batcher import Batcher
-from .loaded import (INLINE_FORWARD_S, INLINE_MAX_ELEMENTS, LoadedModel, LoadedModels, key_of,
-                     release_freed_memory)
+from .loaded import (INLINE_FORWARD_S, INLINE_MAX_ELEMENTS, LoadedModel, LoadedModels,
+                     ModelUnavailable, key_of, release_freed_memory)
 from .placement import Placement, module_bytes
 from .stats import Statistics
 
 log = logging.getLogger("paramserve")
 
 CONTROL_MODES = ("on-demand", "explicit")
-
-
-class ModelUnavailable(ParamserveError):
-    """Explicit model control: the model is not loaded; RepositoryModelLoad makes it ready."""
 
 
 class ModelManager:

@@ -4,8 +4,10 @@ model is ready, and what a batch does when its model misbehaves."""
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import json
 import re
+import sys
 import threading
 import time
 import urllib.request
@@ -92,6 +94,8 @@ def stub_of(client: Client):
 def user_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     (root / "user_archs.py").write_text(USER_ARCHITECTURES)
+    sys.path.insert(0, str(root))  # the test builds the same modules in-process
+    importlib.import_module("user_archs")
     srv = ServerProcess(root / "data", "--architectures", "user_archs",
                         env={"PYTHONPATH": str(root)})
     yield srv
