@@ -36,15 +36,22 @@ class Tokens:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokens":
+        """Read the token file; refuse it (naming the file and line) when a token is not
+        printable ASCII, the only thing gRPC metadata can carry."""
         full, read_only = [], []
         try:
-            lines = Path(path).read_text().splitlines()
+            lines = Path(path).read_bytes().splitlines()
         except OSError as err:
             raise InvalidArgument(f"cannot read --auth-token-file {path}: {err.strerror}") from err
-        for number, line in enumerate(lines, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
+        for number, raw in enumerate(lines, 1):
+            parts = raw.split()
+            if not parts or parts[0].startswith(b"#"):
                 continue
+            if not all(_printable_ascii(part) for part in parts):
+                raise InvalidArgument(f"--auth-token-file {path}, line {number}: a token must be "
+                                      "printable ASCII (gRPC metadata carries nothing else); "
+                                      "write it with letters, digits and punctuation only")
+            parts = [part.decode("ascii") for part in parts]
             if len(parts) > 2 or (len(parts) == 2 and parts[1] != "read"):
                 raise InvalidArgument(f"{path}:{number}: write TOKEN or 'TOKEN read'")
             (read_only if len(parts) == 2 else full).append(parts[0])
@@ -55,11 +62,12 @@ class Tokens:
     def role(self, token: str) -> str | None:
         """'full', 'read' or None, comparing in constant time."""
         found = None
+        given = token.encode("utf-8", "surrogateescape")  # bytes: any text compares, no raise
         for candidate in self.full:
-            if hmac.compare_digest(candidate, token):
+            if hmac.compare_digest(candidate.encode("ascii"), given):
                 found = "full"
         for candidate in self.read_only:
-            if hmac.compare_digest(candidate, token) and found is None:
+            if hmac.compare_digest(candidate.encode("ascii"), given) and found is None:
                 found = "read"
         return found
 
@@ -87,6 +95,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
                          "missing or unknown token: send 'authorization: Bearer <token>' "
                          "metadata (paramserve --token / PARAMSERVE_TOKEN)")
+
+
+def _printable_ascii(word: bytes) -> bool:
+    return all(0x21 <= byte <= 0x7E for byte in word)
 
 
 def _bearer(metadata) -> str:

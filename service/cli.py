@@ -12,7 +12,11 @@ from dataclasses import asdict
 from .config import add_server_flags, env
 
 EXIT_ERROR = 1
-EXIT_UNREACHABLE = 3
+EXIT_USAGE = 2        # a bad flag, or a bad file a flag names (as argparse's own errors)
+EXIT_UNREACHABLE = 3  # no answer in time: UNAVAILABLE or DEADLINE_EXCEEDED
+EPILOG = ("exit status: 0 done; 1 an error the server (or the check) reported; 2 a bad command "
+          "line, or a bad file one of serve's flags names; 3 the server cannot be reached or did "
+          "not answer in time (UNAVAILABLE, DEADLINE_EXCEEDED); 130 interrupted")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,19 +36,37 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"paramserve: error: {message}", file=sys.stderr)
-        code = getattr(getattr(err, "code", None), "name", "")
-        return EXIT_UNREACHABLE if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else EXIT_ERROR
+        return EXIT_UNREACHABLE if _status_name(err) in ("UNAVAILABLE", "DEADLINE_EXCEEDED") \
+            else EXIT_ERROR
+
+
+def _status_name(err: Exception) -> str:
+    """The gRPC status an error came back as: ``ServerError.code``, or the class the client
+    turned the status into (DEADLINE_EXCEEDED comes back as ``DeadlineExceeded``)."""
+    code = getattr(err, "code", None)
+    if code is not None:
+        return getattr(code, "name", "")
+    from paramserve.registry.errors import ParamserveError
+
+    if not isinstance(err, ParamserveError):
+        return ""
+    from .errors import status_of
+
+    return status_of(err).name
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paramserve",
         description="Serve PyTorch modules and their versioned parameters over gRPC. "
-                    "REF is a version number or an alias; NAME@REF picks one (default: latest).")
+                    "REF is a version number or an alias; NAME@REF picks one (default: latest).",
+        epilog=EPILOG)
     parser.add_argument("--server", default=env("SERVER", "127.0.0.1:8001"),
                         help="server HOST:PORT for client commands (env PARAMSERVE_SERVER)")
     parser.add_argument("--timeout-s", type=float, default=60.0,
-                        help="deadline of one request in seconds (default 60)")
+                        help="deadline of one request in seconds (an upload gets more when it "
+                             "is large); a download's longest wait for its next chunk "
+                             "(default 60)")
     parser.add_argument("--token", default=env("TOKEN"),
                         help="bearer token for a server with --auth-token-file "
                              "(env PARAMSERVE_TOKEN)")
@@ -57,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
 
     def command(name, handler, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -138,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete = command("delete", cmd_delete, "delete a model, or one version with --version")
     delete.add_argument("name")
     delete.add_argument("--version", type=int)
+    delete.add_argument("--force", action="store_true",
+                        help="with --version: delete it even when aliases point at it, "
+                             "removing those aliases (printed)")
 
     check = command("check", cmd_check, "verify a data dir: every version has its blob with the "
                                         "right sha256, no alias dangles; --repair removes "
@@ -167,15 +192,23 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
     from .server import configure_logging, serve
 
+    from paramserve.registry.errors import InvalidArgument
+
+    from .errors import one_line
+
     config = ServerConfig.from_args(args)
     if config.workers < 1:
         raise ValueError("--workers must be 1 or more")
-    if config.workers > 1:
-        from .workers import serve_workers
+    try:
+        if config.workers > 1:
+            from .workers import serve_workers
 
-        return serve_workers(config)
-    configure_logging()
-    asyncio.run(serve(config))
+            return serve_workers(config)
+        configure_logging()
+        asyncio.run(serve(config))
+    except (InvalidArgument, ValueError) as err:  # a bad flag or flag file: before serving
+        print(f"paramserve: error: {one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -406,10 +439,13 @@ def cmd_infer(args) -> int:
 
 
 def cmd_delete(args) -> int:
+    if args.force and args.version is None:
+        raise ValueError("--force goes with --version N (a whole model goes with its aliases)")
     with _client(args) as client:
         if args.version is not None:
-            client.delete_version(args.name, args.version)
-            print(f"deleted {args.name} version {args.version}")
+            removed = client.delete_version(args.name, args.version, force=args.force)
+            print(f"deleted {args.name} version {args.version}"
+                  + (f"; removed aliases: {', '.join(removed)}" if removed else ""))
         else:
             client.delete_model(args.name)
             print(f"deleted model {args.name}")

@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -168,12 +170,15 @@ class Client:
             return _read_blob(blob, version.sha256)
 
     def _download_to(self, name, ref, path: Path, progress) -> VersionInfo:
+        """The stream has no overall deadline (its size is not known when it starts); a
+        watchdog cancels it when no chunk arrives for ``timeout_s`` instead."""
         request = pb.DownloadVersionRequest(model=name, ref=_ref(ref))
         digest, done, version, expected = hashlib.sha256(), 0, None, None
+        call = self.registry.DownloadVersion(request, timeout=None, metadata=self.metadata)
         try:
-            with open(path, "wb") as out:
-                for chunk in self.registry.DownloadVersion(request, timeout=None,
-                                                           metadata=self.metadata):
+            with open(path, "wb") as out, _Stall(call, self.timeout_s) as stall:
+                for chunk in call:
+                    stall.progress()
                     if chunk.WhichOneof("kind") == "header":
                         version = convert.version_from_proto(chunk.header.version)
                         expected = (chunk.header.sha256, chunk.header.size_bytes)
@@ -184,6 +189,11 @@ class Client:
                     if progress:
                         progress(done, expected[1])
         except grpc.RpcError as err:
+            if stall.fired:
+                raise ServerError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"download of {name!r} received nothing for "
+                                  f"{self.timeout_s:g} s (the client's timeout_s); "
+                                  "retry, or raise it") from None
             _raise_from(err)
         if version is None or (digest.hexdigest(), done) != expected:
             raise DataLoss(f"download of {name!r} arrived damaged (sha256 "
@@ -194,8 +204,12 @@ class Client:
         return [convert.version_from_proto(v) for v in
                 self._call(self.registry.ListVersions, pb.ListVersionsRequest(model=name)).versions]
 
-    def delete_version(self, name: str, number: int) -> None:
-        self._call(self.registry.DeleteVersion, pb.DeleteVersionRequest(model=name, number=number))
+    def delete_version(self, name: str, number: int, force: bool = False) -> list[str]:
+        """Delete version ``number``; one that aliases point at is refused
+        (``FailedPrecondition`` naming them) unless ``force``, which removes those aliases
+        too. Returns the aliases removed."""
+        return list(self._call(self.registry.DeleteVersion, pb.DeleteVersionRequest(
+            model=name, number=number, force=force)).removed_aliases)
 
     def set_alias(self, name: str, alias: str, number: int) -> VersionInfo:
         return convert.version_from_proto(self._call(
@@ -263,6 +277,39 @@ class Client:
     def model_metadata(self, name: str, ref: str | int | None = None):
         return self._call(self.inference.ModelMetadata,
                           inference_pb2.ModelMetadataRequest(name=name, version=_ref(ref)))
+
+
+class _Stall:
+    """Cancels a streaming ``call`` when ``progress()`` is not called for ``timeout_s``."""
+
+    def __init__(self, call, timeout_s: float):
+        self.call, self.timeout_s = call, timeout_s
+        self.fired = False
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="paramserve-download-watch",
+                                        daemon=True)
+
+    def __enter__(self) -> "_Stall":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            left = self._last + self.timeout_s - time.monotonic()
+            if left <= 0:
+                self.fired = True
+                self.call.cancel()
+                return
+            if self._done.wait(left):
+                return
 
 
 def _read(path: str | None) -> bytes | None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
+
+from paramserve.registry.limits import DEFAULT_LIMITS, Limits, flag
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -22,14 +25,20 @@ class ServerConfig:
     max_message_mb: int = 64
     max_upload_mb: int = 0
     max_concurrent_rpcs: int = 0
+    max_concurrent_uploads: int = 16
+    max_concurrent_downloads: int = 64
+    stream_idle_timeout_s: float = 30.0
+    max_status_chars: int = 1000
     max_tensor_elements: int = 1 << 28
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
     model_batching: tuple[str, ...] = field(default_factory=tuple)
     memory_budget_mb: int = 0
+    model_control_mode: str = "on-demand"
     worker_threads: int = 4
     workers: int = 1
+    worker_restart_limit: int = 5
     torch_threads: int = 0
     grace_s: float = 10.0
     sync_interval_s: float = 1.0
@@ -38,19 +47,47 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    # The core's bounds, one flag per field (--max-init-elements …), defaults from Limits().
+    limits: Limits = DEFAULT_LIMITS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
-        values = {f: getattr(args, f) for f in cls.__dataclass_fields__}
+        values = {f: getattr(args, f) for f in cls.__dataclass_fields__ if f != "limits"}
         values["architectures"] = tuple(values["architectures"] or ())
         values["model_batching"] = tuple(values["model_batching"] or ())
+        values["limits"] = Limits(**{f.name: getattr(args, f.name)
+                                     for f in dataclasses.fields(Limits)})
         return cls(**values)
+
+
+# What each Limits field bounds, for --help; a field without an entry still gets its flag.
+LIMIT_HELP = {
+    "max_init_elements": "parameter elements a lazy first request, an Initialize or an upload "
+                         "header may make the server materialize",
+    "max_input_rank": "dimensions of the input shape a dry run (lazy init) is made with",
+    "max_submodules": "submodules of one built model",
+    "max_header_entries": "entries in one safetensors header",
+    "max_header_bytes": "size of one safetensors header in bytes",
+    "max_config_bytes": "size of a model's config JSON in bytes",
+    "max_json_depth": "nesting depth of JSON a client sends (configs, headers)",
+    "max_description_chars": "length of a model's description in characters",
+    "max_scheme_chars": "length of an init scheme's text",
+    "max_index_chars": "length of a tensor index's text",
+}
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of ``paramserve serve``; each falls back to PARAMSERVE_<FLAG>."""
     d = ServerConfig()
     add = parser.add_argument
+
+    def option(field_name: str, help_text: str, default=None) -> None:
+        """A flag spelled once: its name, env variable and default come from the field."""
+        default = getattr(d, field_name) if default is None else default
+        env_name = field_name.upper()
+        kind = type(default)
+        add(flag(field_name), type=kind, default=kind(env(env_name, str(default))),
+            help=f"{help_text} (default {default}; env PARAMSERVE_{env_name})")
     add("--data-dir", default=env("DATA_DIR", d.data_dir),
         help="registry.db and blobs live here (default ./data; env PARAMSERVE_DATA_DIR)")
     add("--registry-url", default=env("REGISTRY_URL"),
@@ -71,8 +108,21 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="largest parameter upload in MiB, 0 = no limit (default 0)")
     add("--max-concurrent-rpcs", type=int,
         default=int(env("MAX_CONCURRENT_RPCS", str(d.max_concurrent_rpcs))),
-        help="RPCs served at once; more are answered RESOURCE_EXHAUSTED; 0 = no limit "
+        help="RPCs of the paramserve services served at once; more are answered "
+             "RESOURCE_EXHAUSTED; health and reflection are always answered; 0 = no limit "
              "(default 0)")
+    option("max_concurrent_uploads", "upload streams open at once; more are answered "
+           "RESOURCE_EXHAUSTED; bounds spool files and memory; 0 = no limit")
+    option("max_concurrent_downloads", "download streams open at once; more are answered "
+           "RESOURCE_EXHAUSTED; bounds open blob files; 0 = no limit")
+    option("stream_idle_timeout_s", "seconds a stream may wait on a client that sends (upload) "
+           "or reads (download) nothing; then it is closed (DEADLINE_EXCEEDED) and its temp "
+           "files removed; 0 = wait forever")
+    option("max_status_chars", "longest error message sent to a client; longer ones are cut "
+           "with a marker")
+    for limit in dataclasses.fields(Limits):
+        option(limit.name, LIMIT_HELP.get(limit.name, limit.name.replace("_", " ")),
+               getattr(DEFAULT_LIMITS, limit.name))
     add("--max-tensor-elements", type=int,
         default=int(env("MAX_TENSOR_ELEMENTS", str(d.max_tensor_elements))),
         help="largest input tensor, in elements (default 2^28)")
@@ -94,12 +144,20 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         default=int(env("MEMORY_BUDGET_MB", str(d.memory_budget_mb))),
         help="per-device budget for loaded models in MiB; least recently used are unloaded "
              "past it; 0 = no limit (default 0)")
+    add("--model-control-mode", choices=("on-demand", "explicit"),
+        default=env("MODEL_CONTROL_MODE", d.model_control_mode),
+        help="on-demand: a request loads what it needs and RepositoryModelUnload only frees "
+             "memory; explicit (Triton's): a model serves only after RepositoryModelLoad, and "
+             "unloaded means not ready (default on-demand; env PARAMSERVE_MODEL_CONTROL_MODE)")
     add("--worker-threads", type=int, default=int(env("WORKER_THREADS", str(d.worker_threads))),
         help="threads for store calls, model loads and transfers; forwards run on one compute "
              "thread per device (default 4)")
     add("--workers", type=int, default=int(env("WORKERS", str(d.workers))),
         help="server processes sharing the port (SO_REUSEPORT), each with its own loaded "
              "models; for hosts with many cores (default 1)")
+    option("worker_restart_limit", "with --workers: a worker that crashes this many times in "
+           "a row, each soon after it started, stops the server (exit 1) instead of being "
+           "restarted again with growing delays; 0 = restart forever")
     add("--torch-threads", type=int, default=int(env("TORCH_THREADS", str(d.torch_threads))),
         help="intra-op threads of each process's forwards; 0 = one core per worker is left "
              "to gRPC and the rest shared out: max(1, cores // workers - 1) (default 0)")

@@ -7,13 +7,13 @@ bytes to the store as they arrive.
 
 from __future__ import annotations
 
-import json
 import os
 
 from paramserve.protos import registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import all_architectures
 from paramserve.registry.errors import InvalidArgument
+from paramserve.registry.limits import load_config_json
 
 from . import convert
 from .models import ModelManager
@@ -25,12 +25,13 @@ MAX_DOWNLOAD_CHUNK_BYTES = 16 << 20
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     def __init__(self, manager: ModelManager, spool_dir: str, max_upload_bytes: int,
-                 metrics=None):
+                 metrics=None, stream_idle_timeout_s: float = 0.0):
         self.manager = manager
         self.store = manager.store
         self.spool_dir = spool_dir
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
+        self.idle_s = stream_idle_timeout_s
         os.makedirs(spool_dir, exist_ok=True)
 
     async def run_blocking(self, fn, *args, **kwargs):
@@ -41,15 +42,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             architectures=[convert.architecture_to_proto(a) for a in all_architectures()])
 
     async def CreateModel(self, request, context):
-        try:
-            config = json.loads(request.config_json) if request.config_json else {}
-        except json.JSONDecodeError as err:
-            raise InvalidArgument(f"config_json is not valid JSON: {err}") from err
-        if not isinstance(config, dict):
-            raise InvalidArgument("config_json must be a JSON object, e.g. {\"in_features\": 8}")
-        info = await self.run_blocking(self.store.create_model, request.name, request.architecture,
-                               config, init=request.init or "default", seed=request.seed,
-                               description=request.description)
+        # size and depth are checked before parsing: deep nesting never reaches json's recursion
+        config = (load_config_json(request.config_json, self.store.limits)
+                  if request.config_json else {})
+        info = await self.run_blocking(self.store.create_model, request.name,
+                                       request.architecture, config,
+                                       init=request.init or "default", seed=request.seed,
+                                       description=request.description)
         self.manager.forget(request.name)
         return convert.model_to_proto(info)
 
@@ -67,7 +66,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def UploadVersion(self, request_iterator, context):
         version, size = await receive_upload(request_iterator, self.store, self.run_blocking,
-                                             self.spool_dir, self.max_upload_bytes)
+                                             self.spool_dir, self.max_upload_bytes, self.idle_s)
         if self.metrics is not None:
             self.metrics.bytes_moved("upload", size)
         self.manager.forget(version.model)
@@ -98,9 +97,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.ListVersionsResponse(versions=[convert.version_to_proto(v) for v in versions])
 
     async def DeleteVersion(self, request, context):
-        await self.run_blocking(self.store.delete_version, request.model, request.number)
+        removed = await self.run_blocking(self.store.delete_version, request.model,
+                                          request.number, force=request.force)
         self.manager.forget(request.model, unload=True)
-        return pb.DeleteVersionResponse()
+        return pb.DeleteVersionResponse(removed_aliases=removed)
 
     async def SetAlias(self, request, context):
         version = await self.run_blocking(self.store.set_alias, request.model, request.alias,

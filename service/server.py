@@ -26,7 +26,8 @@ from paramserve.registry.errors import InvalidArgument
 from .config import (ServerConfig, join_address, parse_model_batching, split_address,
                      torch_threads_for)
 from .auth import AuthInterceptor, Tokens
-from .errors import guard
+from .errors import Edge, EdgeLimits, guard
+from .workers import refuse_if_taken
 from .inference import InferenceServicer
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
@@ -64,54 +65,58 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
     """Open the store, bind the ports (port 0: a free one) and start serving.
 
     ``reuse_port``: share the port with sibling worker processes (``--workers``); otherwise a
-    taken port is an error, not a silent second listener."""
+    taken port is an error, not a silent second listener. Whatever fails on the way closes
+    what was opened (store, threads, metrics port) before the error goes up."""
     torch.set_num_threads(torch_threads_for(config))
     for module in config.architectures:
         load_module(module)
     load_entry_points()
     placement = Placement(config.device)
-    store = Store(config.registry_url, data_dir=config.data_dir)
-    executor = ThreadPoolExecutor(max_workers=config.worker_threads,
-                                  thread_name_prefix="paramserve")
-    batching = BatchingPolicy(config.max_batch_size, config.max_queue_delay_us,
-                              config.max_queue_size, parse_model_batching(config.model_batching))
-    manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20, batching)
-    metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
-    message_bytes = config.max_message_mb << 20
-    interceptors = []  # none on the hot path unless tokens are on
-    if config.auth_token_file:
-        interceptors.append(AuthInterceptor(Tokens.from_file(config.auth_token_file),
-                                            config.auth_open_reads))
-    server = grpc.aio.server(
-        interceptors=interceptors or None,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
-        options=[("grpc.max_receive_message_length", message_bytes),
-                 ("grpc.max_send_message_length", message_bytes),
-                 ("grpc.so_reuseport", 1 if reuse_port else 0)])
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(guard(
-        InferenceServicer(manager, config.max_batch_size, config.max_tensor_elements, metrics),
-        metrics), server)
-    registry_pb2_grpc.add_RegistryServicer_to_server(guard(
-        RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
-                         config.max_upload_mb << 20, metrics), metrics), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(services, server)
-    address = join_address(*split_address(config.listen))
+    tokens = Tokens.from_file(config.auth_token_file) if config.auth_token_file else None
     credentials = server_credentials(config)
-    bound = (server.add_secure_port(address, credentials) if credentials
-             else server.add_insecure_port(address))
-    if bound == 0:
-        raise OSError(f"cannot listen on {config.listen}: the port is taken or the address "
-                      "is not on this machine")
-    metrics_http, metrics_port = None, None
-    if config.metrics_listen != "off":
-        metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
-    await server.start()
+    opened: list = []  # what to close, last opened first, if the start fails
+    server = None
+    try:
+        store = Store(config.registry_url, data_dir=config.data_dir, limits=config.limits)
+        opened.append(store.close)
+        executor = ThreadPoolExecutor(max_workers=config.worker_threads,
+                                      thread_name_prefix="paramserve")
+        opened.append(lambda: executor.shutdown(wait=True))
+        batching = BatchingPolicy(config.max_batch_size, config.max_queue_delay_us,
+                                  config.max_queue_size,
+                                  parse_model_batching(config.model_batching))
+        manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20,
+                               batching, config.model_control_mode)
+        opened.append(manager.shutdown)
+        metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
+        server = _grpc_server(config, tokens, reuse_port)
+        edge = Edge(edge_limits(config), metrics)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(guard(
+            InferenceServicer(manager, config.max_batch_size, config.max_tensor_elements,
+                              metrics), metrics, edge), server)
+        registry_pb2_grpc.add_RegistryServicer_to_server(guard(
+            RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
+                             config.max_upload_mb << 20, metrics, config.stream_idle_timeout_s),
+            metrics, edge), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                    registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(services, server)
+        bound = _bind(server, config, credentials, reuse_port)
+        metrics_http, metrics_port = None, None
+        if config.metrics_listen != "off":
+            metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
+            opened.append(metrics_http.shutdown)
+        await server.start()
+    except BaseException:
+        if server is not None:
+            await server.stop(None)
+        for close in reversed(opened):
+            close()
+        raise
     for name in services[:2] + [""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = None
@@ -119,6 +124,50 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
     return RunningServer(server, bound, metrics_port, store, executor, manager, health_servicer,
                          metrics_http, watcher)
+
+
+def edge_limits(config: ServerConfig) -> EdgeLimits:
+    """The limits the RPC wrapper enforces. gRPC's own ``maximum_concurrent_rpcs`` is not
+    used: it counts health checks and reflection too, so busy (or idle) streams would lock
+    the probes out."""
+    return EdgeLimits(
+        max_concurrent_rpcs=config.max_concurrent_rpcs,
+        per_method={"UploadVersion": (config.max_concurrent_uploads,
+                                      "--max-concurrent-uploads"),
+                    "DownloadVersion": (config.max_concurrent_downloads,
+                                        "--max-concurrent-downloads")},
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        max_status_chars=config.max_status_chars)
+
+
+def _grpc_server(config: ServerConfig, tokens: Tokens | None, reuse_port: bool):
+    message_bytes = config.max_message_mb << 20
+    interceptors = []  # none on the hot path unless tokens are on
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens, config.auth_open_reads))
+    return grpc.aio.server(
+        interceptors=interceptors or None,
+        options=[("grpc.max_receive_message_length", message_bytes),
+                 ("grpc.max_send_message_length", message_bytes),
+                 ("grpc.so_reuseport", 1 if reuse_port else 0)])
+
+
+def _bind(server, config: ServerConfig, credentials, reuse_port: bool) -> int:
+    """The bound port; one line naming the address when it cannot be had (grpcio before
+    1.6x returns 0, newer ones raise RuntimeError)."""
+    host, port = split_address(config.listen)
+    if port and not reuse_port:
+        refuse_if_taken(host, port, config.listen)
+    address = join_address(host, port)
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.listen}: the port is taken or the address "
+                      "is not on this machine (pick another with --listen)")
+    return bound
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -6,7 +6,9 @@ which hashes and writes them, in the worker pool. The first bytes are awaited on
 pick the path and may refuse the upload at once); after that the chunks go in batches: while
 one batch is written the next chunks are received. At most ``MAX_PENDING_BYTES`` wait; then
 the stream waits too, so gRPC flow control slows the client and memory stays flat whatever
-the upload's size.
+the upload's size. A client that sends nothing for ``idle_s`` seconds ends its upload with
+DEADLINE_EXCEEDED (``StreamIdle``), its temp file removed: it is the server's deadline that
+passed, not a cancellation the client asked for.
 """
 
 from __future__ import annotations
@@ -19,20 +21,26 @@ from paramserve.registry import Store
 from paramserve.registry.errors import InvalidArgument, ResourceExhausted
 from paramserve.registry.values import VersionInfo
 
+from .batcher import DeadlineExceeded
+
 MAX_PENDING_BYTES = 2 << 20
 RunBlocking = Callable[..., Awaitable]
 
 
+class StreamIdle(DeadlineExceeded):
+    """The client sent nothing for ``--stream-idle-timeout-s``."""
+
+
 async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_dir: str,
-                         max_upload_bytes: int) -> tuple[VersionInfo, int]:
+                         max_upload_bytes: int, idle_s: float = 0.0) -> tuple[VersionInfo, int]:
     """Read the stream and store it as a version; returns it and the bytes received.
 
-    Any error (a lie in the stream, a bad state_dict, a cancelled call) ends the upload with
-    nothing stored and no temp file left.
+    Any error (a lie in the stream, a bad state_dict, a cancelled call, ``idle_s`` seconds
+    without a message) ends the upload with nothing stored and no temp file left.
     """
     header, sha256, trailer_seen, upload, batches = None, "", False, None, None
     try:
-        async for chunk in chunks:
+        async for chunk in _until_idle(chunks, idle_s):
             kind = chunk.WhichOneof("kind")
             if kind == "header":
                 if header is not None:
@@ -70,6 +78,22 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
     finally:
         if upload is not None:  # waits for a write in flight, then removes what was written
             await asyncio.shield(run_blocking(upload.abort))
+
+
+async def _until_idle(chunks, idle_s: float):
+    """``chunks``, or ``StreamIdle`` when the next one takes more than ``idle_s`` (0: no
+    limit). Only the wait for the client counts, not the server's own writes."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(idle_s or None):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamIdle(f"upload stream sent nothing for {idle_s:g} s, the server's limit "
+                             "(--stream-idle-timeout-s); nothing was stored") from None
+        yield chunk
 
 
 def _check_header(header: pb.UploadHeader, max_upload_bytes: int) -> None:

@@ -18,11 +18,15 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 from .config import ServerConfig, join_address, split_address
 
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0        # after a first crash; doubled for each further one in a row
+MAX_RESTART_DELAY_S = 60.0
+STEADY_S = 60.0              # a worker that dies after serving this long starts a new count
 START_TIMEOUT_S = 300.0
+POLL_S = 0.2
 
 
 def reserve_port(config: ServerConfig) -> socket.socket:
@@ -31,7 +35,7 @@ def reserve_port(config: ServerConfig) -> socket.socket:
     host, port = split_address(config.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
-        _refuse_if_taken(family, host, port, config.listen)
+        refuse_if_taken(host, port, config.listen)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
@@ -42,15 +46,18 @@ def reserve_port(config: ServerConfig) -> socket.socket:
     return sock
 
 
-def _refuse_if_taken(family, host: str, port: int, listen: str) -> None:
+def refuse_if_taken(host: str, port: int, listen: str) -> None:
     """SO_REUSEPORT would let a second server of the same user join a port already serving
-    and silently take half its connections: probe with a plain bind first."""
+    and silently take half its connections: probe with a plain bind first. (The server's own
+    bind probes too: gRPC would log a multi-line error of its own before failing.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise OSError(f"cannot listen on {listen}: {err.strerror} (another server?)") from None
+            raise OSError(f"cannot listen on {listen}: {err.strerror} (another server? pick "
+                          "another port with --listen)") from None
 
 
 def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
@@ -89,36 +96,90 @@ def _stop_with_supervisor() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@dataclass
+class _Worker:
+    """One worker slot: its process while it runs, and its record of crashes."""
+
+    index: int
+    process: multiprocessing.Process | None = None
+    ready: object | None = None         # the pipe end it announces itself on, until it serves
+    started_at: float = 0.0
+    crashes: int = 0                    # in a row, each within STEADY_S of starting
+    restart_at: float | None = None     # when to start it again after a crash
+    metrics_port: int | None = None
+
+
 class Supervisor:
+    """Starts, watches and restarts the workers without ever blocking on one: a worker that
+    takes minutes to start does not delay noticing that another died, nor a SIGTERM. A
+    worker that keeps crashing is restarted after 1, 2, 4 … (at most 60) seconds, and after
+    ``--worker-restart-limit`` crashes in a row the supervisor gives up and exits 1."""
+
     def __init__(self, config: ServerConfig):
         self.config = config
         self.context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         self.port_socket = reserve_port(config)
         self.port = self.port_socket.getsockname()[1]
-        self.workers: dict[int, multiprocessing.Process] = {}
+        self.workers = [_Worker(i) for i in range(config.workers)]
         self.stopping = False
 
-    def start_worker(self, index: int) -> int | None:
-        """Start worker ``index`` and wait until it serves; returns its metrics port."""
-        from .server import metrics_label
+    def launch(self, worker: _Worker) -> None:
+        """Start ``worker``'s process; it reports on its pipe once it serves."""
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=_worker_main, name=f"paramserve-worker-{index}", daemon=False,
-            args=(worker_config(self.config, index, self.port), index, send))
+            target=_worker_main, name=f"paramserve-worker-{worker.index}", daemon=False,
+            args=(worker_config(self.config, worker.index, self.port), worker.index, send))
         process.start()
         send.close()
-        self.workers[index] = process
-        if not receive.poll(START_TIMEOUT_S):
-            raise RuntimeError(f"worker {index} did not start within {START_TIMEOUT_S:g} s")
-        try:
-            metrics_port = receive.recv()
-        except EOFError:
-            process.join(10)
-            raise RuntimeError(f"worker {index} exited with code {process.exitcode} before "
-                               "serving; its error is above") from None
-        print(f"paramserve: worker {index} (pid {process.pid}) serving; metrics "
-              f"{metrics_label(self.config, metrics_port)}", file=sys.stderr, flush=True)
-        return metrics_port
+        worker.process, worker.ready = process, receive
+        worker.started_at, worker.restart_at = time.monotonic(), None
+
+    def check(self, worker: _Worker, now: float) -> str | None:
+        """Look at ``worker`` without waiting: a line saying why it stopped, or None while it
+        starts or serves. Announces a worker that has just begun to serve."""
+        from .server import metrics_label
+
+        process = worker.process
+        if worker.ready is not None:
+            if worker.ready.poll(0):  # a message, or the end of the pipe: it died
+                receive, worker.ready = worker.ready, None
+                try:
+                    worker.metrics_port = receive.recv()
+                except EOFError:
+                    process.join(2)  # it is exiting: the pipe closed with it
+                    return (f"worker {worker.index} exited with code {process.exitcode} before "
+                            "serving; its error is above")
+                finally:
+                    receive.close()
+                print(f"paramserve: worker {worker.index} (pid {process.pid}) serving; metrics "
+                      f"{metrics_label(self.config, worker.metrics_port)}", file=sys.stderr,
+                      flush=True)
+                return None
+            if now - worker.started_at > START_TIMEOUT_S:
+                process.kill()
+                process.join()
+                worker.ready.close()
+                worker.ready = None
+                return f"worker {worker.index} did not start within {START_TIMEOUT_S:g} s"
+            return None
+        if process.is_alive():
+            return None
+        return f"worker {worker.index} exited with code {process.exitcode}"
+
+    def crashed(self, worker: _Worker, why: str, now: float) -> str | None:
+        """Schedule ``worker``'s restart after a growing delay; returns the line giving up
+        when it has crashed ``--worker-restart-limit`` times in a row."""
+        worker.crashes = worker.crashes + 1 if now - worker.started_at < STEADY_S else 1
+        worker.metrics_port = None
+        limit = self.config.worker_restart_limit
+        if limit and worker.crashes >= limit:
+            return (f"{why}; it crashed {worker.crashes} times in a row, each within "
+                    f"{STEADY_S:g} s of starting: giving up (--worker-restart-limit {limit}); "
+                    "fix the cause and start again")
+        delay_s = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (worker.crashes - 1))
+        worker.restart_at = now + delay_s
+        print(f"paramserve: {why}; restarting it in {delay_s:g} s", file=sys.stderr, flush=True)
+        return None
 
     def run(self) -> int:
         from .server import listening_line
@@ -126,30 +187,55 @@ class Supervisor:
         self._prepare_registry()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        try:
-            metrics_ports = [self.start_worker(i) for i in range(self.config.workers)]
-        except RuntimeError as err:
-            print(f"paramserve: {err}", file=sys.stderr, flush=True)
+        for worker in self.workers:
+            self.launch(worker)
+        failed = self._wait_until_all_serve()
+        if failed is not None:
+            print(f"paramserve: {failed}", file=sys.stderr, flush=True)
             self._stop_all()
             return 1
-        line = listening_line(self.config, self.port, metrics_ports[0],
-                              f", {self.config.workers} workers")
-        print(f"paramserve listening on {line}", flush=True)
-        while not self.stopping:
-            time.sleep(0.2)
-            for index, process in list(self.workers.items()):
-                if process.is_alive() or self.stopping:
-                    continue
-                print(f"paramserve: worker {index} exited with code {process.exitcode}; "
-                      "restarting it", file=sys.stderr, flush=True)
-                time.sleep(RESTART_DELAY_S)
-                try:
-                    self.start_worker(index)
-                except RuntimeError as err:
-                    print(f"paramserve: {err}", file=sys.stderr, flush=True)
+        if not self.stopping:
+            line = listening_line(self.config, self.port, self.workers[0].metrics_port,
+                                  f", {self.config.workers} workers")
+            print(f"paramserve listening on {line}", flush=True)
+        gave_up = self._supervise()
         self._stop_all()
+        if gave_up is not None:
+            print(f"paramserve: {gave_up}", file=sys.stderr, flush=True)
+            return 1
         print("paramserve: stopped", file=sys.stderr, flush=True)
         return 0
+
+    def _wait_until_all_serve(self) -> str | None:
+        """The first start: any worker that fails it stops the server (a bad setting, most
+        likely, that a restart would only repeat)."""
+        while not self.stopping and any(w.ready is not None for w in self.workers):
+            time.sleep(POLL_S)
+            for worker in self.workers:
+                if worker.ready is not None:
+                    failed = self.check(worker, time.monotonic())
+                    if failed is not None:
+                        return failed
+        return None
+
+    def _supervise(self) -> str | None:
+        """Until SIGTERM: restart what died, when its delay is over; None, or why it gave up."""
+        while not self.stopping:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            for worker in self.workers:
+                if self.stopping:
+                    break
+                if worker.restart_at is not None:
+                    if now >= worker.restart_at:
+                        self.launch(worker)
+                    continue
+                stopped = self.check(worker, now)
+                if stopped is not None:
+                    gave_up = self.crashed(worker, stopped, now)
+                    if gave_up is not None:
+                        return gave_up
+        return None
 
     def _prepare_registry(self) -> None:
         """Create or check the schema once, here, rather than N workers racing to."""
@@ -161,11 +247,12 @@ class Supervisor:
         self.stopping = True
 
     def _stop_all(self) -> None:
-        for process in self.workers.values():
+        processes = [w.process for w in self.workers if w.process is not None]
+        for process in processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: each worker finishes its in-flight requests
         deadline = time.monotonic() + self.config.grace_s + 5
-        for process in self.workers.values():
+        for process in processes:
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
@@ -174,4 +261,8 @@ class Supervisor:
 
 
 def serve_workers(config: ServerConfig) -> int:
+    if config.auth_token_file:  # refused here, once, rather than by every worker
+        from .auth import Tokens
+
+        Tokens.from_file(config.auth_token_file)
     return Supervisor(config).run()

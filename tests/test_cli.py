@@ -72,3 +72,25 @@ def test_errors_print_one_line_and_exit_non_zero(server, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and result.stderr.count("\n") == 1
     assert "UNAVAILABLE" in result.stderr
+
+
+def test_delete_of_an_aliased_version_needs_force_and_says_what_it_removed(server, tmp_path):
+    from paramserve.service.client import Client
+
+    path = tmp_path / "small.safetensors"
+    save_file(reference_module("small_mlp", False).state_dict(), str(path))
+    cli(server, "create", "aliased", "--architecture", "small_mlp")
+    cli(server, "upload", "aliased", str(path), "--alias", "production", "--quiet")
+    cli(server, "alias", "aliased", "staging", "1")
+    refused = cli(server, "delete", "aliased", "--version", "1", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "production" in refused.stderr and "staging" in refused.stderr
+    assert "--force" in refused.stderr
+    with Client(server.address) as client:
+        assert [v.number for v in client.list_versions("aliased")] == [1]
+    done = cli(server, "delete", "aliased", "--version", "1", "--force")
+    assert "deleted aliased version 1" in done.stdout
+    assert "removed aliases: production, staging" in done.stdout
+    with Client(server.address) as client:
+        assert client.list_versions("aliased") == []
+        assert client.get_model("aliased").aliases == {}

@@ -126,3 +126,28 @@ def _alive(pid: int) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_a_crash_looping_worker_makes_the_supervisor_give_up(tmp_path):
+    """Restarts back off, and a worker that keeps dying soon after it starts stops the
+    server with one line instead of being restarted forever."""
+    srv = ServerProcess(tmp_path / "data", "--workers", "2", "--worker-restart-limit", "2")
+    try:
+        victim = next(pid for index, pid, _ in worker_lines(srv) if index == 0)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len([pid for index, pid, _ in worker_lines(srv) if index == 0]) < 2:
+            assert time.monotonic() < deadline, srv.log_path.read_text()
+            time.sleep(0.1)
+        replacement = [pid for index, pid, _ in worker_lines(srv) if index == 0][-1]
+        assert "restarting it in 1 s" in srv.log_path.read_text()
+        os.kill(replacement, signal.SIGKILL)
+        assert srv.proc.wait(60) == 1
+        log = srv.log_path.read_text()
+        last = log.strip().splitlines()[-1]
+        assert "worker 0" in last and "giving up" in last and "--worker-restart-limit 2" in last
+        assert "Traceback" not in log
+        for _, pid, _ in worker_lines(srv):
+            assert not _alive(pid), f"worker {pid} outlived the supervisor"
+    finally:
+        srv.stop()
