@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import select, update
 
 from paramserve.protos import inference_pb2 as ipb
@@ -120,6 +121,32 @@ def test_names_are_checked_before_any_lookup_reaches_sql(any_store):
     with pytest.raises(InvalidArgument, match="NUL"):
         store.create_model("d", "small_mlp", description="a\x00b")
     assert [m.name for m in store.list_models()] == ["m"]
+
+
+REFS = st.one_of(st.none(), st.text(max_size=40),
+                 st.text(alphabet="0123456789²٠١\x00\n-", max_size=40),
+                 st.integers(min_value=-2**70, max_value=2**70))
+
+
+def test_any_ref_or_name_is_found_not_found_or_invalid_never_a_driver_error(any_store):
+    store = any_store
+    store.create_model("m", "small_mlp")
+    store.upload("m", small_state(), alias="production")
+
+    @settings(max_examples=120, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.one_of(st.just("m"), st.text(max_size=30)), ref=REFS)
+    def probe(name, ref):
+        for call in (lambda: store.resolve(name, ref), lambda: store.version_or_none(name, ref),
+                     lambda: store.tensor(name, "0.bias", ref), lambda: store.get_model(name),
+                     lambda: store.delete_alias("m", name) if name != "production" else None):
+            try:
+                call()
+            except (InvalidArgument, NotFound):
+                pass
+
+    probe()
+    assert store.resolve("m", "production").number == 1
 
 
 def test_bad_refs_and_names_answer_invalid_argument_through_the_server(client, model_name):
