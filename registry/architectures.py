@@ -92,6 +92,10 @@ class Architecture:
             if not low <= value <= high:
                 raise InvalidArgument(f"config {key!r} of {self.name!r} is {brief(value, 30)},"
                                       f" out of its range [{low}, {high}]")
+        elif key == LAZY_KEY and key in self.defaults:
+            if value is not None and not (type(value) is int and 1 <= value <= INT64_MAX):
+                raise InvalidArgument(f"config {key!r} of {self.name!r} is the input width: a "
+                                      f"positive integer or null (lazy), not {brief(value, 40)}")
         elif type(value) is int and not INT64_MIN <= value <= INT64_MAX:
             raise InvalidArgument(f"config {key!r} of {self.name!r} must fit in 64 bits")
 

@@ -210,6 +210,21 @@ def test_architectures_declare_their_bounds():
                                    bounds={"width": (1, 2)})(lambda: torch.nn.Identity())
 
 
+def test_a_user_architectures_input_width_is_a_positive_integer_or_null(store):
+    @architectures.architecture("unbounded_user_net", defaults={"in_features": 4, "seed": 0},
+                                example_input_shape=(2, 4), replace=True)
+    def unbounded(in_features, seed):
+        return torch.nn.LazyLinear(2) if in_features is None else torch.nn.Linear(in_features, 2)
+
+    for width in (True, 0, 2.5, "4", 2**70):
+        with pytest.raises(InvalidArgument, match="input width|64 bits"):
+            store.create_model("u", "unbounded_user_net", {"in_features": width})
+    with pytest.raises(InvalidArgument, match="64 bits"):
+        store.create_model("u", "unbounded_user_net", {"seed": -2**64})
+    store.create_model("u", "unbounded_user_net", {"in_features": None, "seed": -5})
+    assert [m.name for m in store.list_models()] == ["u"]
+
+
 def test_too_many_submodules_are_refused_from_the_meta_build():
     oracle = ShapeOracle(Limits(max_submodules=20))
     oracle.check_build(architectures.get("rgnet"), {"blocks": 2})
