@@ -45,6 +45,12 @@ class Limits:
     max_scheme_chars: int = 256
     max_index_chars: int = 256
 
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if type(value) is not int or value < 1:
+                raise ValueError(f"Limits.{name} ({flag(name)}) must be a positive integer, "
+                                 f"not {value!r}")
+
 
 DEFAULT_LIMITS = Limits()
 

@@ -488,3 +488,10 @@ def test_out_of_range_seeds_are_invalid_argument(store):
     with pytest.raises(InvalidArgument, match="seed"):
         store.initialize("m", "normal(0, 1)", seed=2**70)
 
+
+
+def test_limits_are_positive_integers_named_by_their_flag():
+    assert Limits(max_init_elements=5).max_init_elements == 5
+    with pytest.raises(ValueError, match=r"max_json_depth \(--max-json-depth\) must be a "
+                                         "positive integer"):
+        Limits(max_json_depth=0)
