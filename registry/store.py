@@ -33,8 +33,8 @@ from .fileio import HashingWriter
 from .gc import BlobCollector
 from .inspect import parameter_infos
 from .limits import DEFAULT_LIMITS, Limits, check_config, over
-from .names import LATEST, check_alias, check_name, check_text  # noqa: F401  (LATEST)
-from .operations import PATCH_OPS, Operations  # noqa: F401  (PATCH_OPS: public constant)
+from .names import check_alias, check_name, check_text
+from .operations import Operations
 from .queries import module_tree_of, parameter_infos_of, read_tensor
 from .refs import parse_ref
 from .repository import Repository
@@ -98,8 +98,8 @@ class Store:
             check_config(config, self.limits)
         arch = architectures.get(architecture)
         resolved = arch.resolve_config(config)
-        scheme = parse_scheme(init)
-        arch.build(resolved, device="meta")  # a bad config is refused now, not at first use
+        scheme = parse_scheme(init, self.limits)
+        self.shapes.check_build(arch, resolved)  # a bad or too big config is refused now (meta)
         return self.repository.create_model(name, architecture, resolved, str(scheme),
                                             int(seed), description)
 
