@@ -28,7 +28,7 @@ from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from .statedict import ExpectedState, finish_lazy_modules, read_stored_header, stored_blob
 from .values import ManifestEntry, ModelInfo, ParameterInfo, TensorStats, VersionInfo
 
-STATS_CHUNK_BYTES = 4 << 20  # a multiple of every element size
+STATS_CHUNK_BYTES = 1 << 20  # a multiple of every element size
 
 
 def meta_module(model: ModelInfo, version: VersionInfo) -> nn.Module:
@@ -89,11 +89,11 @@ class StatsAccumulator:
         n = chunk.numel()
         if n == 0:
             return
-        values = chunk.to(torch.float64)
+        values = chunk.to(torch.float64, copy=True)  # one float64 temporary, reused in place
         total = values.sum().item()
         mean = total / n
-        m2 = (values - mean).square().sum().item()
         low, high = values.min().item(), values.max().item()
+        m2 = values.sub_(mean).square_().sum().item()
         if self.count:
             merged = self.count + n
             delta = mean - self.mean
