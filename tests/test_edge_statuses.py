@@ -24,7 +24,6 @@ from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import get_architecture
 from paramserve.registry.tensorfile import write_tensors
 
-from conftest import ServerProcess
 from test_streams_lifecycle import NOT_SAFETENSORS, request_count, spool, wait_for
 
 
@@ -169,3 +168,27 @@ def test_the_cli_exits_3_when_the_server_does_not_answer_in_time():
     help_text = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert "DEADLINE_EXCEEDED" in help_text and "3 the server" in " ".join(help_text.split())
+
+
+def test_a_download_that_receives_nothing_gives_up_after_the_clients_timeout(tmp_path):
+    from paramserve.service.client import Client, ServerError
+
+    outcome = []
+
+    def download(address: str) -> None:
+        with Client(address, timeout_s=1) as client:
+            try:
+                client.download("m", path=tmp_path / "m.safetensors")
+            except ServerError as err:
+                outcome.append(err)
+
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        worker = threading.Thread(target=download, daemon=True,
+                                  args=(f"127.0.0.1:{silent.getsockname()[1]}",))
+        worker.start()
+        worker.join(30)
+    assert not worker.is_alive(), "the download waited with no deadline"
+    assert outcome and outcome[0].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timeout_s" in str(outcome[0]) and not (tmp_path / "m.safetensors").exists()
