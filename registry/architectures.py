@@ -206,9 +206,10 @@ def get(name: str) -> Architecture:
     _ensure_builtins()
     try:
         return _ARCHITECTURES[name]
-    except KeyError:
-        raise NotFound(f"architecture {name!r} is not registered; known: {sorted(_ARCHITECTURES)}"
-                       " (add your own with --architectures your.module)") from None
+    except (KeyError, TypeError):  # TypeError: not a name at all (unhashable)
+        raise NotFound(f"architecture {brief(name)} is not registered; known: "
+                       f"{str(sorted(_ARCHITECTURES))[:600]} (add your own with "
+                       "--architectures your.module)") from None
 
 
 def all_architectures() -> list[Architecture]:

@@ -16,7 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from paramserve.registry import InvalidArgument, ResourceExhausted, Store, architectures
+from paramserve.registry import (InvalidArgument, NotFound, ResourceExhausted, Store,
+                                 architectures)
 from paramserve.registry.limits import Limits, check_config, json_outline, load_config_json
 from paramserve.registry.schemes import apply_scheme, parse_scheme
 from paramserve.registry.shapes import ShapeOracle
@@ -495,3 +496,9 @@ def test_limits_are_positive_integers_named_by_their_flag():
     with pytest.raises(ValueError, match=r"max_json_depth \(--max-json-depth\) must be a "
                                          "positive integer"):
         Limits(max_json_depth=0)
+
+
+def test_an_unknown_architecture_name_is_not_echoed_whole(store):
+    with pytest.raises(NotFound, match="is not registered; known: \\['") as raised:
+        store.create_model("m", "x" * 100_000)
+    assert len(str(raised.value)) < 800
