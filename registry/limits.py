@@ -151,7 +151,8 @@ def loads_bounded(raw: bytes | str, what: str) -> Any:
     """``json.loads`` that refuses NaN/Infinity, non-finite floats and integers beyond int64;
     every failure is ``InvalidArgument``. Check depth (``check_json_depth``) first."""
     try:
-        return json.loads(raw, parse_int=_parse_int, parse_float=_parse_float,
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # UTF-8 only, no sniffing
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_refuse_constant)
     except InvalidArgument as err:
         raise InvalidArgument(f"{what}: {err}") from None
