@@ -26,11 +26,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    """One state_dict key of a stored version; ``tied_to`` names the key whose data it shares."""
+    """One state_dict key of a stored version; ``tied_to`` names the key whose data it shares;
+    ``sha256`` is the digest of its stored bytes (None for versions written before it was kept)."""
 
     name: str
     spec: TensorSpec
     tied_to: str | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)

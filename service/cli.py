@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--registry-url", default=env("REGISTRY_URL"))
     check.add_argument("--repair", action="store_true")
     check.add_argument("--min-age-s", type=float, default=600.0,
-                       help="--repair leaves younger files alone: they may belong to a write "
-                            "in flight (default 600)")
+                       help="--repair leaves younger temporary files alone: they may belong "
+                            "to a write in flight (default 600); orphaned blobs are judged by "
+                            "the database (no version, no upload holding them), not by age")
     check.add_argument("--json", action="store_true")
 
     db = command("db", None, "registry database maintenance")
@@ -467,6 +468,7 @@ def cmd_check(args) -> int:
                              ("corrupt blob", report.corrupt_blobs),
                              ("dangling alias", report.dangling_aliases),
                              ("orphaned blob", report.orphan_blobs),
+                             ("held blob (an upload in flight)", report.held_blobs),
                              ("temporary file", report.temp_files),
                              ("removed", report.removed)):
             for item in items:
