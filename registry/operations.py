@@ -77,7 +77,7 @@ class Operations:
         its freshly built module; a lazy one then needs ``input_shape`` to fix its shapes.
         """
         store = self.store
-        parsed = parse_scheme(scheme)
+        parsed = parse_scheme(scheme, store.limits)
         model = store.get_model(name)
         base = store.version_or_none(name, ref)
         if base is not None:
@@ -110,7 +110,7 @@ class Operations:
         if param not in state:
             raise NotFound(f"model {name!r} has no parameter {str(param)[:80]!r}; entries: "
                            f"{list(state)[:20]}")
-        target = select_index(state[param].data, parse_index(index), param)
+        target = select_index(state[param].data, parse_index(index, store.limits), param)
         update = _as_value(value, target, param)
         with torch.no_grad():
             {"set": target.copy_, "add": target.add_, "mul": target.mul_}[op](update)

@@ -263,7 +263,7 @@ class Store:
         that entry's bytes are read."""
         model = self.get_model(name)
         version = self.resolve(name, ref)
-        selector = parse_index(index)
+        selector = parse_index(index, self.limits)
         tensor = read_tensor(self.blobs, model, version, param)
         return select_index(tensor, selector, param).clone()
 

