@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .limits import Limits
 from .schemes import apply_scheme, parse_scheme
 from .shapes import ShapeOracle
 from .slicing import parse_index, select as select_index
@@ -26,6 +27,7 @@ FIRST_VERSION_LOCK_STRIPES = 64  # bounded, whatever the number of models
 
 class VersionMaker(Protocol):
     shapes: ShapeOracle
+    limits: Limits
 
     def get_model(self, name: str) -> ModelInfo: ...
     def resolve(self, name: str, ref: int | str | None = None) -> VersionInfo: ...
