@@ -179,12 +179,7 @@ class ShapeOracle:
         module = self.check_build(arch, model.config)
         fixed = count_elements(module)
         if shape is not None:
-            try:
-                with torch.no_grad():
-                    module(torch.zeros(shape, dtype=arch.input_dtype, device="meta"))
-            except _DRY_RUN_ERRORS as err:
-                if not _meta_only(err):
-                    raise _does_not_fit(model, arch, shape, err) from err
+            _meta_dry_run(module, model, arch, shape)
         self._check_elements(count_elements(module), f"model {model.name!r} at input shape "
                              f"{brief(list(shape or ()))}")
         return fixed, not any(is_lazy(t) for t in _tensors(module))
@@ -195,12 +190,7 @@ class ShapeOracle:
         bounded) build only when the forward cannot run there before its lazy layers."""
         shape = tuple(int(d) for d in shape)
         module = arch.build(model.config, device="meta")
-        try:
-            with torch.no_grad():
-                module(torch.zeros(shape, dtype=arch.input_dtype, device="meta"))
-        except _DRY_RUN_ERRORS as err:
-            if not _meta_only(err):
-                raise _does_not_fit(model, arch, shape, err) from err
+        _meta_dry_run(module, model, arch, shape)
         if any(is_lazy(t) for t in _tensors(module)):
             return ExpectedState.of(self.fresh_module(model, shape))
         return ExpectedState.of(module)
@@ -285,3 +275,15 @@ def _materialize_budget(elements: int, name: str, limits: Limits):
     finally:
         UninitializedTensorMixin.materialize = original
         _BUDGET.left = None
+
+
+def _meta_dry_run(module: nn.Module, model: ModelInfo, arch: Architecture,
+                  shape: Sequence[int]) -> None:
+    """A forward on the meta device (no memory, no compute) to fix lazy shapes; a forward that
+    cannot run there is left to a real, bounded build; one that does not fit is refused."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(tuple(shape), dtype=arch.input_dtype, device="meta"))
+    except _DRY_RUN_ERRORS as err:
+        if not _meta_only(err):
+            raise _does_not_fit(model, arch, shape, err) from err

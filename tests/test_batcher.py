@@ -146,7 +146,9 @@ def test_requests_arriving_alone_skip_the_queue_and_company_brings_it_back():
         return x + 1
 
     async def scenario():
-        batcher = Batcher(forward, None, max_batch_size=64)  # None: forwards on the loop
+        # Batches of up to 64 elements run on the loop; larger ones on the executor.
+        batcher = Batcher(forward, ThreadPoolExecutor(1), max_batch_size=64,
+                          inline_max_elements=64)
         x = torch.ones(1, 2)
         assert batcher.run_alone(x) is None  # no history yet: through the queue
         for _ in range(LONELY_BATCHES):
@@ -159,5 +161,8 @@ def test_requests_arriving_alone_skip_the_queue_and_company_brings_it_back():
         assert [t.item() for t in torch.cat(together)[:, 0]] == [1, 2, 3, 4, 5]
         assert seen[-1] == 5
         assert batcher.run_alone(x) is None  # company was found: back to queueing
+        for _ in range(LONELY_BATCHES):
+            await batcher.submit(x)
+        assert batcher.run_alone(torch.ones(1, 65)) is None  # too large for the loop
 
     run(scenario())
