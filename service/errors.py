@@ -34,6 +34,7 @@ log = logging.getLogger("paramserve")
 
 _OOM = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
               torch.cuda.OutOfMemoryError})
+_CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -99,10 +100,19 @@ class Edge:
         self.in_flight_of[method] -= 1
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Torch's out-of-memory classes, and the CPU allocator's failure: a plain RuntimeError
+    that only its message tells apart."""
+    return isinstance(error, _OOM) or (type(error) is RuntimeError
+                                       and any(m in str(error) for m in _CPU_OOM_MESSAGES))
+
+
 def status_of(error: BaseException) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
+    if out_of_memory(error):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, OSError) and error.errno in OS_ERRORS:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
@@ -119,7 +129,7 @@ def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, s
     log.warning("%s in %s: %s", type(err).__name__, method, one_line(str(err)))
     if isinstance(err, RecursionError):
         return code, f"{method}: the input is nested too deeply to read; flatten it"
-    if isinstance(err, _OOM):
+    if out_of_memory(err):
         return code, (f"{method} ran out of memory on the device: send a smaller request, or "
                       "serve the model on a device with more free memory")
     return code, (f"{method} failed: {OS_ERRORS[err.errno]} ({errno.errorcode[err.errno]}); "

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from paramserve.protos import inference_pb2 as pb
 from paramserve.protos import inference_pb2_grpc
-from paramserve.registry.errors import (InvalidArgument, NotFound, ParamserveError,
-                                        ResourceExhausted)
+from paramserve.registry.errors import InvalidArgument, NotFound, ParamserveError
 from paramserve.registry.signature import Signature, TensorSignature
 
 from . import codec
+from .errors import out_of_memory
 from .models import ModelManager
 
 SERVER_NAME = "paramserve"
@@ -115,15 +113,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         except ParamserveError:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise
-        except torch.OutOfMemoryError as err:
+        except RuntimeError as err:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
-            raise ResourceExhausted(f"model {loaded.model.name!r} ran out of {loaded.device} "
-                                    "memory on this input; send fewer rows") from err
-        except RuntimeError as err:  # torch rejected the input inside the forward
-            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
-            if _is_cpu_oom(err):
-                raise ResourceExhausted(f"model {loaded.model.name!r} ran out of memory on "
-                                        "this input; send fewer rows") from err
+            if out_of_memory(err):
+                raise  # RESOURCE_EXHAUSTED, by the one table (service/errors.py)
+            # torch rejected the input inside the forward (a shape the codec cannot check)
             raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
                                   f"{str(err).splitlines()[0][:300]}") from err
         rows = x.shape[0] if x.dim() and signature.batchable else 1
@@ -196,11 +190,6 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         await self.manager.model(request.model_name)
         self.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-def _is_cpu_oom(err: RuntimeError) -> bool:
-    """The CPU allocator's failure is a plain RuntimeError; only its message tells it."""
-    return "can't allocate memory" in str(err) or "not enough memory" in str(err)
 
 
 def _requested_outputs(request, signature: Signature) -> list[str]:
