@@ -126,7 +126,7 @@ class LoadedModel:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             queued_ns = time.perf_counter_ns()
             return await asyncio.get_running_loop().run_in_executor(
-                self.runner, _forward_before, self.forward_fn(), x, deadline, queued_ns,
+                self.runner, _forward_before, self.forward_tensor, x, deadline, queued_ns,
                 None if self.queue_time is None else self.queue_time.add)
         finally:
             self.inflight -= 1
@@ -160,10 +160,10 @@ class LoadedModels:
         return loaded
 
     def serve(self, name: str, raw_ref: str, canonical_ref, loaded: LoadedModel) -> None:
-        """Remember that (name, raw_ref) is served by ``loaded`` until the model changes."""
+        """Remember that (name, raw_ref) is served by ``loaded`` until the model changes (the
+        caller notes ``canonical_ref`` in ``loaded.refs``, which a change rechecks)."""
         if loaded.key not in self._entries:
             return  # retired while the request loaded it: serve it once, remember nothing
-        loaded.refs.add(canonical_ref)
         spelled = "" if canonical_ref is None else str(canonical_ref)
         if raw_ref in (spelled, "latest") and len(self._hot) < MAX_HOT_REFS:
             self._hot[(name, raw_ref)] = loaded

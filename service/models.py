@@ -30,7 +30,7 @@ from paramserve.registry.values import ModelInfo, VersionInfo
 
 from .batcher import Batcher
 from .loaded import (INLINE_FORWARD_S, INLINE_MAX_ELEMENTS, LoadedModel, LoadedModels,
-                     ModelUnavailable, key_of, release_freed_memory)
+                     ModelUnavailable, key_of)
 from .placement import Placement, module_bytes
 from .stats import Statistics
 
@@ -112,7 +112,7 @@ class ModelManager:
         return loaded
 
     def _check_available(self, name: str) -> None:
-        if self.control_mode == "explicit" and name not in self._explicitly_loaded:
+        if not self.is_available(name):
             raise ModelUnavailable(f"model {name!r} is not loaded (explicit model control); "
                                    "load it with RepositoryModelLoad")
 
@@ -251,11 +251,8 @@ class ModelManager:
     def unload(self, name: str) -> int:
         """RepositoryModelUnload: free the model's loaded versions now (requests in flight
         finish first). Under explicit control it is also not ready until loaded again."""
-        self.cache.drop_hot(name)
         self._explicitly_loaded.discard(name)
-        count = self.cache.retire_model(name, "unloaded by request")
-        release_freed_memory()
-        return count
+        return self.cache.retire_model(name, "unloaded by request")
 
     async def load_for_repository(self, name: str,
                                   parameters: Mapping[str, str] | None = None) -> None:
@@ -267,7 +264,6 @@ class ModelManager:
         if override is not None and override != self._batching_overrides.get(name):
             self._batching_overrides[name] = override
             self.cache.retire_model(name, "reloaded with new batching settings")
-            self.cache.drop_hot(name)
         version = await self.resolve(name, "")
         if version is None and not model.lazy:
             raise FailedPrecondition(
@@ -275,6 +271,7 @@ class ModelManager:
                 f"(`paramserve upload {name} FILE`) or initialize it")
         if version is not None:
             loaded = await self.load(model, version)
+            loaded.refs.add(None)
             self.cache.serve(name, "", None, loaded)
         self._explicitly_loaded.add(name)
 
