@@ -130,7 +130,7 @@ def stream_stats(blobs: BlobStore, sha256: str) -> dict[str, TensorStats | None]
             while left:
                 n = min(left, STATS_CHUNK_BYTES)
                 view = memoryview(buffer)[:n]
-                _read_exactly(reader, view)
+                tensorfile.read_exactly(reader, view)
                 acc.add(torch.frombuffer(buffer, dtype=entry.dtype, count=n // size))
                 left -= n
             out[entry.name] = acc.result()
@@ -152,10 +152,8 @@ def read_tensor(blobs: BlobStore, model: ModelInfo, version: VersionInfo,
         located = header.entries.get(stored)
         if located is None:
             raise InvalidArgument(f"its header has no tensor {stored!r}")
-        tensor = torch.empty(located.shape, dtype=located.dtype)
         digest = hashlib.sha256()
-        file.seek(located.begin)
-        tensorfile.read_into(file, tensor, located.nbytes, digest)
+        tensor = tensorfile.read_tensor(file, located, digest)
     if digest.hexdigest() != entry.sha256:
         raise DataLoss(f"blob {path} is corrupt: tensor {stored!r} has sha256 "
                        f"{digest.hexdigest()}, expected {entry.sha256}; restore it from a "
@@ -187,16 +185,6 @@ def _manifest_entry(model: ModelInfo, version: VersionInfo, param: str) -> Manif
     names = [e.name for e in version.manifest][:20]
     raise NotFound(f"version {version.number} of {model.name!r} has no entry "
                    f"{str(param)[:80]!r}; entries: {names}")
-
-
-def _read_exactly(reader, view: memoryview) -> None:
-    done = 0
-    while done < view.nbytes:
-        got = reader.readinto(view[done:])
-        if not got:
-            raise InvalidArgument(f"file truncated: {view.nbytes - done} bytes of a tensor "
-                                  "missing")
-        done += got
 
 
 def _skip(reader, nbytes: int) -> None:

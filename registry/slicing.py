@@ -15,11 +15,11 @@ import torch
 
 from .errors import InvalidArgument
 from .limits import DEFAULT_LIMITS, Limits, brief, flag
+from .tensorfile import MAX_RANK
 
 # ASCII digits only ("\\d" takes "٠١" too); at most 19, so every number fits in int64.
 _INT = r"-?[0-9]{1,19}"
 _PART = re.compile(rf"\s*({_INT})?\s*(?::\s*({_INT})?\s*(?::\s*({_INT})?\s*)?)?\Z")
-MAX_INDEX_PARTS = 64  # torch's own limit on tensor dimensions
 
 Index = tuple[object, ...]
 
@@ -44,9 +44,9 @@ def parse_index(text: str | None, limits: Limits = DEFAULT_LIMITS) -> Index:
         raise InvalidArgument(f"index {brief(text, 40)} is {len(text)} characters, over the "
                               f"limit of {limits.max_index_chars} ({flag('max_index_chars')})")
     raw_parts = text.split(",")
-    if len(raw_parts) > MAX_INDEX_PARTS:
+    if len(raw_parts) > MAX_RANK:
         raise InvalidArgument(f"index {brief(text, 40)} has {len(raw_parts)} parts; a tensor "
-                              f"has at most {MAX_INDEX_PARTS} dimensions")
+                              f"has at most {MAX_RANK} dimensions")
     parts: list[object] = []
     for raw in raw_parts:
         part = raw.strip()

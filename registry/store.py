@@ -28,11 +28,10 @@ from torch import nn
 from . import architectures
 from .blobs import BlobStore
 from .database import ensure_schema, make_engine
-from .errors import ResourceExhausted
 from .fileio import HashingWriter
 from .gc import BlobCollector
 from .inspect import parameter_infos
-from .limits import DEFAULT_LIMITS, Limits, check_config, over
+from .limits import DEFAULT_LIMITS, Limits, check_config, check_description
 from .names import check_alias, check_name, check_text
 from .operations import Operations
 from .queries import module_tree_of, parameter_infos_of, read_tensor
@@ -90,10 +89,7 @@ class Store:
         """Register a model: an architecture, its config, an init policy and a seed."""
         check_name(name)
         check_text(description, "a model's description")
-        if len(description) > self.limits.max_description_chars:
-            raise ResourceExhausted(over("model description length in characters",
-                                         len(description), "max_description_chars",
-                                         self.limits))
+        check_description(description, self.limits)
         if config is not None:
             check_config(config, self.limits)
         arch = architectures.get(architecture)

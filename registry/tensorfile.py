@@ -231,7 +231,12 @@ def read_into(file: BinaryIO, target: torch.Tensor, nbytes: int, digest=None) ->
     view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
     if view.nbytes != nbytes:
         raise InvalidArgument(f"expected {nbytes} bytes for a tensor of {view.nbytes}")
-    done = 0
+    read_exactly(file, view, digest)
+
+
+def read_exactly(file: BinaryIO, view: memoryview, digest=None) -> None:
+    """Fill ``view`` from the file's current position, in chunks; short is ``InvalidArgument``."""
+    done, nbytes = 0, view.nbytes
     while done < nbytes:
         chunk = view[done:done + READ_CHUNK_BYTES]
         got = file.readinto(chunk)
@@ -242,9 +247,9 @@ def read_into(file: BinaryIO, target: torch.Tensor, nbytes: int, digest=None) ->
         done += got
 
 
-def read_tensor(file: BinaryIO, entry: TensorEntry) -> torch.Tensor:
-    """Read one entry into a new tensor (seeks to it)."""
+def read_tensor(file: BinaryIO, entry: TensorEntry, digest=None) -> torch.Tensor:
+    """Read one entry into a new tensor (seeks to it); ``digest`` is fed its bytes."""
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     file.seek(entry.begin)
-    read_into(file, tensor, entry.nbytes)
+    read_into(file, tensor, entry.nbytes, digest)
     return tensor
