@@ -84,6 +84,41 @@ def make_old_orphan(store: Store, sha: str, data: bytes) -> None:
     os.utime(path, (old, old))
 
 
+def race_deletes_with_uploads(uploader, deleter, name: str, weights: dict, span_s: float,
+                              rounds: int, store: Store | None = None) -> None:
+    """Rounds of: version ``latest`` deleted through ``deleter`` while UPLOADERS uploads of
+    the same bytes go through ``uploader`` (a Client or a Store); every new version readable,
+    ``store`` (if given) clean after each round; one version of the bytes left for the next."""
+    latest = 1
+    for _ in range(rounds):
+        uploads = [lambda: uploader.upload(name, weights).number] * UPLOADERS
+        _, *numbers = run_together(after_a_while(
+            span_s, lambda: deleter.delete_version(name, latest)), *uploads)
+        if store is not None:
+            assert_clean(store)
+        for number in numbers:
+            assert uploader.tensor(name, "0.bias", number).shape == (8,)
+        latest = numbers.pop()
+        for number in numbers:
+            deleter.delete_version(name, number)
+
+
+def race_repairs_with_uploads(uploader, store: Store, name: str, weights: dict, sha: str,
+                              data: bytes, span_s: float, rounds: int) -> None:
+    """Rounds of: ``sha``'s blob made an old orphan, then ``check --repair`` on ``store``
+    while UPLOADERS uploads of those bytes go through ``uploader``; clean after each round,
+    every new version readable, then deleted."""
+    for _ in range(rounds):
+        make_old_orphan(store, sha, data)
+        uploads = [lambda: uploader.upload(name, weights).number] * UPLOADERS
+        _, *numbers = run_together(after_a_while(
+            span_s, lambda: check(store, repair=True)), *uploads)
+        assert_clean(store)
+        for number in numbers:
+            assert uploader.tensor(name, "0.bias", number).shape == (8,)
+            uploader.delete_version(name, number)
+
+
 @pytest.fixture(scope="module")
 def race_server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("races") / "data")
@@ -98,16 +133,7 @@ def test_delete_version_racing_uploads_of_the_same_bytes_through_a_server(race_s
         span_s = upload_duration_s(lambda: client.upload("race-delete", weights))
         for version in client.list_versions("race-delete")[1:]:
             client.delete_version("race-delete", version.number)
-        latest = 1
-        for _ in range(ROUNDS):
-            uploads = [lambda: client.upload("race-delete", weights).number] * UPLOADERS
-            _, *numbers = run_together(after_a_while(
-                span_s, lambda: client.delete_version("race-delete", latest)), *uploads)
-            for number in numbers:
-                assert client.tensor("race-delete", "0.bias", number).shape == (8,)
-            latest = numbers.pop()
-            for number in numbers:  # one version of these bytes left, for the next round
-                client.delete_version("race-delete", number)
+        race_deletes_with_uploads(client, client, "race-delete", weights, span_s, ROUNDS)
     with Store(data_dir=race_server.data_dir) as store:
         assert_clean(store)
         assert len(store.list_versions("race-delete")) == 1
@@ -123,15 +149,8 @@ def test_repair_racing_an_upload_that_reuses_an_old_orphan_through_a_server(race
         data = store.blobs.path(first.sha256).read_bytes()
         for version in client.list_versions("race-repair"):
             client.delete_version("race-repair", version.number)
-        for _ in range(ROUNDS):
-            make_old_orphan(store, first.sha256, data)
-            uploads = [lambda: client.upload("race-repair", weights).number] * UPLOADERS
-            _, *numbers = run_together(after_a_while(
-                span_s, lambda: check(store, repair=True)), *uploads)
-            assert_clean(store)
-            for number in numbers:
-                assert client.tensor("race-repair", "0.bias", number).shape == (8,)
-                client.delete_version("race-repair", number)
+        race_repairs_with_uploads(client, store, "race-repair", weights, first.sha256, data,
+                                  span_s, ROUNDS)
         assert_clean(store)
 
 
@@ -202,26 +221,12 @@ def test_postgresql_delete_and_repair_race_uploads_from_two_stores(postgres_url,
         span_s = upload_duration_s(lambda: uploader.upload("m", weights))
         for version in uploader.list_versions("m")[1:]:
             uploader.delete_version("m", version.number)
-        latest = 1
-        for _ in range(ROUNDS // 2):
-            uploads = [lambda: uploader.upload("m", weights).number] * UPLOADERS
-            _, *numbers = run_together(after_a_while(
-                span_s, lambda: deleter.delete_version("m", latest)), *uploads)
-            assert_clean(deleter)
-            latest = numbers.pop()
-            for number in numbers:
-                deleter.delete_version("m", number)
+        race_deletes_with_uploads(uploader, deleter, "m", weights, span_s, ROUNDS // 2,
+                                  store=deleter)
         sha = deleter.resolve("m").sha256
         data = deleter.blobs.path(sha).read_bytes()
         for version in deleter.list_versions("m"):
             deleter.delete_version("m", version.number)
-        for _ in range(ROUNDS // 2):
-            make_old_orphan(deleter, sha, data)
-            uploads = [lambda: uploader.upload("m", weights).number] * UPLOADERS
-            _, *numbers = run_together(after_a_while(
-                span_s, lambda: check(deleter, repair=True)), *uploads)
-            assert_clean(deleter)
-            for number in numbers:
-                assert uploader.tensor("m", "0.bias", number).shape == (8,)
-                deleter.delete_version("m", number)
+        race_repairs_with_uploads(uploader, deleter, "m", weights, sha, data, span_s,
+                                  ROUNDS // 2)
         assert_clean(deleter)
