@@ -161,3 +161,27 @@ def client(server):
 def model_name(request) -> str:
     """A model name unique to the test (servers are shared within a module)."""
     return "m-" + uuid.uuid4().hex[:10]
+
+
+# ---- waiting on a server and reading its metrics -------------------------------------------
+
+import time as _time
+import urllib.request as _urllib_request
+
+
+def wait_for(condition, timeout_s: float = 15.0, poll_s: float = 0.02):
+    """Poll ``condition`` until it returns something truthy or ``timeout_s`` passes; returns
+    its last value (so ``assert wait_for(...)`` fails with the state it ended in)."""
+    deadline = _time.monotonic() + timeout_s
+    while _time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        _time.sleep(poll_s)
+    return condition()
+
+
+def metrics_text(metrics_port: int) -> str:
+    """A server's Prometheus text, as a scraper gets it."""
+    return _urllib_request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                   timeout=10).read().decode()

@@ -24,7 +24,8 @@ from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import get_architecture
 from paramserve.registry.tensorfile import write_tensors
 
-from test_streams_lifecycle import NOT_SAFETENSORS, request_count, spool, wait_for
+from conftest import wait_for
+from test_streams_lifecycle import NOT_SAFETENSORS, request_count, spool
 
 
 def serve(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import re
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from paramserve.protos import inference_pb2_grpc
 from paramserve.registry.errors import ResourceExhausted
 from paramserve.service.client import Client, ServerError
 
-from conftest import ServerProcess, reference_module
+from conftest import ServerProcess, metrics_text, reference_module, wait_for
 
 # A user's architectures, imported by the server with --architectures: one that claims to be
 # batchable but returns one row per request whatever the rows, one that runs out of memory on
@@ -67,24 +66,13 @@ def hungry():
 
 
 def loaded_count(server: ServerProcess) -> int:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    text = metrics_text(server.metrics_port)
     return int(float(re.search(r"^paramserve_loaded_models (\S+)$", text, re.M).group(1)))
 
 
 def rss_mb(server: ServerProcess) -> float:
     status = Path(f"/proc/{server.proc.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
-
-
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stub_of(client: Client):
@@ -136,7 +124,8 @@ def test_an_alias_moved_50_times_under_load_leaves_one_or_two_versions_loaded(us
                 thread.join(30)
         assert not failures, failures[:1]
         client.infer(name, torch.rand(1, 4), ref="production")
-        assert wait_for(lambda: loaded_count(user_server) <= 2, what="old versions unloaded")
+        assert wait_for(lambda: loaded_count(user_server) <= 2, timeout_s=20), \
+            f"{loaded_count(user_server)} versions still loaded"
 
 
 def test_least_recently_used_is_evicted_not_least_recently_loaded(tmp_path):

@@ -8,7 +8,6 @@ import io
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -22,7 +21,7 @@ from paramserve.registry import (AlreadyExists, DataLoss, FailedPrecondition, In
                                  NotFound)
 from paramserve.service.client import Client
 
-from conftest import ServerProcess, reference_module
+from conftest import ServerProcess, metrics_text, reference_module
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -202,8 +201,7 @@ def test_health_reflection_and_metrics(client, server, model_name):
     client.create_model(model_name, "small_mlp")
     client.upload(model_name, reference_module("small_mlp", False).state_dict())
     client.infer(model_name, torch.rand(2, 4))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    text = metrics_text(server.metrics_port)
     assert 'paramserve_requests_total{code="OK",method="ModelInfer"}' in text
     assert "paramserve_request_seconds_bucket" in text
     assert 'paramserve_bytes_total{direction="upload"}' in text

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
-import urllib.request
 
 import grpc
 import pytest
@@ -20,7 +18,7 @@ from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import ResourceExhausted, get_architecture
 from paramserve.service.client import Client
 
-from conftest import ServerProcess, files_under
+from conftest import ServerProcess, files_under, metrics_text, wait_for
 
 NOT_SAFETENSORS = b"\x80\x04" + b"x" * 62  # a torch.save-like start: it goes to the spool
 
@@ -29,18 +27,8 @@ def spool(server: ServerProcess) -> list:
     return files_under(server.data_dir / "spool") + files_under(server.data_dir / "blobs" / "tmp")
 
 
-def wait_for(condition, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def request_count(server: ServerProcess, method: str, code: str) -> int:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    text = metrics_text(server.metrics_port)
     found = re.search(rf'paramserve_requests_total\{{code="{code}",method="{method}"\}} (\S+)',
                       text)
     return int(float(found.group(1))) if found else 0

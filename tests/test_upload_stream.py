@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import io
 import threading
-import time
 
 import grpc
 import pytest
@@ -19,7 +18,7 @@ from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import get_architecture
 from paramserve.registry.tensorfile import write_tensors
 
-from conftest import files_under, reference_module
+from conftest import files_under, reference_module, wait_for
 
 BIG = {"hidden": 40_000}  # sequential_mlp at ~3.7 MiB: several 1 MiB chunks
 
@@ -55,15 +54,6 @@ def leftovers(server) -> list:
 
 def blobs(server) -> set:
     return set(files_under(server.data_dir / "blobs" / "sha256"))
-
-
-def wait_for(condition, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.fixture

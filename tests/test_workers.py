@@ -18,7 +18,7 @@ from paramserve.service.client import Client
 from paramserve.service.config import ServerConfig, torch_threads_for
 from paramserve.service.workers import worker_config
 
-from conftest import ServerProcess, reference_module
+from conftest import ServerProcess, metrics_text, reference_module
 
 CONNECTIONS = 16
 
@@ -31,10 +31,7 @@ def worker_lines(server: ServerProcess) -> list[tuple[int, int, int]]:
 
 
 def infer_count(metrics_port: int) -> int:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    text = metrics_text(metrics_port)
     found = re.search(r'paramserve_requests_total\{code="OK",method="ModelInfer"\} (\S+)', text)
     return int(float(found.group(1))) if found else 0
 
