@@ -73,7 +73,7 @@ class ModelManager:
             info = self._models[name] = await self.run_blocking(self.store.get_model, name)
         return info
 
-    async def resolve(self, name: str, ref: str) -> VersionInfo | None:
+    async def resolve(self, name: str, ref: int | str | None) -> VersionInfo | None:
         """The version ``ref`` names; ``None`` when the model has none yet and ref is empty.
         Cached by the canonical ref ("01" and "1" are one entry), so the cache holds at most
         the model's versions and aliases however many spellings clients send."""
@@ -97,10 +97,7 @@ class ModelManager:
         version = await self.resolve(name, ref)
         if version is None:
             if not model.lazy or input_shape is None:
-                raise FailedPrecondition(
-                    f"model {name!r} has no version to serve yet; upload parameters "
-                    f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
-                    f"{name} SCHEME`)")
+                raise _nothing_to_serve(name)
             version = await self.run_blocking(self.store.materialize, name, tuple(input_shape))
             self.forget(name)
             model = await self.model(name)
@@ -238,7 +235,7 @@ class ModelManager:
             still = set()
             for ref in list(entry.refs):
                 try:
-                    version = await self.resolve(name, "" if ref is None else str(ref))
+                    version = await self.resolve(name, ref)
                 except NotFound:
                     continue
                 if version is not None and key_of(model, version) == entry.key:
@@ -266,9 +263,7 @@ class ModelManager:
             self.cache.retire_model(name, "reloaded with new batching settings")
         version = await self.resolve(name, "")
         if version is None and not model.lazy:
-            raise FailedPrecondition(
-                f"model {name!r} has no version to serve yet; upload parameters "
-                f"(`paramserve upload {name} FILE`) or initialize it")
+            raise _nothing_to_serve(name)
         if version is not None:
             loaded = await self.load(model, version)
             loaded.refs.add(None)
@@ -286,6 +281,12 @@ class ModelManager:
         stats = self.stats.of(loaded.model.name, loaded.version.number, loaded.model.created_at)
         stats.count_request(ok, start_ns, decoded_ns, computed_ns, end_ns, rows,
                             batched=loaded.batcher is not None)
+
+
+def _nothing_to_serve(name: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"model {name!r} has no version to serve yet; upload parameters (`paramserve upload "
+        f"{name} FILE`) or initialize it (`paramserve init {name} SCHEME`)")
 
 
 def batching_override(parameters: Mapping[str, str], name: str,
