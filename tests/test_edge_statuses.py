@@ -35,8 +35,19 @@ def serve(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_cancelled_rpc_is_counted_as_cancelled(server, client, model_name):
+    """Cancelled uploads are never counted OK (asyncio.CancelledError is no Exception: the old
+    wrapper recorded them as successes). gRPC may hand the server the end of the stream before
+    it reports the cancellation (measured: ~1 in 7 here); the server then refuses the cut-short
+    upload as INVALID_ARGUMENT, which the client never hears. So over the rounds every call is
+    counted CANCELLED or INVALID_ARGUMENT, and the cancellation path is taken at least once."""
+    rounds = 10
     client.create_model(model_name, "small_mlp")
-    before = request_count(server, "UploadVersion", "CANCELLED")
+
+    def counts() -> tuple[int, int, int]:
+        return tuple(request_count(server, "UploadVersion", code)
+                     for code in ("CANCELLED", "INVALID_ARGUMENT", "OK"))
+
+    cancelled_before, refused_before, ok_before = counts()
 
     async def cancel_mid_upload():
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -47,10 +58,18 @@ def test_a_cancelled_rpc_is_counted_as_cancelled(server, client, model_name):
             assert await asyncio.to_thread(wait_for, lambda: spool(server) != [])
             call.cancel()
 
-    asyncio.run(cancel_mid_upload())
-    assert wait_for(lambda: request_count(server, "UploadVersion", "CANCELLED") == before + 1)
-    assert request_count(server, "UploadVersion", "OK") == 0
-    assert wait_for(lambda: spool(server) == [])
+    for _ in range(rounds):
+        asyncio.run(cancel_mid_upload())
+        assert wait_for(lambda: spool(server) == [])
+
+    def counted_all() -> bool:
+        cancelled, refused, _ = counts()
+        return cancelled - cancelled_before + refused - refused_before == rounds
+
+    assert wait_for(counted_all), counts()
+    cancelled, _, ok = counts()
+    assert ok == ok_before
+    assert cancelled > cancelled_before
 
 
 def test_messages_are_one_bounded_line_whatever_they_quote(server, client, model_name):
