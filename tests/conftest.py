@@ -89,7 +89,6 @@ def reference_module(architecture: str, lazy: bool, seed: int = 1) -> torch.nn.M
 
 # ---- a real server on a free loopback port ---------------------------------------------------
 
-import ctypes
 import select
 import signal
 import subprocess
@@ -98,10 +97,16 @@ import sys
 SERVER_START_TIMEOUT_S = 60
 
 
-def _die_with_parent() -> None:
-    """Runs in the server child: SIGTERM it when the test process dies, so none outlives it."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# The server asks for SIGTERM when the test process dies (PR_SET_PDEATHSIG), so none outlives
+# it, then runs the CLI. Asked by the server itself, not in a ``preexec_fn``: Python code between
+# fork and exec in a process with live gRPC channels can crash the child before it execs (its
+# stderr then holds only "Epoll1Poller encountered epoll_wait error: Bad file descriptor";
+# grpc/grpc#43055, grpcio >= 1.80), and without a preexec_fn subprocess uses vfork, which runs
+# no fork handlers.
+_SERVE_DYING_WITH_PARENT = (
+    "import ctypes, runpy, signal; "
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM); "
+    "runpy.run_module('paramserve.service.cli', run_name='__main__', alter_sys=True)")
 
 
 class ServerProcess:
@@ -114,10 +119,10 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
+            [sys.executable, "-c", _SERVE_DYING_WITH_PARENT, "serve", "--data-dir",
              str(self.data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              *extra_args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, preexec_fn=_die_with_parent,
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
             env={**os.environ, **(env or {})})
         ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_START_TIMEOUT_S)
         line = self.proc.stdout.readline() if ready else ""
