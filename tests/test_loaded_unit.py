@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +63,15 @@ def manager(store):
     executor.shutdown()
 
 
+def _quiesce(executor: ThreadPoolExecutor) -> None:
+    """Every worker of ``executor`` past its last task: a worker thread drops its finished
+    task (and so the task's result) only after the waiting coroutine has already woken."""
+    workers = executor._max_workers
+    barrier = threading.Barrier(workers, timeout=10)
+    for done in [executor.submit(barrier.wait) for _ in range(workers)]:
+        done.result(timeout=10)
+
+
 def test_a_retired_model_is_freed_at_once_without_the_garbage_collector(manager):
     async def main():
         loaded = await manager.get("m", "")
@@ -69,6 +79,8 @@ def test_a_retired_model_is_freed_at_once_without_the_garbage_collector(manager)
         await loaded.infer(torch.rand(2, 4))
         module = weakref.ref(loaded.module)
         del loaded
+        for executor in [manager.executor, *manager._compute.values()]:
+            _quiesce(executor)
         gc.disable()
         try:
             manager.unload("m")
