@@ -4,7 +4,7 @@
 install:
 	pip install -e '.[test]'
 
-protos:  ## regenerate protos/generated/ from the .proto files
+protos:  ## recompile protos/*.proto into protos/generated/ (pip install -e . does it too)
 	python -m paramserve.protos
 
 test:

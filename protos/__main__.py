@@ -1,7 +1,10 @@
-"""``python -m paramserve.protos``: (re)generate the Python code from the .proto files."""
+"""``python -m paramserve.protos``: recompile the .proto files in a checkout (an editable
+install reads them from protos/generated/; needs grpcio-tools). ``pip install -e .`` does the
+same; an installed wheel carries its compiled contract and never needs this."""
 
-from . import GENERATED_DIR, ensure_generated, is_current
+from . import GENERATED_DIR, PROTO_DIR
+from .compile import compile_protos
 
 if __name__ == "__main__":
-    ensure_generated()
-    print(f"generated code in {GENERATED_DIR} is current: {is_current()}")
+    for path in compile_protos(PROTO_DIR, GENERATED_DIR):
+        print(f"wrote {path}")

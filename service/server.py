@@ -16,8 +16,9 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from paramserve import protos
 from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
@@ -104,7 +105,10 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
                     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(services, server)
+        # Reflection reads one pool: paramserve's own (protos), with health's and its own added.
+        protos.add_to_pool(health_pb2.DESCRIPTOR)
+        protos.add_to_pool(reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection(services, server, pool=protos.pool())
         bound = _bind(server, config, credentials, reuse_port)
         metrics_http, metrics_port = None, None
         if config.metrics_listen != "off":

@@ -1,14 +1,20 @@
-"""The contract: generated code is current, and inference.proto speaks Triton's wire format."""
+"""The contract: compiled by the build, checked against its sources, in a pool of its own (so
+tritonclient loads beside it in either order), and inference.proto speaks Triton's wire format."""
 
 from __future__ import annotations
 
-import inspect
-import json
+import shutil
 import subprocess
 import sys
 
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from paramserve import protos
 from paramserve.protos import inference_pb2
+from paramserve.protos.compile import DESCRIPTOR_SET, STAMP, source_stamp
+
 
 def walk(message) -> dict:
     """Every message under ``message``: name → {field: [number, type, label]}."""
@@ -18,55 +24,91 @@ def walk(message) -> dict:
     return out
 
 
-# Runs in a subprocess: tritonclient's messages cannot share a process with ours.
-TRITON_DUMP = "import json\n" + inspect.getsource(walk) + r'''
-from tritonclient.grpc import service_pb2, model_config_pb2
-result = {}
-for module in (service_pb2, model_config_pb2):
-    for message in module.DESCRIPTOR.message_types_by_name.values():
-        result.update(walk(message))
-service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-methods = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
-print(json.dumps({"messages": result, "methods": methods}))
-'''
+def test_the_installed_contract_was_built_from_these_sources():
+    assert (protos.GENERATED_DIR / STAMP).read_text() == source_stamp(protos.PROTO_DIR)
+    names = [f.name for f in protos.descriptor_set().file]
+    assert names[-2:] == ["paramserve/protos/inference.proto", "paramserve/protos/registry.proto"]
+    assert inference_pb2.DESCRIPTOR.pool is protos.pool()
 
 
-def ours() -> dict:
-    result = {}
-    for message in inference_pb2.DESCRIPTOR.message_types_by_name.values():
-        result.update(walk(message))
-    return result
+@pytest.fixture
+def copied_protos(tmp_path, monkeypatch):
+    """The contract's folder copied, and paramserve.protos pointed at it with cold caches."""
+    proto_dir = tmp_path / "protos"
+    shutil.copytree(protos.PROTO_DIR, proto_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(protos, "PROTO_DIR", proto_dir)
+    monkeypatch.setattr(protos, "GENERATED_DIR", proto_dir / "generated")
+    protos.descriptor_set.cache_clear()
+    yield proto_dir
+    protos.descriptor_set.cache_clear()
 
 
-def test_generated_code_is_current(tmp_path):
-    assert protos.is_current(), "run `python -m paramserve.protos`"
-    protos.generate(tmp_path)
-    for module in protos.MODULES:
-        fresh = (tmp_path / f"{module}.py").read_text()
-        assert (protos.GENERATED_DIR / f"{module}.py").read_text() == fresh, (
-            f"{module}.py differs from what protoc makes of the .proto files: it was edited or "
-            "is stale; run `python -m paramserve.protos`")
+def test_a_proto_changed_after_the_build_is_refused_with_how_to_rebuild(copied_protos):
+    with open(copied_protos / "inference.proto", "a") as f:
+        f.write("\n// changed\n")
+    with pytest.raises(protos.ContractMissing, match="changed after the package was built"):
+        protos.descriptor_set()
 
 
-def test_a_changed_proto_makes_the_generated_code_stale(tmp_path, monkeypatch):
-    (tmp_path / "inference.proto").write_text(
-        (protos.PROTO_DIR / "inference.proto").read_text() + "\n// changed\n")
-    (tmp_path / "registry.proto").write_text((protos.PROTO_DIR / "registry.proto").read_text())
-    monkeypatch.setattr(protos, "PROTO_DIR", tmp_path)
-    assert not protos.is_current()
+def test_an_unbuilt_checkout_says_how_to_build_and_writes_nothing(copied_protos):
+    shutil.rmtree(copied_protos / "generated")
+    with pytest.raises(protos.ContractMissing, match="pip install -e ."):
+        protos.descriptor_set()
+    assert not (copied_protos / "generated").exists()
+
+
+ORDERS = {
+    "tritonclient first": "import tritonclient.grpc.service_pb2 as t\n"
+                          "from paramserve.protos import inference_pb2 as p\n",
+    "paramserve first": "from paramserve.protos import inference_pb2 as p\n"
+                        "import tritonclient.grpc.service_pb2 as t\n",
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_tritonclient_and_paramserve_import_in_one_process_in_either_order(order):
+    code = ORDERS[order] + (
+        "from paramserve.service.client import Client\n"
+        "import tritonclient.grpc\n"
+        "a = p.ModelInferRequest(model_name='m'); b = t.ModelInferRequest(model_name='m')\n"
+        "assert t.ModelInferRequest.FromString(a.SerializeToString()) == b\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_reflection_describes_every_service_it_lists(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listed = next(iter(stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        names = [s.name for s in listed.list_services_response.service]
+        assert {"inference.GRPCInferenceService", "paramserve.v1.Registry",
+                "grpc.health.v1.Health"} <= set(names)
+        replies = stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+            for name in names]))
+        for name, reply in zip(names, replies):
+            assert reply.file_descriptor_response.file_descriptor_proto, (name, reply)
 
 
 def test_inference_proto_matches_tritons_field_numbers_and_types():
-    dump = subprocess.run([sys.executable, "-c", TRITON_DUMP], capture_output=True, text=True,
-                          check=True).stdout
-    triton = json.loads(dump)
-    mine = ours()
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    triton = {}
+    for module in (service_pb2, model_config_pb2):
+        for message in module.DESCRIPTOR.message_types_by_name.values():
+            triton.update(walk(message))
+    mine = {}
+    for message in inference_pb2.DESCRIPTOR.message_types_by_name.values():
+        mine.update(walk(message))
     ours_only = "inference.ModelMetadataResponse.ParametersEntry"  # the map of our addition
     for message, fields in mine.items():
         if message == ours_only:
             continue
-        assert message in triton["messages"], f"{message} is not a Triton message"
-        theirs = triton["messages"][message]
+        assert message in triton, f"{message} is not a Triton message"
+        theirs = triton[message]
         for name, spec in fields.items():
             if message == "inference.ModelMetadataResponse" and name == "parameters":
                 assert spec[0] not in [s[0] for s in theirs.values()]  # our addition is free
@@ -74,8 +116,17 @@ def test_inference_proto_matches_tritons_field_numbers_and_types():
             assert name in theirs and theirs[name] == spec, f"{message}.{name}: {spec} vs " \
                                                             f"{theirs.get(name)}"
     service = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    their_methods = {m.name: [m.input_type.full_name, m.output_type.full_name]
+                     for m in theirs.methods}
     for method in service.methods:
-        assert triton["methods"][method.name] == [method.input_type.full_name,
-                                                  method.output_type.full_name]
+        assert their_methods[method.name] == [method.input_type.full_name,
+                                              method.output_type.full_name]
     assert {"ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
             "RepositoryModelUnload", "ModelInfer"} <= {m.name for m in service.methods}
+
+
+def test_the_descriptor_set_is_the_only_generated_file():
+    generated = sorted(p.name for p in protos.GENERATED_DIR.iterdir()
+                       if p.name != "__pycache__")
+    assert generated == sorted([DESCRIPTOR_SET, STAMP, "__init__.py"])

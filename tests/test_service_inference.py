@@ -3,9 +3,6 @@ through tritonclient, compared with the same module run in-process."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,15 +19,13 @@ from conftest import (ALL_BUILTINS, LAZY_BUILTINS, config_for, example_input, re
 
 VARIANTS = [(name, False) for name in ALL_BUILTINS] + [(name, True) for name in LAZY_BUILTINS]
 TOLERANCE = 1e-6
-PROBE = Path(__file__).with_name("triton_probe.py")
 
 
 def run_probe(tmp_path: Path, address: str, calls: list[dict]) -> dict:
-    job, report = tmp_path / "job.json", tmp_path / "report.json"
-    job.write_text(json.dumps({"url": address, "calls": calls}))
-    subprocess.run([sys.executable, str(PROBE), str(job), str(report)], check=True,
-                   timeout=300)
-    return json.loads(report.read_text())
+    """tritonclient in this process, beside paramserve's own messages."""
+    import triton_probe
+
+    return triton_probe.probe(address, calls)
 
 
 def as_float64(value) -> torch.Tensor:

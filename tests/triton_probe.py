@@ -1,7 +1,7 @@
 """Talks to a paramserve server with tritonclient.grpc, as a Triton user would.
 
-Runs in its own process: tritonclient's generated ``inference`` messages and paramserve's
-cannot share one protobuf descriptor pool. Reads a JSON job, writes a JSON report:
+In the test's own process (paramserve's messages live in a descriptor pool of their own, so
+tritonclient's ``inference`` messages load beside them), or standalone:
   python tests/triton_probe.py JOB.json REPORT.json
 JOB: {"url": "127.0.0.1:PORT", "calls": [{"model": ..., "version": ..., "input": X.npy,
       "output": Y.npy}]}
@@ -17,10 +17,15 @@ from tritonclient.utils import InferenceServerException
 
 def main(job_path: str, report_path: str) -> None:
     job = json.load(open(job_path))
-    client = grpcclient.InferenceServerClient(url=job["url"])
+    json.dump(probe(job["url"], job["calls"]), open(report_path, "w"))
+
+
+def probe(url: str, calls: list[dict]) -> dict:
+    """Liveness, server metadata, and per call: metadata, config, infer, statistics."""
+    client = grpcclient.InferenceServerClient(url=url)
     report = {"live": client.is_server_live(), "ready": client.is_server_ready(),
               "server": client.get_server_metadata(as_json=True), "calls": []}
-    for call in job["calls"]:
+    for call in calls:
         entry = {"model": call["model"]}
         try:
             meta = client.get_model_metadata(call["model"], call.get("version", ""), as_json=True)
@@ -40,7 +45,8 @@ def main(job_path: str, report_path: str) -> None:
         except InferenceServerException as err:
             entry["error"] = {"status": err.status(), "message": err.message()}
         report["calls"].append(entry)
-    json.dump(report, open(report_path, "w"))
+    client.close()
+    return report
 
 
 if __name__ == "__main__":
