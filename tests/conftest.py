@@ -20,10 +20,32 @@ POSTGRES_ADMIN_URL = os.environ.get("PARAMSERVE_TEST_POSTGRES",
                                     "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "store_backends(*names): run the test's ``store`` on each of these backends "
+        "(on a module: every test there); without it ``store`` is SQLite")
+
+
+def pytest_generate_tests(metafunc):
+    """One ``store`` fixture for every backend: the store's own suite marks its modules
+    ``store_backends("sqlite", "postgresql")`` and so runs each store test on both; a test
+    that holds only on one backend marks itself (the closest marker wins)."""
+    marker = metafunc.definition.get_closest_marker("store_backends")
+    if marker and "store" in metafunc.fixturenames:
+        metafunc.parametrize("store", marker.args, indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    with Store(data_dir=tmp_path / "data") as s:
-        yield s
+def store(request, tmp_path: Path):
+    """A fresh store: SQLite in tmp_path, or a fresh PostgreSQL database (dropped after)."""
+    backend = getattr(request, "param", "sqlite")
+    assert backend in STORE_BACKENDS, backend
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres_database()) if backend == "postgresql" else None
+        yield stack.enter_context(Store(url, data_dir=tmp_path / "data"))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ from paramserve.registry.blobs import BlobStore
 from conftest import (ALL_BUILTINS, LAZY_BUILTINS, blob_files, config_for, example_input,
                       reference_module)
 
+# Every test that takes ``store`` runs on SQLite and on PostgreSQL (conftest.py).
+pytestmark = pytest.mark.store_backends("sqlite", "postgresql")
+
 VARIANTS = [(name, False) for name in ALL_BUILTINS] + [(name, True) for name in LAZY_BUILTINS]
 
 
@@ -243,19 +246,13 @@ def test_a_foreign_non_empty_database_is_refused(tmp_path):
         Store(data_dir=tmp_path)
 
 
+@pytest.mark.store_backends("sqlite")
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(store):
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-def test_postgresql_store_round_trip(postgres_url, tmp_path):
-    with Store(postgres_url, data_dir=tmp_path) as store:
-        store.create_model("m", "tied_mlp", {"in_features": None})
-        module = reference_module("tied_mlp", True)
-        store.upload("m", module.state_dict(), alias="production")
-        x = example_input("tied_mlp", True)
-        assert torch.equal(store.load("m", "production")(x), module(x))
-        store.patch("m", "2.weight", 1.0, index="0, 0")
-        assert store.resolve("m").parent == 1
-        assert str(store.engine.url).startswith("postgresql")
+def test_the_store_fixture_runs_on_the_backend_it_names(store, request):
+    backend = request.node.callspec.params["store"]
+    assert store.engine.dialect.name == backend

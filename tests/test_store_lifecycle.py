@@ -34,17 +34,9 @@ def small_state(seed: int = 1) -> dict:
     return reference_module("small_mlp", False, seed=seed).state_dict()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_store(request, tmp_path):
-    """The same store on SQLite and on PostgreSQL (NUL bytes and 64-bit numbers are where
-    the two differ)."""
-    if request.param == "sqlite":
-        with Store(data_dir=tmp_path / "data") as store:
-            yield store
-    else:
-        postgres_url = request.getfixturevalue("postgres_url")
-        with Store(postgres_url, data_dir=tmp_path / "data") as store:
-            yield store
+# Every test that takes ``store`` runs on SQLite and on PostgreSQL (conftest.py): NUL bytes and
+# 64-bit numbers are where the two differ.
+pytestmark = pytest.mark.store_backends("sqlite", "postgresql")
 
 
 # ---- deleting a version an alias points at -------------------------------------------------
@@ -77,8 +69,7 @@ def test_deleting_an_aliased_version_through_the_server(client, model_name):
 BAD_REFS = ["²", "٠١", "1" * 5000, "prod\x00", "prod\n", "x" * 300]
 
 
-def test_refs_have_one_canonical_form_and_bad_ones_are_invalid(any_store):
-    store = any_store
+def test_refs_have_one_canonical_form_and_bad_ones_are_invalid(store):
     store.create_model("m", "small_mlp")
     store.upload("m", small_state(), alias="production")
     assert store.resolve("m", "01").number == 1 and store.resolve("m", 1).number == 1
@@ -100,8 +91,7 @@ def test_refs_have_one_canonical_form_and_bad_ones_are_invalid(any_store):
 BAD_NAMES = ["m\n", "m\x00", "\x00", "a" * 129, "mé", " m", ""]
 
 
-def test_names_are_checked_before_any_lookup_reaches_sql(any_store):
-    store = any_store
+def test_names_are_checked_before_any_lookup_reaches_sql(store):
     store.create_model("m", "small_mlp")
     store.upload("m", small_state())
     for name in BAD_NAMES:
@@ -128,8 +118,7 @@ REFS = st.one_of(st.none(), st.text(max_size=40),
                  st.integers(min_value=-2**70, max_value=2**70))
 
 
-def test_any_ref_or_name_is_found_not_found_or_invalid_never_a_driver_error(any_store):
-    store = any_store
+def test_any_ref_or_name_is_found_not_found_or_invalid_never_a_driver_error(store):
     store.create_model("m", "small_mlp")
     store.upload("m", small_state(), alias="production")
 
