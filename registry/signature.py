@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from .errors import FailedPrecondition
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
+from .values import INPUT_NAME, OUTPUT_NAME  # noqa: F401  (defined there: no torch)
 
 
 @dataclass(frozen=True)

@@ -15,26 +15,22 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Mapping, Union
+from typing import BinaryIO, Mapping, Union
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from . import tensorfile
-from .errors import (DataLoss, FailedPrecondition, InvalidArgument, InvalidStateDict,
-                     ResourceExhausted)
+from .errors import DataLoss, FailedPrecondition, InvalidArgument, InvalidStateDict
 from .limits import DEFAULT_LIMITS, Limits
+from .tensorfile import STORED_BLOB_LIMITS, read_stored_header, stored_blob  # noqa: F401
 from .values import ManifestEntry, TensorSpec
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO,
                Mapping[str, torch.Tensor]]
 COPY_CHUNK_BYTES = 8 << 20
-# A blob the store wrote was bounded when it was uploaded, perhaps under larger limits than
-# today's: its header is read with the format's own bounds, and anything wrong is DataLoss.
-STORED_BLOB_LIMITS = Limits(max_header_entries=1 << 24, max_header_bytes=100_000_000)
 
 
 @dataclass(frozen=True)
@@ -343,22 +339,6 @@ def _read_state_dict(reader) -> dict[str, torch.Tensor]:
         tensors[name] = tensors[kept]
     reader.finish()
     return tensors
-
-
-@contextmanager
-def stored_blob(path) -> Iterator[None]:
-    """Errors of the format while reading a blob the store wrote are ``DataLoss`` naming it
-    (the same errors in an upload are the client's: ``InvalidArgument``)."""
-    try:
-        yield
-    except (InvalidArgument, ResourceExhausted) as err:
-        raise DataLoss(f"blob {path} is damaged: {str(err).splitlines()[0][:200]}; restore it "
-                       "from a backup or delete the version that refers to it") from err
-
-
-def read_stored_header(file: BinaryIO, size_bytes: int) -> tensorfile.Header:
-    """The header of a stored blob (call inside ``stored_blob``)."""
-    return tensorfile.read_header(file, size_bytes, limits=STORED_BLOB_LIMITS)
 
 
 def module_upload(module: nn.Module) -> tuple[UploadedState, ExpectedState]:

@@ -18,25 +18,54 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping
 
-import torch
-
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import DataLoss, InvalidArgument, ResourceExhausted
 from .limits import DEFAULT_LIMITS, Limits, brief, json_outline, loads_bounded, over
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_RANK = 64  # torch's own limit on tensor dimensions
 MAX_HEADER_DEPTH = 3  # {"name": {"shape": [...]}}: deeper is never a safetensors header
 READ_CHUNK_BYTES = 8 << 20
+# A blob the store wrote was bounded when it was uploaded, perhaps under larger limits than
+# today's: its header is read with the format's own bounds, and anything wrong is DataLoss.
+STORED_BLOB_LIMITS = Limits(max_header_entries=1 << 24, max_header_bytes=100_000_000)
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# The format's dtypes by name: bytes per element and the torch dtype's attribute name. The
+# header is parsed from these alone, so reading a file needs no torch (the lean client reads
+# downloads with numpy); ``DTYPES`` (name → torch.dtype) is built on first use.
+DTYPE_INFO: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"), "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"),
+    "I8": (1, "int8"), "U8": (1, "uint8"), "U16": (2, "uint16"), "U32": (4, "uint32"),
+    "U64": (8, "uint64"), "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: size for name, (size, _) in DTYPE_INFO.items()}
+_torch_tables: tuple[dict, dict] | None = None
+
+
+def _tables() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
+    global _torch_tables
+    if _torch_tables is None:
+        import torch
+
+        dtypes = {name: getattr(torch, attr) for name, (_, attr) in DTYPE_INFO.items()}
+        _torch_tables = dtypes, {v: k for k, v in dtypes.items()}
+    return _torch_tables
+
+
+def __getattr__(name: str):
+    """``DTYPES`` (name → torch.dtype) and ``DTYPE_NAMES`` (the reverse), made on first use."""
+    if name == "DTYPES":
+        return _tables()[0]
+    if name == "DTYPE_NAMES":
+        return _tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class TensorEntry:
     """Where one tensor lives in a file: absolute byte offsets ``[begin, end)``."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # the format's name: "F32", "BF16", ...
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -52,6 +81,10 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return _tables()[0][self.dtype_name]
 
 
 @dataclass(frozen=True)
@@ -64,16 +97,18 @@ class Header:
     total_bytes: int
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: "torch.dtype") -> str:
     try:
-        return DTYPE_NAMES[dtype]
+        return _tables()[1][dtype]
     except KeyError:
         raise InvalidArgument(f"dtype {dtype} cannot be stored in safetensors; "
-                              f"use one of {sorted(DTYPES)}") from None
+                              f"use one of {sorted(DTYPE_INFO)}") from None
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     """The tensor's bytes without a copy when it is already a contiguous CPU tensor."""
+    import torch
+
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -81,28 +116,34 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def element_size(dtype: "torch.dtype") -> int:
+    return dtype.itemsize
 
 
-def nbytes_of(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    """Bytes of a tensor of ``shape``; Python ints, so a huge shape cannot overflow."""
+def nbytes_of(dtype: "torch.dtype | str", shape: Iterable[int]) -> int:
+    """Bytes of a tensor of ``shape`` (a torch dtype or the format's name); Python ints, so a
+    huge shape cannot overflow."""
     numel = 1
     for d in shape:
         numel *= d
-    return numel * element_size(dtype)
+    return numel * (ITEMSIZE[dtype] if isinstance(dtype, str) else dtype.itemsize)
 
 
-def build_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+def _name_of(dtype: "torch.dtype | str") -> str:
+    return dtype if isinstance(dtype, str) else dtype_name(dtype)
+
+
+def build_header(specs: Iterable[tuple[str, "torch.dtype | str", tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None) -> bytes:
-    """The length prefix and JSON header for tensors ``(name, dtype, shape)`` in that order."""
+    """The length prefix and JSON header for tensors ``(name, dtype, shape)`` in that order
+    (a torch dtype or the format's name)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in specs:
         nbytes = nbytes_of(dtype, shape)
-        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+        header[name] = {"dtype": _name_of(dtype), "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -110,34 +151,48 @@ def build_header(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     return struct.pack("<Q", len(encoded)) + encoded
 
 
-def canonical_order(names_and_dtypes: Iterable[tuple[str, torch.dtype]]) -> list[str]:
+def canonical_order(names_and_dtypes: Iterable[tuple[str, "torch.dtype | str"]]) -> list[str]:
     """Widest dtype first, then by name: aligned data and one byte layout per state_dict."""
     return [name for name, dtype in
-            sorted(names_and_dtypes, key=lambda nd: (-element_size(nd[1]), nd[0]))]
+            sorted(names_and_dtypes, key=lambda nd: (-ITEMSIZE[_name_of(nd[1])], nd[0]))]
 
 
-def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, torch.Tensor]],
+RawTensor = tuple[str, str, tuple[int, ...], "Callable[[], memoryview]"]
+
+
+def write_raw(file: BinaryIO, tensors: Iterable[RawTensor],
+              metadata: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """Write a safetensors file of ``(name, dtype name, shape, bytes())`` tensors, in
+    ``canonical_order``; returns ``(sha256 hex, bytes written)``. Each tensor's bytes are
+    asked for when it is written (one copy off a GPU at a time); no torch needed."""
+    given = {t[0]: t for t in tensors}
+    tensors = [given[name] for name in canonical_order((n, t[1]) for n, t in given.items())]
+    digest = hashlib.sha256()
+    head = build_header([(n, dtype, shape) for n, dtype, shape, _ in tensors], metadata)
+    file.write(head)
+    digest.update(head)
+    size = len(head)
+    for name, dtype, shape, get_bytes in tensors:
+        data = memoryview(get_bytes()).cast("B")
+        if data.nbytes != nbytes_of(dtype, shape):
+            raise InvalidArgument(f"tensor {brief(name)}: {data.nbytes} bytes do not make shape "
+                                  f"{list(shape)} of {dtype}")
+        file.write(data)
+        digest.update(data)
+        size += data.nbytes
+    return digest.hexdigest(), size
+
+
+def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, "torch.Tensor"]],
                   metadata: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """Write a safetensors file; returns ``(sha256 hex, bytes written)``.
+    """Write a safetensors file of torch tensors; returns ``(sha256 hex, bytes written)``.
 
     The tensors are laid out in ``canonical_order`` whatever order they come in, so the same
     tensors always make the same bytes, and a state_dict written here (tied entries once, as
     the store keeps them) is already the store's blob: its upload needs no rewrite.
     """
-    given = dict(tensors)
-    tensors = [(name, given[name]) for name in canonical_order(
-        (name, tensor.dtype) for name, tensor in given.items())]
-    digest = hashlib.sha256()
-    head = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
-    file.write(head)
-    digest.update(head)
-    size = len(head)
-    for _, tensor in tensors:
-        data = tensor_bytes(tensor)
-        file.write(data)
-        digest.update(data)
-        size += data.nbytes
-    return digest.hexdigest(), size
+    return write_raw(file, [(name, dtype_name(t.dtype), tuple(t.shape),
+                             lambda t=t: tensor_bytes(t)) for name, t in tensors], metadata)
 
 
 def read_header(file: BinaryIO, total_bytes: int | None = None,
@@ -201,11 +256,10 @@ def read_header(file: BinaryIO, total_bytes: int | None = None,
 def _parse_entry(name: str, spec: object, data_start: int) -> TensorEntry:
     if not isinstance(spec, dict):
         raise InvalidArgument(f"safetensors entry {brief(name)} must be an object")
-    name_of_dtype = spec.get("dtype")
-    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
-    if dtype is None:
+    dtype = spec.get("dtype")
+    if not (isinstance(dtype, str) and dtype in ITEMSIZE):
         raise InvalidArgument(f"safetensors entry {brief(name)} has unknown dtype "
-                              f"{brief(name_of_dtype)}; known: {sorted(DTYPES)}")
+                              f"{brief(dtype)}; known: {sorted(ITEMSIZE)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise InvalidArgument(f"safetensors entry {brief(name)} has an invalid shape "
@@ -226,8 +280,10 @@ def _parse_entry(name: str, spec: object, data_start: int) -> TensorEntry:
                        data_start + offsets[1])
 
 
-def read_into(file: BinaryIO, target: torch.Tensor, nbytes: int, digest=None) -> None:
+def read_into(file: BinaryIO, target: "torch.Tensor", nbytes: int, digest=None) -> None:
     """Fill the contiguous CPU tensor ``target`` from the file's current position."""
+    import torch
+
     view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
     if view.nbytes != nbytes:
         raise InvalidArgument(f"expected {nbytes} bytes for a tensor of {view.nbytes}")
@@ -247,9 +303,27 @@ def read_exactly(file: BinaryIO, view: memoryview, digest=None) -> None:
         done += got
 
 
-def read_tensor(file: BinaryIO, entry: TensorEntry, digest=None) -> torch.Tensor:
+def read_tensor(file: BinaryIO, entry: TensorEntry, digest=None) -> "torch.Tensor":
     """Read one entry into a new tensor (seeks to it); ``digest`` is fed its bytes."""
+    import torch
+
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     file.seek(entry.begin)
     read_into(file, tensor, entry.nbytes, digest)
     return tensor
+
+
+@contextmanager
+def stored_blob(path) -> Iterator[None]:
+    """Errors of the format while reading a blob the store wrote are ``DataLoss`` naming it
+    (the same errors in an upload are the client's: ``InvalidArgument``)."""
+    try:
+        yield
+    except (InvalidArgument, ResourceExhausted) as err:
+        raise DataLoss(f"blob {path} is damaged: {str(err).splitlines()[0][:200]}; restore it "
+                       "from a backup or delete the version that refers to it") from err
+
+
+def read_stored_header(file: BinaryIO, size_bytes: int) -> Header:
+    """The header of a stored blob (call inside ``stored_blob``)."""
+    return read_header(file, size_bytes, limits=STORED_BLOB_LIMITS)

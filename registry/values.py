@@ -11,6 +11,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# A served model's one input and one output tensor, by name (KServe v2 and the signature).
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
