@@ -25,16 +25,14 @@ import torch
 
 from paramserve.registry.errors import ParamserveError, ResourceExhausted
 
+from .status import DeadlineExceeded  # noqa: F401  (defined there: the client needs it)
+
 
 # Requests that keep arriving alone skip the queue: after this many one-request batches in a
 # row, a request runs at once on the loop (when the forward runs there), saving the queue's
 # turn of the loop; every PROBE_EVERY-th still goes through the queue to look for company.
 LONELY_BATCHES = 8
 PROBE_EVERY = 16
-
-
-class DeadlineExceeded(ParamserveError):
-    """The caller's deadline passed while the request waited; it never ran."""
 
 
 class BatchingError(ParamserveError):

@@ -10,38 +10,29 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from paramserve.registry.errors import InvalidArgument, ResourceExhausted
 from paramserve.registry.signature import Signature, TensorSignature
-from paramserve.registry.tensorfile import nbytes_of
+from paramserve.registry.tensorfile import DTYPE_INFO
 
+from .wire import CARRIER, SAFETENSORS_OF, TYPED_FIELD, check_shape, decode_typed, raw_nbytes
+
+__all__ = ["TORCH_OF", "DATATYPE_OF", "NUMPY_OF", "TYPED_FIELD", "check_shape", "datatype_of",
+           "decode_inputs", "decode_tensor", "encode_output"]
+
+# The datatype tables are wire's (shared with the numpy-only client), given torch dtypes here.
 TORCH_OF: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "UINT8": torch.uint8, "UINT16": torch.uint16, "UINT32": torch.uint32,
-    "UINT64": torch.uint64, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32,
-    "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64,
-    "BF16": torch.bfloat16,
-}
+    kserve: getattr(torch, DTYPE_INFO[st][1]) for kserve, st in SAFETENSORS_OF.items()}
 DATATYPE_OF: dict[torch.dtype, str] = {v: k for k, v in TORCH_OF.items()}
 # numpy has no bfloat16: those bytes are read as int16 and reinterpreted by torch.
 NUMPY_OF: dict[torch.dtype, np.dtype] = {
-    dtype: np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(
-        0, dtype=dtype).numpy().dtype for dtype in TORCH_OF.values()}
+    dtype: CARRIER[SAFETENSORS_OF[kserve]] for kserve, dtype in TORCH_OF.items()}
 # Request bytes are read-only and the forward never writes its input: torch's one-time
 # warning about wrapping a read-only array says nothing a server operator can act on.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-# Which InferTensorContents field carries each datatype (FP16 and BF16 only travel raw).
-TYPED_FIELD: dict[str, tuple[str, type]] = {
-    "BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int8),
-    "INT16": ("int_contents", np.int16), "INT32": ("int_contents", np.int32),
-    "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint8),
-    "UINT16": ("uint_contents", np.uint16), "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
-    "FP64": ("fp64_contents", np.float64),
-}
 
 
 def datatype_of(dtype: torch.dtype) -> str:
@@ -90,7 +81,7 @@ def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
         raise ResourceExhausted(f"input {name!r} has {numel} elements, over the limit of "
                                 f"{max_elements}; split the request (--max-tensor-elements)")
     if raw is not None:
-        expected_bytes = nbytes_of(dtype, shape)
+        expected_bytes = raw_nbytes(datatype, shape)
         if len(raw) != expected_bytes:
             raise InvalidArgument(f"input {name!r}: shape {list(shape)} of {datatype} needs "
                                   f"{expected_bytes} raw bytes, got {len(raw)}")
@@ -98,34 +89,7 @@ def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
             return torch.empty(shape, dtype=dtype)
         tensor = torch.from_numpy(np.frombuffer(raw, dtype=NUMPY_OF[dtype]).reshape(shape))
         return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
-    return _decode_typed(tensor, datatype, dtype, shape, numel)
-
-
-def _decode_typed(tensor, datatype, dtype, shape, numel) -> torch.Tensor:
-    name = tensor.name
-    if datatype not in TYPED_FIELD:
-        raise InvalidArgument(f"input {name!r}: {datatype} has no typed contents field; send it "
-                              "in raw_input_contents")
-    field, np_type = TYPED_FIELD[datatype]
-    values = getattr(tensor.contents, field)
-    if len(values) != numel:
-        raise InvalidArgument(f"input {name!r}: shape {list(shape)} needs {numel} values in "
-                              f"contents.{field}, got {len(values)}")
-    array = np.asarray(values)
-    if np.issubdtype(np_type, np.integer) and array.size:
-        info = np.iinfo(np_type)
-        if array.min() < info.min or array.max() > info.max:
-            raise InvalidArgument(f"input {name!r}: values out of range for {datatype}")
-    return torch.from_numpy(array.astype(np_type).reshape(shape)).to(dtype)
-
-
-def check_shape(name: str, shape: Sequence[int], expected: Sequence[int]) -> None:
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r} has a negative dimension in {list(shape)}")
-    fits = len(shape) == len(expected) and all(e < 0 or e == d for d, e in zip(shape, expected))
-    if not fits:
-        raise InvalidArgument(f"input {name!r} has shape {list(shape)}, the model takes "
-                              f"{list(expected)} (-1: any size)")
+    return torch.from_numpy(decode_typed(tensor, datatype, shape, numel)).to(dtype)
 
 
 def encode_output(response, name: str, tensor: torch.Tensor) -> None:

@@ -1,23 +1,31 @@
-"""Core values ⇄ registry.proto messages, used by the servicer and the client alike."""
+"""Core values ⇄ registry.proto messages, used by the servicer and the client alike.
+
+Importing it needs no torch (the lean client uses the ``*_from_proto`` of plain values); the
+tensor and architecture functions import it when called, on the server, where it is loaded.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from paramserve.protos import registry_pb2 as pb
-from paramserve.registry.architectures import Architecture
+from paramserve.registry import tensorfile
 from paramserve.registry.errors import InvalidArgument
-from paramserve.registry.tensorfile import DTYPES, dtype_name, nbytes_of, tensor_bytes
+from paramserve.registry.tensorfile import dtype_name, nbytes_of, tensor_bytes
 from paramserve.registry.values import (ManifestEntry, ModelInfo, ParameterInfo, TensorSpec,
                                         TensorStats, VersionInfo)
 
-from .codec import datatype_of
+if TYPE_CHECKING:
+    import torch
+
+    from paramserve.registry.architectures import Architecture
 
 
 def architecture_to_proto(arch: Architecture) -> pb.Architecture:
+    from .codec import datatype_of
+
     return pb.Architecture(name=arch.name, doc=arch.doc,
                            config_defaults_json=json.dumps(dict(arch.defaults)),
                            example_input_shape=list(arch.example_input_shape),
@@ -86,7 +94,9 @@ def tensor_to_proto(name: str, tensor: torch.Tensor) -> pb.Tensor:
 
 
 def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
-    dtype = DTYPES.get(msg.dtype)
+    import torch
+
+    dtype = tensorfile.DTYPES.get(msg.dtype)
     if dtype is None:
         raise InvalidArgument(f"tensor {msg.name!r} has unknown dtype {msg.dtype!r}")
     shape = tuple(msg.shape)

@@ -23,12 +23,10 @@ from typing import Mapping
 import grpc
 import torch
 
-from paramserve.registry.errors import (AlreadyExists, DataLoss, FailedPrecondition,
-                                        InvalidArgument, NotFound, ParamserveError,
-                                        ResourceExhausted)
+from paramserve.registry.errors import ParamserveError, ResourceExhausted
 
-from .batcher import DeadlineExceeded
 from .loaded import ModelUnavailable
+from .status import CORE_STATUS, ERROR_OF, DeadlineExceeded  # noqa: F401  (ERROR_OF: old home)
 
 log = logging.getLogger("paramserve")
 
@@ -37,22 +35,12 @@ _OOM = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
 _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DataLoss: grpc.StatusCode.DATA_LOSS,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    **CORE_STATUS,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     # Not ours, but the caller's to fix: input nested past Python's stack, a device too small.
     RecursionError: grpc.StatusCode.INVALID_ARGUMENT,
     **{cls: grpc.StatusCode.RESOURCE_EXHAUSTED for cls in _OOM},
 }
-# The client's way back: a status code → the core's class (foreign classes excluded).
-ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {
-    code: cls for cls, code in STATUS_OF.items()
-    if issubclass(cls, ParamserveError) and code != grpc.StatusCode.UNAVAILABLE}
 # OSErrors that are the machine's state, not a bug: said to the client as such.
 OS_ERRORS: dict[int, str] = {
     errno.ENOSPC: "the server's disk is full",
