@@ -5,7 +5,11 @@
     with Client("127.0.0.1:8001") as client:
         client.create_model("mlp", "mlp")
         version = client.upload("mlp", "mlp.safetensors", alias="production")
-        y = client.infer("mlp", torch.rand(2, 20), ref="production")
+        y = client.infer("mlp", np.random.rand(2, 20).astype("float32"), ref="production")
+
+It needs numpy and grpc, not torch: importing it never imports torch (a ``.pt`` upload is
+read by the server). Torch tensors are taken as they are when the caller uses torch, and
+``state_dict()`` (which returns tensors) imports it then.
 
 Status codes come back as the core's exception classes (``NotFound``, ``InvalidArgument`` …);
 other failures (server down, deadline) raise ``ServerError`` with the gRPC code.
@@ -20,22 +24,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import grpc
-import torch
+import numpy as np
 
 from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
-from paramserve.registry.blobs import VerifyingReader
-from paramserve.registry.errors import DataLoss, ParamserveError
-from paramserve.registry.signature import INPUT_NAME
-from paramserve.registry.statedict import read_state_dict
-from paramserve.registry.tensorfile import write_tensors
-from paramserve.registry.values import ModelInfo, ParameterInfo, VersionInfo
+from paramserve.registry.errors import DataLoss, InvalidArgument, ParamserveError
+from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, VersionInfo
 
-from . import codec, convert
-from .errors import ERROR_OF
+from . import convert, wire
+from .client_files import (check_upload, is_torch_tensor, read_arrays, torch_module,
+                           upload_path)
+from .status import ERROR_OF
+
+if TYPE_CHECKING:
+    import torch
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -133,12 +138,18 @@ class Client:
 
     def upload(self, name: str, source, alias: str | None = None,
                progress: Progress | None = None, timeout_s: float | None = None) -> VersionInfo:
-        """Upload a .safetensors / torch.save file (path or bytes) or a dict of tensors.
+        """Upload a .safetensors / torch.save file (path or bytes) or a dict of torch tensors
+        or numpy arrays.
 
-        One pass over the file: it is hashed while it is sent, and the sha256 follows the
-        last chunk in a trailer (servers before the trailer need ``_size_and_sha256`` first).
+        A file's bytes go as they are (the server reads a torch.save'd one with
+        ``weights_only=True``); what its format already shows to be refused (a damaged
+        safetensors header or zip archive, a pickled model instead of a state_dict) is
+        refused here, before a byte is sent. One pass over the file: it is hashed while it is
+        sent, and the sha256 follows the last chunk in a trailer (servers before the trailer
+        need ``_size_and_sha256`` first).
         """
-        with _as_file(source) as path:
+        with upload_path(source) as (path, label):
+            check_upload(path, label)
             size = path.stat().st_size
             chunks = _hashed_upload_chunks(
                 path, pb.UploadHeader(model=name, alias=alias or "", size_bytes=size), progress)
@@ -148,22 +159,38 @@ class Client:
 
     def download(self, name: str, ref: str | int | None = None, path: str | os.PathLike = None,
                  progress: Progress | None = None) -> VersionInfo:
-        """Save a version to ``path``: ``.safetensors`` as stored, ``.pt``/``.pth`` as a
-        torch.save'd state_dict. The sha256 is checked end to end; a partial file never
-        appears under ``path``."""
+        """Save a version to ``path``: ``.safetensors`` as stored (no torch needed), ``.npz``
+        as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
+        (imports torch). The sha256 is checked end to end; a partial file never appears
+        under ``path``."""
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            blob = Path(tmp) / "blob.safetensors"
+            blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
             version = self._download_to(name, ref, blob, progress)
             if target.suffix in (".pt", ".pth"):
-                torch.save(_read_blob(blob, version.sha256), Path(tmp) / "out")
-                os.replace(Path(tmp) / "out", target)
+                import torch
+
+                torch.save(_read_blob(blob, version.sha256), out)
+            elif target.suffix == ".npz":
+                with open(out, "wb") as f:
+                    np.savez(f, **read_arrays(blob, f"download of {name!r}"))
             else:
-                os.replace(blob, target)
+                out = blob
+            os.replace(out, target)
         return version
 
+    def arrays(self, name: str, ref: str | int | None = None) -> dict[str, np.ndarray]:
+        """A version's state_dict as numpy arrays, downloaded and sha256-checked; no torch.
+        numpy has no bfloat16 or float8: those come widened to float32 (exactly). Tied keys
+        share one array."""
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = Path(tmp) / "blob.safetensors"
+            self._download_to(name, ref, blob, None)
+            return read_arrays(blob, f"download of {name!r}")
+
     def state_dict(self, name: str, ref: str | int | None = None) -> dict[str, torch.Tensor]:
-        """A version's state_dict, downloaded; tied keys share one tensor."""
+        """A version's state_dict as torch tensors in their stored dtypes; tied keys share one
+        tensor. Imports torch (``arrays()`` is the same without it)."""
         with tempfile.TemporaryDirectory() as tmp:
             blob = Path(tmp) / "blob.safetensors"
             version = self._download_to(name, ref, blob, None)
@@ -227,10 +254,13 @@ class Client:
         return [convert.parameter_from_proto(p) for p in msg.parameters]
 
     def tensor(self, name: str, param: str, ref: str | int | None = None,
-               index: str | None = None) -> torch.Tensor:
+               index: str | None = None) -> np.ndarray:
+        """One parameter (or ``index``'s slice of it) as a numpy array; bfloat16 and float8
+        come widened to float32, exactly."""
         msg = self._call(self.registry.GetTensor, pb.GetTensorRequest(
             model=name, ref=_ref(ref), name=param, index=index or ""))
-        return convert.tensor_from_proto(msg)
+        dtype_name, carried = wire.tensor_from_proto(msg)
+        return wire.to_numpy(dtype_name, carried.copy())
 
     def module_tree(self, name: str, ref: str | int | None = None) -> str:
         return self._call(self.registry.DescribeModule,
@@ -252,27 +282,42 @@ class Client:
                                   op=op)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             request.scalar = float(value)
+        elif is_torch_tensor(value):
+            request.array.CopyFrom(convert.tensor_to_proto(param, value))
         else:
-            request.array.CopyFrom(convert.tensor_to_proto(param, torch.as_tensor(value)))
+            array = np.ascontiguousarray(value)
+            request.array.CopyFrom(pb.Tensor(name=param, dtype=wire.safetensors_name(array),
+                                             shape=list(array.shape), data=array.tobytes()))
         return convert.version_from_proto(self._call(self.registry.Patch, request))
 
     # ---- inference ---------------------------------------------------------------------
 
     def infer(self, name: str, x, ref: str | int | None = None,
-              timeout_s: float | None = None) -> torch.Tensor:
-        """One forward pass on the server; ``x`` is a tensor or array, the output a tensor."""
-        x = torch.as_tensor(x).contiguous()
+              timeout_s: float | None = None):
+        """One forward pass on the server. ``x``: a numpy array or anything ``np.asarray``
+        takes (Python floats become float32, as torch makes them); the output is an
+        ``np.ndarray`` (a bfloat16 one widened to float32). A torch tensor is sent in its own
+        dtype, bfloat16 included, and its output comes back as a torch tensor."""
+        torch = torch_module() if is_torch_tensor(x) else None
         request = inference_pb2.ModelInferRequest(model_name=name, model_version=_ref(ref))
-        request.inputs.add(name=INPUT_NAME, datatype=codec.datatype_of(x.dtype),
-                           shape=list(x.shape))
-        request.raw_input_contents.append(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if torch is not None:
+            x = x.detach().cpu().contiguous()
+            datatype = wire.DATATYPE_OF_TORCH_NAME.get(str(x.dtype).removeprefix("torch."))
+            if datatype is None:
+                raise InvalidArgument(f"torch dtype {x.dtype} has no KServe datatype")
+            bits = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+            wire.add_input(request, INPUT_NAME, bits.numpy(), datatype)
+        else:
+            wire.add_input(request, INPUT_NAME, _as_array(x))
         response = self._call(self.inference.ModelInfer, request, timeout_s)
-        out = response.outputs[0]
-        dtype = codec.TORCH_OF[out.datatype]
-        data = bytearray(response.raw_output_contents[0])
-        if not data:
-            return torch.empty(tuple(out.shape), dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(tuple(out.shape))
+        if not response.outputs:
+            raise InvalidArgument(f"the server answered model {name!r} with no output")
+        dtype_name, carried = wire.output(response, 0)
+        carried = carried.copy()  # writable, and the response's bytes can go
+        if torch is None:
+            return wire.to_numpy(dtype_name, carried)
+        y = torch.from_numpy(carried)
+        return y.view(torch.bfloat16) if dtype_name == "BF16" else y
 
     def model_metadata(self, name: str, ref: str | int | None = None):
         return self._call(self.inference.ModelMetadata,
@@ -320,28 +365,13 @@ def _ref(ref: str | int | None) -> str:
     return "" if ref is None else str(ref)
 
 
-class _as_file:
-    """A path for an upload source: a path as is, bytes or a dict of tensors via a temp file."""
-
-    def __init__(self, source):
-        self.source = source
-        self.tmp = None
-
-    def __enter__(self) -> Path:
-        if isinstance(self.source, (str, os.PathLike)):
-            return Path(self.source)
-        fd, name = tempfile.mkstemp(suffix=".upload")
-        self.tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(self.source, Mapping):
-                write_tensors(f, list(self.source.items()))
-            else:
-                f.write(bytes(self.source))
-        return self.tmp
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+def _as_array(x) -> np.ndarray:
+    """``x`` as a C-contiguous array; floats given as Python numbers become float32 (the
+    dtype models take, as ``torch.as_tensor`` makes them), arrays keep their dtype."""
+    array = np.ascontiguousarray(x)
+    if array.dtype == np.float64 and isinstance(x, (list, tuple, float)):
+        array = array.astype(np.float32)
+    return array
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:
@@ -378,5 +408,9 @@ def _hashed_upload_chunks(path: Path, header: pb.UploadHeader,
 
 
 def _read_blob(path: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The downloaded blob as torch tensors (imports torch: statedict is torch's side)."""
+    from paramserve.registry.blobs import VerifyingReader
+    from paramserve.registry.statedict import read_state_dict
+
     with VerifyingReader(open(path, "rb"), sha256, path) as reader:
         return read_state_dict(reader)
