@@ -154,7 +154,7 @@ def open_upload(source: Source, limits: Limits = DEFAULT_LIMITS) -> UploadedStat
         size = file.tell()
         file.seek(0)
         if start[:4] == b"PK\x03\x04" or start[:1] == b"\x80":
-            tensors = _torch_load(file, path)
+            tensors = _torch_load(file, path if start[:2] == b"PK" else None)
             if owns:
                 file.close()
             return TensorMappingUpload(tensors)
@@ -170,6 +170,8 @@ def open_upload(source: Source, limits: Limits = DEFAULT_LIMITS) -> UploadedStat
 
 
 def _torch_load(file: BinaryIO, path: str | None) -> Mapping[str, torch.Tensor]:
+    """``path`` (zip format only: torch cannot mmap the legacy pickle format) is mapped, not
+    read; else ``file`` is read."""
     try:
         # weights_only=True: tensors and plain containers only, never arbitrary objects.
         if path is not None:
