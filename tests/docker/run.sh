@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the image and checks it as a user would: health check, create, upload, a forward pass
-# through tritonclient from the host, parameters surviving a restart on the volume, a non-root
-# server, and a prompt `stop` (SIGTERM reaches the server; no 10 s wait ending in SIGKILL).
+# through tritonclient from the host, metrics on the published 8002, parameters surviving a
+# restart on the volume, a non-root server, a grace below `docker stop`'s 10 s and a prompt
+# `stop` (SIGTERM reaches the server; no 10 s wait ending in SIGKILL), a bind-mounted /data
+# under `--user`, and a source change that rebuilds neither the torch nor the dependency layer.
+# The GPU recipe (README) is built when its base image is present locally (GPU_BASE_IMAGE).
 #
 # Docker-engine stand-in: this machine has podman only (../shared/tools/container-env.sh). The
 # flags that reach the local torch wheel are this machine's business and live here, not in the
@@ -18,7 +21,8 @@ started=$(date +%s)
 
 log() { printf '[docker-test %3ss] %s\n' $(( $(date +%s) - started )) "$*"; }
 cleanup() {
-  podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
+  podman rm -f -t 0 "$NAME" "$NAME-bind" >/dev/null 2>&1 || true
+  podman rmi -f "$IMAGE-edited" >/dev/null 2>&1 || true
   podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -31,29 +35,73 @@ bash "$ENV_SCRIPT" >/dev/null
 STATE=${CONTAINER_ENV_DIR:-/var/tmp/container-env}
 WHEELS=${WHEELS:-/opt/wheels}
 
+build() {  # build LOG [podman build args...]: this machine's flags, then the caller's
+  local out=$1; shift
+  podman build --format docker --network host \
+    -v "$WHEELS:/opt/wheels:ro" -v "$STATE/pip.conf:/etc/pip.conf:ro" "$@" >"$out" 2>&1 \
+    || { tail -40 "$out"; return 1; }
+}
+layers() { podman image inspect "$1" --format '{{range .RootFS.Layers}}{{println .}}{{end}}' | grep .; }
+
 log "building $IMAGE"
-podman build --format docker --network host \
-  -v "$WHEELS:/opt/wheels:ro" -v "$STATE/pip.conf:/etc/pip.conf:ro" \
-  --build-arg TORCH_INDEX_URL= -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
-  || { tail -40 "$WORK/build.log"; exit 1; }
+build "$WORK/build.log" --build-arg TORCH_INDEX_URL= -t "$IMAGE" .
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 log "image size: $(( size / 1024 / 1024 )) MiB"
 
-PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A source change must reuse the torch and dependency layers: only the last two (COPY of the
+# sources, their install) differ. Built from a copy with one source file edited.
+log "rebuilding after a source change"
+bash tests/install/copy-sources.sh "$WORK/ctx"
+echo "# edited" >>"$WORK/ctx/service/__init__.py"
+t0=$(date +%s)
+build "$WORK/rebuild.log" --build-arg TORCH_INDEX_URL= -t "$IMAGE-edited" "$WORK/ctx"
+layers "$IMAGE" >"$WORK/layers-a"; layers "$IMAGE-edited" >"$WORK/layers-b"
+total=$(wc -l <"$WORK/layers-a")
+shared=$(paste -d' ' "$WORK/layers-a" "$WORK/layers-b" | awk '$1 != $2 {exit} {n++} END {print n+0}')
+podman rmi "$IMAGE-edited" >/dev/null
+[ "$shared" -eq $(( total - 2 )) ] || {
+  echo "a source change rebuilt $(( total - shared )) of $total layers (expected 2)"; exit 1; }
+log "rebuilt in $(( $(date +%s) - t0 )) s; $shared of $total layers reused"
+
+# The GPU recipe as the README gives it; only where its base image is already present (CI
+# cannot pull one). Checks that the build works and that the base's torch was kept.
+GPU_BASE=${GPU_BASE_IMAGE:-docker.io/pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime}
+if podman image exists "$GPU_BASE"; then
+  log "building the GPU recipe on $GPU_BASE"
+  build "$WORK/gpu-build.log" --build-arg BASE_IMAGE="$GPU_BASE" --build-arg TORCH_INDEX_URL= \
+    -t "$IMAGE-gpu" .
+  podman run --rm --entrypoint python "$IMAGE-gpu" -c \
+    'import torch, paramserve.service.server; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
+    2>>"$WORK/podman.log"
+  podman rmi "$IMAGE-gpu" >/dev/null
+else
+  log "GPU recipe not built: $GPU_BASE is not present locally (untested here)"
+fi
+
+grace=$(podman run --rm --entrypoint python "$IMAGE" -c \
+  "from paramserve.service.cli import build_parser; print(build_parser().parse_args(['serve']).grace_s)" \
+  2>>"$WORK/podman.log")
+log "grace in the image: ${grace} s"
+$PY -c "import sys; sys.exit(not float(sys.argv[1]) < 10)" "$grace" \
+  || { echo "the server's grace ($grace s) is not below docker stop's 10 s"; exit 1; }
+
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+METRICS_PORT=$(free_port)
 podman volume create "$VOLUME" >/dev/null
 # Without systemd, podman cannot schedule HEALTHCHECK timers and says so on stderr; the test
 # runs the image's health check itself (`podman healthcheck run`), so those lines go to a log.
 PODMAN_LOG="$WORK/podman.log"
 start_container() {
-  podman run -d --name "$NAME" -p "127.0.0.1:$PORT:8001" -v "$VOLUME:/data" "$IMAGE" \
-    >/dev/null 2>>"$PODMAN_LOG"
+  podman run -d --name "$NAME" -p "127.0.0.1:$PORT:8001" -p "127.0.0.1:$METRICS_PORT:8002" \
+    -v "$VOLUME:/data" "$@" "$IMAGE" >/dev/null 2>>"$PODMAN_LOG"
 }
 wait_healthy() {  # runs the image's own HEALTHCHECK command until it passes
   for _ in $(seq 1 90); do
-    if podman healthcheck run "$NAME" >/dev/null 2>&1; then return 0; fi
+    if podman healthcheck run "${1:-$NAME}" >/dev/null 2>&1; then return 0; fi
     sleep 1
   done
-  podman logs "$NAME" | tail -20
+  podman logs "${1:-$NAME}" | tail -20
   echo "container never became healthy"; return 1
 }
 
@@ -101,6 +149,9 @@ print(f"max abs diff {diff:g}")
 PYEOF
 }
 triton_infer
+$PY -c "import sys, urllib.request as u; t = u.urlopen(sys.argv[1], timeout=10).read().decode(); \
+assert 'paramserve_loaded_models' in t, t[:500]" "http://127.0.0.1:$METRICS_PORT/metrics"
+log "metrics answer on the published 8002"
 
 log "stopping (SIGTERM) and restarting"
 t0=$(date +%s%N)
@@ -116,4 +167,20 @@ wait_healthy
 cli versions dock --json | $PY -c 'import json,sys; v=json.load(sys.stdin); assert [x["number"] for x in v]==[1] and v[0]["aliases"]==["production"], v'
 triton_infer
 log "parameters survived the restart on the volume"
+podman stop -t 10 "$NAME" >/dev/null 2>>"$PODMAN_LOG"
+
+# A bind-mounted host directory, as the README says: `--user` with the directory's owner.
+BIND_NAME=$NAME-bind
+BIND_UID=4242
+mkdir -p "$WORK/host-data"
+chown "$BIND_UID:$BIND_UID" "$WORK/host-data"
+podman run -d --name "$BIND_NAME" --user "$BIND_UID:$BIND_UID" -v "$WORK/host-data:/data" \
+  "$IMAGE" >/dev/null 2>>"$PODMAN_LOG"
+wait_healthy "$BIND_NAME"
+podman exec "$BIND_NAME" paramserve create bound --architecture small_mlp >/dev/null
+podman stop -t 10 "$BIND_NAME" >/dev/null 2>>"$PODMAN_LOG"
+podman rm "$BIND_NAME" >/dev/null 2>>"$PODMAN_LOG"
+[ "$(stat -c %u "$WORK/host-data/registry.db")" = "$BIND_UID" ] \
+  || { ls -ln "$WORK/host-data"; echo "registry.db is not the --user's"; exit 1; }
+log "a bind-mounted /data works under --user $BIND_UID:$BIND_UID"
 log "passed in $(( $(date +%s) - started )) s"
