@@ -4,6 +4,9 @@ Invariants: every version row has its blob and the blob's sha256 matches; no ali
 missing version; no temporary file is ever served (they live apart, in ``blobs/tmp`` and
 ``spool``).
 
+``open_existing`` opens the registry to check and creates nothing: a mistyped data dir is an
+error naming the path, never a fresh empty registry reported as OK.
+
 ``repair`` removes orphaned blobs and temporary files. A blob is an orphan by the database's
 state, never by its file's age: no version row refers to it and no upload holds it (a hold
 older than ``STALE_HOLD_S`` is a crashed writer's and is removed first). Each removal is
@@ -20,19 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blobs import TEMP_SUFFIX
-from .errors import DataLoss
+from .database import make_engine
+from .errors import DataLoss, NotFound
 from .gc import STALE_HOLD_S
-from .store import Store
+from .store import Store, default_url
 
 
 @dataclass
 class CheckReport:
     versions_checked: int = 0
-    missing_blobs: list[str] = field(default_factory=list)   # "model@number sha256"
+    missing_blobs: list[str] = field(default_factory=list)  # "model@number sha256"
     corrupt_blobs: list[str] = field(default_factory=list)
     dangling_aliases: list[str] = field(default_factory=list)
-    orphan_blobs: list[str] = field(default_factory=list)    # no version row, no hold
-    held_blobs: list[str] = field(default_factory=list)      # an upload in flight (or dead)
+    orphan_blobs: list[str] = field(default_factory=list)  # no version row, no hold
+    held_blobs: list[str] = field(default_factory=list)  # an upload in flight (or dead)
     temp_files: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
@@ -42,8 +46,49 @@ class CheckReport:
         return not (self.missing_blobs or self.corrupt_blobs or self.dangling_aliases)
 
 
-def check(store: Store, repair: bool = False, min_age_s: float = 600.0,
-          verify_hashes: bool = True, stale_hold_s: float = STALE_HOLD_S) -> CheckReport:
+def open_existing(url: str | None, data_dir: str | Path) -> Store:
+    """The store of a registry that exists; ``NotFound`` naming the path when ``data_dir``
+    (or the database ``url`` names) holds none. Nothing is created on the way."""
+    data = Path(data_dir)
+    hint = "give the --data-dir (and --registry-url) the server uses"
+    if not data.is_dir():
+        raise NotFound(f"data dir {data.resolve()} does not exist; {hint}")
+    url = url or default_url(data)
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name == "sqlite":
+            database = Path(engine.url.database or "")
+            if not engine.url.database or not database.is_file():
+                raise NotFound(
+                    f"{data.resolve()} holds no registry: there is no {database}; {hint}"
+                )
+        from sqlalchemy import inspect
+        from sqlalchemy.exc import DBAPIError
+
+        from .database import cannot_open
+
+        try:
+            tables = inspect(engine).get_table_names()
+        except DBAPIError as err:
+            raise cannot_open(engine, err) from err
+        if not tables:
+            raise NotFound(
+                f"registry database "
+                f"{engine.url.render_as_string(hide_password=True)} is empty: it "
+                f"holds no registry; {hint}"
+            )
+    finally:
+        engine.dispose()
+    return Store(url, data_dir=data)
+
+
+def check(
+    store: Store,
+    repair: bool = False,
+    min_age_s: float = 600.0,
+    verify_hashes: bool = True,
+    stale_hold_s: float = STALE_HOLD_S,
+) -> CheckReport:
     report = CheckReport()
     rows, holds, report.dangling_aliases = store.repository.blob_references()
     referenced = set()

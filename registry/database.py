@@ -8,9 +8,9 @@ command that fixes it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import FailedPrecondition
@@ -29,8 +30,9 @@ SCHEMA_LOCK_ID = 0x7061_7261  # any fixed number: the advisory lock guarding sch
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False,
-                                                  "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        )
         _configure_sqlite(engine)
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -82,17 +84,38 @@ def ensure_schema(engine: Engine, url: str) -> None:
     Replicas starting together on one empty database take turns (a PostgreSQL advisory lock;
     SQLite's write lock), so exactly one of them creates the schema.
     """
-    with _schema_lock(engine):
-        current = current_revision(engine)
-        if current is None and not inspect(engine).get_table_names():
-            upgrade(engine, url)
-            return
+    try:
+        with _schema_lock(engine):
+            current = current_revision(engine)
+            if current is None and not inspect(engine).get_table_names():
+                upgrade(engine, url)
+                return
+    except DBAPIError as err:
+        raise cannot_open(engine, err) from err
     head = head_revision()
     if current != head:
         raise FailedPrecondition(
             f"registry database {engine.url.render_as_string(hide_password=True)} has schema "
             f"revision {current!r}, this paramserve needs {head!r}; run "
-            "`paramserve db upgrade --registry-url URL` (back up the database first)")
+            "`paramserve db upgrade --registry-url URL` (back up the database first)"
+        )
+
+
+def cannot_open(engine: Engine, err: DBAPIError) -> FailedPrecondition:
+    """One line naming the database (password masked) or, for SQLite, its file and folder,
+    instead of the driver's traceback."""
+    reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        path = Path(engine.url.database).resolve()
+        return FailedPrecondition(
+            f"cannot open the registry database {path}: {reason}; check that {path.parent} "
+            "is a directory this user can write (the data dir, --data-dir) and that "
+            f"{path.name} in it is a SQLite file"
+        )
+    return FailedPrecondition(
+        f"cannot open the registry database "
+        f"{engine.url.render_as_string(hide_password=True)}: {reason}"
+    )
 
 
 @contextmanager
