@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +111,12 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         bound = _bind(server, config, credentials, reuse_port)
         metrics_http, metrics_port = None, None
         if config.metrics_listen != "off":
-            metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
+            try:
+                metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
+            except OSError as err:
+                raise OSError(f"cannot serve metrics on {config.metrics_listen}: "
+                              f"{err.strerror or err} (pick another with --metrics-listen, "
+                              "or 'off')") from None
             opened.append(metrics_http.shutdown)
         await server.start()
     except BaseException:
@@ -146,7 +150,11 @@ def edge_limits(config: ServerConfig) -> EdgeLimits:
 
 def _grpc_server(config: ServerConfig, tokens: Tokens | None, reuse_port: bool):
     message_bytes = config.max_message_mb << 20
-    interceptors = []  # none on the hot path unless tokens are on
+    interceptors = []  # none on the hot path unless tokens or the access log are on
+    if config.access_log:  # first: it sees the status auth answers too
+        from .access_log import AccessLogInterceptor
+
+        interceptors.append(AccessLogInterceptor())
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens, config.auth_open_reads))
     return grpc.aio.server(
@@ -197,17 +205,29 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
     else:
         line = listening_line(config, running.port, running.metrics_port)
         print(f"paramserve listening on {line}", flush=True)
+    log.info("serving on %s: data dir %s, registry %s, device %s, metrics %s",
+             join_address(split_address(config.listen)[0], running.port),
+             Path(config.data_dir).resolve(),
+             running.store.engine.url.render_as_string(hide_password=True),
+             device_label(config.device), metrics_label(config, running.metrics_port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        print("paramserve: stopping, letting in-flight requests finish", file=sys.stderr,
-              flush=True)
+        log.info("stopping: in-flight requests get %g s to finish", config.grace_s)
     finally:
         await running.stop(config.grace_s)
-    print("paramserve: stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
+
+
+def device_label(spec: str) -> str:
+    """``--device`` as the log names it: what ``auto`` can pick from here."""
+    if spec != "auto":
+        return spec
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"auto ({count} CUDA device(s), else CPU)" if count else "auto (CPU: no CUDA device)"
 
 
 def listening_line(config: ServerConfig, port: int, metrics_port: int | None,
@@ -222,8 +242,11 @@ def metrics_label(config: ServerConfig, metrics_port: int | None) -> str:
     return f"{split_address(config.metrics_listen)[0]}:{metrics_port}" if metrics_port else "off"
 
 
-def configure_logging(label: str = "") -> None:
-    """INFO to stderr, each line tagged with ``label`` (a worker's index); alembic quiet."""
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {label}%(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def configure_logging(label: str = "", config: ServerConfig | None = None) -> None:
+    """``--log-level`` and ``--log-format`` to stderr, each line tagged with ``label`` (a
+    worker's index); see ``logs``."""
+    from .logs import configure_logging as configure
+
+    settings = config.log if config is not None else None
+    configure(settings.log_level if settings else "info",
+              settings.log_format if settings else "text", label)

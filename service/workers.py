@@ -78,7 +78,7 @@ def _worker_main(config: ServerConfig, index: int, ready) -> None:
     from .server import configure_logging, serve
 
     _stop_with_supervisor()
-    configure_logging(f"worker {index} ")
+    configure_logging(f"worker {index} ", config)
 
     def announce(running) -> None:
         ready.send(running.metrics_port)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 from conftest import reference_module
+from safetensors.torch import save_file
 
 
 def cli(server, *args, check=True):
@@ -29,7 +29,7 @@ def test_round_trip_create_upload_infer_download(server, tmp_path):
     upload = cli(server, "upload", "cli-tied", str(tmp_path / "w.safetensors"), "--alias",
                  "production")
     assert "version 1 (alias production)" in upload.stdout
-    assert "upload w.safetensors" in upload.stderr  # the progress bar
+    assert upload.stderr == ""  # no progress bar: stderr is not a terminal
     x = torch.rand(3, 4)
     np.save(tmp_path / "x.npy", x.numpy())
     cli(server, "infer", "cli-tied@production", "--input", str(tmp_path / "x.npy"), "--output",
@@ -82,15 +82,115 @@ def test_delete_of_an_aliased_version_needs_force_and_says_what_it_removed(serve
     cli(server, "create", "aliased", "--architecture", "small_mlp")
     cli(server, "upload", "aliased", str(path), "--alias", "production", "--quiet")
     cli(server, "alias", "aliased", "staging", "1")
-    refused = cli(server, "delete", "aliased", "--version", "1", check=False)
+    refused = cli(server, "delete", "aliased", "--version", "1", "--yes", check=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert "production" in refused.stderr and "staging" in refused.stderr
     assert "--force" in refused.stderr
     with Client(server.address) as client:
         assert [v.number for v in client.list_versions("aliased")] == [1]
-    done = cli(server, "delete", "aliased", "--version", "1", "--force")
+    done = cli(server, "delete", "aliased", "--version", "1", "--force", "--yes")
     assert "deleted aliased version 1" in done.stdout
     assert "removed aliases: production, staging" in done.stdout
     with Client(server.address) as client:
         assert client.list_versions("aliased") == []
         assert client.get_model("aliased").aliases == {}
+
+
+def run_cli(*args, stdin=None, env=None):
+    """The CLI with the server given after the command, as a user may type it."""
+    return subprocess.run([sys.executable, "-m", "paramserve.service.cli", *args],
+                          capture_output=True, text=True, timeout=120, stdin=stdin,
+                          env={**os.environ, **(env or {})})
+
+
+def uploaded(server, tmp_path, name: str, architecture: str = "small_mlp"):
+    module = reference_module(architecture, False)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.clone() for k, v in module.state_dict().items()}, str(path))
+    cli(server, "create", name, "--architecture", architecture)
+    cli(server, "upload", name, str(path))
+    return module, path
+
+
+def test_global_flags_after_the_command(server, tmp_path):
+    uploaded(server, tmp_path, "after")
+    listing = run_cli("models", "--server", server.address, "--json", "--timeout-s", "30")
+    assert listing.returncode == 0, listing.stderr
+    assert any(m["name"] == "after" for m in json.loads(listing.stdout))
+    versions = run_cli("versions", "after", "--json", env={"PARAMSERVE_SERVER": server.address})
+    assert [v["number"] for v in json.loads(versions.stdout)] == [1]
+
+
+def test_infer_writes_npy_equal_to_the_in_process_module_and_prints_json(server, tmp_path):
+    module, _ = uploaded(server, tmp_path, "inferred")
+    x = torch.rand(3, 4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = module(x).detach().numpy()
+    saved = run_cli("infer", "inferred", "--input", str(tmp_path / "x.npy"), "--output",
+                    str(tmp_path / "y.out"), "--server", server.address)
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout == f"saved output [3, 1] float32 to {tmp_path / 'y.out'}\n"
+    y = np.load(tmp_path / "y.out", allow_pickle=False)  # .npy under the name given
+    assert y.dtype == expected.dtype and np.allclose(y, expected, atol=1e-6)
+    printed = json.loads(cli(server, "infer", "inferred", "--input",
+                             str(tmp_path / "x.npy")).stdout)
+    assert printed["shape"] == [3, 1] and printed["dtype"] == "float32"
+    assert np.allclose(np.array(printed["data"], np.float32), expected, atol=1e-6)
+
+
+def test_delete_refuses_without_yes_when_stdin_is_not_a_terminal(server, tmp_path):
+    uploaded(server, tmp_path, "kept")
+    refused = run_cli("--server", server.address, "delete", "kept", stdin=subprocess.DEVNULL)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--yes" in refused.stderr
+    assert [v["number"] for v in json.loads(cli(server, "versions", "kept", "--json").stdout)] \
+        == [1]
+    assert "deleted model kept" in cli(server, "delete", "kept", "--yes").stdout
+
+
+def test_upload_says_whose_sha256_it_prints(server, tmp_path):
+    _, path = uploaded(server, tmp_path, "digests")
+    stored = json.loads(cli(server, "versions", "digests", "--json").stdout)[0]["sha256"]
+    again = cli(server, "upload", "digests", str(path)).stdout
+    import hashlib
+
+    own = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"sha256 {stored} (the stored blob's" in again
+    assert own == stored or f"the file's own sha256 is {own}" in again
+
+
+def test_every_command_has_examples_in_its_help():
+    from paramserve.service.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "examples:\n  paramserve " in text, name
+        assert "global flags" in text and "exit status" in text, name
+
+
+def test_split_param_matches_the_cores():
+    from paramserve.registry.slicing import split_param
+    from paramserve.service.cli_commands import _split_param
+
+    for text in ("0.weight", "0.weight[0, 0]", " net.0.bias[1:3] ", "w[", "w]", "a[b]c"):
+        assert _split_param(text) == split_param(text), text
+
+
+def imported(*args) -> set[str]:
+    code = ("import runpy, sys; sys.argv = ['paramserve', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('paramserve.service.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                            text=True, timeout=120)
+    return set(json.loads(result.stderr.strip().splitlines()[-1].replace("'", '"')))
+
+
+def test_health_imports_neither_torch_nor_numpy(server):
+    assert imported("--server", server.address, "health") == set()
+    assert imported("--version") == set()
+
+
+def test_client_commands_import_no_torch(server):
+    assert "torch" not in imported("--server", server.address, "models")
