@@ -7,7 +7,6 @@ container health check runs it every few seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -193,6 +192,8 @@ def _progress_bar(label: str, quiet: bool):
 
 
 def file_sha256(path: str) -> str:
+    import hashlib  # here: OpenSSL's load is a few ms of every other command's start
+
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):

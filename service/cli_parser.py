@@ -138,7 +138,11 @@ def build_parser() -> Parser:
         ["paramserve health", "paramserve health --server 127.0.0.1:8001 --wait-s 1"],
     )
     health.add_argument(
-        "--wait-s", type=float, default=3.0, help="how long to wait for the answer (default 3)"
+        "--wait-s",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="how long to wait for the answer (default 3)",
     )
 
     command(
@@ -159,12 +163,16 @@ def build_parser() -> Parser:
             "--config '{\"in_features\": null}' --init 'normal(0, 0.01)' --seed 1",
         ],
     )
-    create.add_argument("name")
-    create.add_argument("--architecture", required=True)
-    create.add_argument("--config", default="{}", help="JSON, e.g. '{\"in_features\": null}'")
-    create.add_argument("--init", default="default", help="init policy, e.g. normal(0, 0.01)")
-    create.add_argument("--seed", type=int, default=0)
-    create.add_argument("--description", default="")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--architecture", required=True, metavar="ARCH")
+    create.add_argument(
+        "--config", default="{}", metavar="JSON", help="JSON, e.g. '{\"in_features\": null}'"
+    )
+    create.add_argument(
+        "--init", default="default", metavar="SCHEME", help="init policy, e.g. normal(0, 0.01)"
+    )
+    create.add_argument("--seed", type=int, default=0, metavar="N")
+    create.add_argument("--description", default="", metavar="TEXT")
 
     command(
         "models",
@@ -181,7 +189,7 @@ def build_parser() -> Parser:
         ["paramserve versions mlp", "paramserve versions mlp --json"],
         guests=CLIENT + LOG + OUTPUT,
     )
-    versions.add_argument("name")
+    versions.add_argument("name", metavar="NAME")
 
     upload = command(
         "upload",
@@ -194,9 +202,9 @@ def build_parser() -> Parser:
             "paramserve upload mlp state_dict.pt --quiet",
         ],
     )
-    upload.add_argument("name")
-    upload.add_argument("file")
-    upload.add_argument("--alias")
+    upload.add_argument("name", metavar="NAME")
+    upload.add_argument("file", metavar="FILE")
+    upload.add_argument("--alias", metavar="ALIAS")
     upload.add_argument(
         "--quiet",
         action="store_true",
@@ -213,7 +221,7 @@ def build_parser() -> Parser:
         ],
     )
     download.add_argument("ref", metavar="NAME[@REF]")
-    download.add_argument("-o", "--output", required=True)
+    download.add_argument("-o", "--output", required=True, metavar="FILE")
     download.add_argument(
         "--quiet",
         action="store_true",
@@ -226,9 +234,9 @@ def build_parser() -> Parser:
         "point ALIAS at VERSION (or remove it with --delete)",
         ["paramserve alias mlp production 3", "paramserve alias mlp staging --delete"],
     )
-    alias.add_argument("name")
-    alias.add_argument("alias")
-    alias.add_argument("version", type=int, nargs="?")
+    alias.add_argument("name", metavar="NAME")
+    alias.add_argument("alias", metavar="ALIAS")
+    alias.add_argument("version", type=int, nargs="?", metavar="VERSION")
     alias.add_argument("--delete", action="store_true")
 
     params = command(
@@ -267,11 +275,16 @@ def build_parser() -> Parser:
     init.add_argument("ref", metavar="NAME[@REF]")
     init.add_argument(
         "scheme",
+        metavar="SCHEME",
         help="default, normal(mean,std), zeros, constant(v), xavier_uniform, uniform(a,b), my_init",
     )
-    init.add_argument("--module", help="submodule path, e.g. 0 or 'net.0' (default: all)")
-    init.add_argument("--seed", type=int)
-    init.add_argument("--input-shape", help="for a lazy model with no version, e.g. 2,20")
+    init.add_argument(
+        "--module", metavar="PATH", help="submodule path, e.g. 0 or 'net.0' (default: all)"
+    )
+    init.add_argument("--seed", type=int, metavar="N")
+    init.add_argument(
+        "--input-shape", metavar="SHAPE", help="for a lazy model with no version, e.g. 2,20"
+    )
 
     patch = command(
         "patch",
@@ -284,7 +297,7 @@ def build_parser() -> Parser:
     )
     patch.add_argument("ref", metavar="NAME[@REF]")
     patch.add_argument("param", metavar="PARAM[INDEX]", help="e.g. '0.weight[0, 0]'")
-    patch.add_argument("value", help="a number or a JSON array")
+    patch.add_argument("value", metavar="VALUE", help="a number or a JSON array")
     patch.add_argument("--op", choices=("set", "add", "mul"), default="set")
 
     infer = command(
@@ -298,7 +311,7 @@ def build_parser() -> Parser:
         ],
     )
     infer.add_argument("ref", metavar="NAME[@REF]")
-    infer.add_argument("--input", required=True, help="a .npy file")
+    infer.add_argument("--input", required=True, metavar="FILE", help="a .npy file")
     infer.add_argument(
         "--output", metavar="FILE", help="save the output as .npy (default: print it as JSON)"
     )
@@ -314,8 +327,8 @@ def build_parser() -> Parser:
             "paramserve delete mlp --version 1 --force --yes",
         ],
     )
-    delete.add_argument("name")
-    delete.add_argument("--version", type=int)
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--version", type=int, metavar="N")
     delete.add_argument(
         "--force",
         action="store_true",
@@ -343,6 +356,7 @@ def build_parser() -> Parser:
     check.add_argument("--repair", action="store_true")
     check.add_argument(
         "--min-age-s",
+        metavar="S",
         type=float,
         default=600.0,
         help="--repair leaves younger temporary files alone: they may belong "

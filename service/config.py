@@ -73,9 +73,9 @@ def _default_limits() -> Limits:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    data_dir: str = option("./data", "registry.db and blobs live here")
+    data_dir: str = option("./data", "registry.db and blobs live here", metavar="DIR")
     registry_url: str | None = option(
-        None, "SQLAlchemy URL of the registry", shown="sqlite:///DATA_DIR/registry.db"
+        None, "SQLAlchemy URL of the registry", shown="sqlite:///DIR/registry.db", metavar="URL"
     )
     listen: str = option(
         "127.0.0.1:8001", "gRPC address; port 0 picks a free one", metavar="HOST:PORT"

@@ -119,12 +119,22 @@ def add_flags(parser: argparse.ArgumentParser, fields, guest: bool = False) -> N
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = str if kind is tuple else _flag_type(f)  # one item per flag
-            kwargs["metavar"] = meta["metavar"] or (
-                "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else None
-            )
+            kwargs["metavar"] = metavar_of(f)
             if kind is tuple:
                 kwargs["action"] = "append"
         parser.add_argument(flag_of(f), **kwargs)
+
+
+def metavar_of(f: dataclasses.Field) -> str:
+    """What ``--help`` (and the README) shows after the flag: given, the choices, or a unit
+    from the name (``_mb`` MB, ``_us`` US, ``_s`` S), else N for a count, FILE for text."""
+    meta, kind = f.metadata["setting"], _KINDS[f.type]
+    if meta["metavar"] or meta["choices"]:
+        return meta["metavar"] or "{" + ",".join(meta["choices"]) + "}"
+    if kind in (int, float):
+        units = {"_mb": "MB", "_us": "US", "_s": "S"}
+        return next((unit for end, unit in units.items() if f.name.endswith(end)), "N")
+    return "FILE"
 
 
 def _flag_type(f: dataclasses.Field):

@@ -34,7 +34,7 @@ def test_every_server_and_limit_field_is_a_flag_with_its_variable_and_default_in
         f.name for f in dataclasses.fields(Limits)}
     for f in server_fields():
         assert flag_of(f) in text and env_of(f) in text, f.name
-    assert "--max-batch-size MAX_BATCH_SIZE dynamic batching" in text
+    assert "--max-batch-size N dynamic batching" in text
     assert "(default 64; env PARAMSERVE_MAX_BATCH_SIZE)" in text
     assert "(default 2^28; env PARAMSERVE_MAX_TENSOR_ELEMENTS)" in text
     assert f"(default {Limits().max_json_depth}; env PARAMSERVE_MAX_JSON_DEPTH)" in text
