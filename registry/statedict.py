@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from . import tensorfile
+from . import tensorfile, torchsave
 from .errors import DataLoss, FailedPrecondition, InvalidArgument, InvalidStateDict
 from .limits import DEFAULT_LIMITS, Limits
 from .tensorfile import STORED_BLOB_LIMITS, read_stored_header, stored_blob  # noqa: F401
@@ -153,16 +153,14 @@ def open_upload(source: Source, limits: Limits = DEFAULT_LIMITS) -> UploadedStat
         file.seek(0, io.SEEK_END)
         size = file.tell()
         file.seek(0)
-        if start[:4] == b"PK\x03\x04" or start[:1] == b"\x80":
-            tensors = _torch_load(file, path if start[:2] == b"PK" else None)
+        if torchsave.is_torch_save(start):
+            tensors = _torch_load(file, path if start[:4] == torchsave.ZIP_MAGIC else None)
             if owns:
                 file.close()
             return TensorMappingUpload(tensors)
         if len(start) == 9 and start[8:9] == b"{":
             return SafetensorsUpload(file, size, owns, limits)
-        raise InvalidArgument("upload is neither safetensors nor a torch.save'd state_dict "
-                              f"(it starts with {start[:8]!r}); save with "
-                              "safetensors.torch.save_file or torch.save(model.state_dict())")
+        raise torchsave.unknown_format(start)
     except BaseException:
         if owns:
             file.close()

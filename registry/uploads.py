@@ -11,11 +11,14 @@ Its first bytes pick one of two paths:
 - **Spooled** otherwise (torch.save pickles, other safetensors layouts such as the
   safetensors library's, tied entries given twice): the bytes go to a temp file under the
   spool dir, hashed on the way, and ``finish`` hands it to ``Store.upload``, which validates
-  and rewrites it.
+  and rewrites it (a pickle with ``torch.load(weights_only=True)``).
 
 A safetensors upload whose header describes a state_dict that cannot fit is refused as soon
-as the header is in. Whatever fails, nothing is left: no version row, no blob, no temp file
-(a crash may leave a temp file, which ``paramserve check --repair`` removes).
+as the header is in; bytes that are neither format as soon as 9 are in; a torch.save zip whose
+pickle (written first, before the tensors) names a class weights_only loading refuses, as
+soon as that pickle is in (``torchsave.check_stream_start``). Whatever fails, nothing is
+left: no version row, no blob, no temp file (a crash may leave a temp file, which
+``paramserve check --repair`` removes).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
-from . import tensorfile
+from . import tensorfile, torchsave
 from .blobs import TEMP_SUFFIX, BlobStore
 from .errors import FailedPrecondition, InvalidArgument
 from .fileio import HashingWriter
@@ -37,6 +40,7 @@ from .statedict import CanonicalPlan, Source, UploadedState, canonical_plan, val
 from .values import ManifestEntry, ModelInfo, VersionInfo
 
 HEADER_PEEK_LIMIT = 8 << 20  # a larger safetensors header is spooled, not held in memory
+PICKLE_PEEK_LIMIT = 4 << 20  # a torch.save pickle not complete by then is spooled unchecked
 
 
 class UploadTarget(Protocol):
@@ -73,6 +77,7 @@ class StreamedUpload:
         self._plan: CanonicalPlan | None = None  # set when the bytes go straight to the blob
         self._lock = threading.Lock()
         self._ended = False
+        self._scanned = 0  # prefix bytes at the last look at a torch.save pickle
 
     @property
     def decided(self) -> bool:
@@ -149,6 +154,8 @@ class StreamedUpload:
         need = _header_end(self._prefix)
         if need is not None and len(self._prefix) < need and not ended:
             return
+        if need is None and self._prefix[8:9] != b"{" and not self._torch_save_checked(ended):
+            return  # (a "{" there: safetensors with a header over the peek limit, spooled)
         plan = None
         if need is not None and len(self._prefix) >= need:
             plan = self._direct_plan(bytes(self._prefix[:need]))
@@ -160,6 +167,21 @@ class StreamedUpload:
             self._file = HashingWriter(self.spool_dir / f"upload-{uuid.uuid4().hex}{TEMP_SUFFIX}")
         self._file.write(self._prefix)
         self._prefix = bytearray()
+
+    def _torch_save_checked(self, ended: bool) -> bool:
+        """Bytes that are not safetensors: refused now unless torch.save's; for a zip, False
+        (wait) until its pickle is in and checked, or ``PICKLE_PEEK_LIMIT`` bytes are. Looks
+        again each time the prefix has doubled: linear work whatever the chunk size."""
+        prefix = self._prefix
+        if not torchsave.is_torch_save(prefix):
+            raise torchsave.unknown_format(prefix)
+        if prefix[:4] != torchsave.ZIP_MAGIC:
+            return True
+        last_look = ended or len(prefix) >= PICKLE_PEEK_LIMIT
+        if not last_look and len(prefix) < 2 * self._scanned:
+            return False
+        self._scanned = len(prefix)
+        return torchsave.check_stream_start(bytes(prefix)) or last_look
 
     def _direct_plan(self, head: bytes) -> CanonicalPlan | None:
         """The blob's plan when ``head`` is the canonical header of a state_dict that fits;

@@ -15,28 +15,20 @@ last word on a pickle); these are only its refusals, made early.
 from __future__ import annotations
 
 import os
-import pickletools
 import sys
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from paramserve.registry import tensorfile
+from paramserve.registry import tensorfile, torchsave
 from paramserve.registry.errors import DataLoss, InvalidArgument, ResourceExhausted
 from paramserve.registry.limits import brief
 
 from . import wire
 
-MAX_PICKLE_SCAN_BYTES = 16 << 20  # a state_dict's data.pkl is small; a larger one is not scanned
-# Top-level packages a state_dict's pickle may name; torch.load(weights_only=True) refuses any
-# other (and torch.nn's modules), so a pickle naming one would be refused after its upload.
-PICKLE_PACKAGES = frozenset({"torch", "collections", "builtins", "__builtin__", "_codecs",
-                             "copyreg", "numpy", "math"})
-NOT_STATE_DICT_FIX = "save and upload model.state_dict() (torch.save or safetensors)"
 
 
 def torch_module():
@@ -80,7 +72,7 @@ def _raw_tensor(name, value) -> tensorfile.RawTensor:
                 lambda: tensorfile.tensor_bytes(value))
     if not isinstance(value, np.ndarray):
         raise InvalidArgument(f"state_dict entry {brief(name)} is a {type(value).__name__}, not "
-                              "a tensor or numpy array; " + NOT_STATE_DICT_FIX)
+                              "a tensor or numpy array; " + torchsave.FIX)
     array = np.ascontiguousarray(value)
     return name, wire.safetensors_name(array), tuple(array.shape), lambda: memoryview(array)
 
@@ -100,11 +92,10 @@ def check_upload(path: Path, label: str) -> None:
                 return
     except OSError as err:
         raise InvalidArgument(f"cannot read upload file {str(path)!r}: {err.strerror}") from None
-    if start[:4] == b"PK\x03\x04":
-        check_torch_zip(path, label)
-    elif start[:1] != b"\x80":  # a legacy (pre-1.6) torch.save pickle: the server reads it
-        raise InvalidArgument(f"{label} is neither safetensors nor a torch.save'd state_dict "
-                              f"(it starts with {start[:8]!r}); {NOT_STATE_DICT_FIX}")
+    if start[:4] == torchsave.ZIP_MAGIC:
+        torchsave.check_file(path, label)
+    elif not torchsave.is_torch_save(start):  # a legacy (pre-1.6) pickle: the server reads it
+        raise torchsave.unknown_format(start, label)
 
 
 def _check_safetensors(f, size: int, label: str) -> None:
@@ -112,56 +103,6 @@ def _check_safetensors(f, size: int, label: str) -> None:
         tensorfile.read_header(f, size, limits=tensorfile.STORED_BLOB_LIMITS)
     except (InvalidArgument, ResourceExhausted) as err:
         raise InvalidArgument(f"{label}: {str(err).splitlines()[0]}") from None
-
-
-def check_torch_zip(path: Path, label: str) -> None:
-    """A torch.save file (zip format) must open as a zip (its central directory is at the end,
-    so a truncated file fails here), hold one ``<archive>/data.pkl``, and its pickle may name
-    only what ``torch.load(weights_only=True)`` can accept."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            pickles = [i for i in infos if i.filename.count("/") == 1
-                       and i.filename.endswith("/data.pkl")]
-            if len(pickles) != 1:
-                raise InvalidArgument(
-                    f"{label} is a zip archive with {len(pickles)} <archive>/data.pkl "
-                    f"entries, not a torch.save file (which holds one); {NOT_STATE_DICT_FIX}")
-            if pickles[0].file_size <= MAX_PICKLE_SCAN_BYTES:
-                with archive.open(pickles[0]) as pickle:
-                    _check_pickle_globals(pickle.read(), label)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as err:
-        raise InvalidArgument(f"{label} is not a readable torch.save file: the zip archive "
-                              f"is damaged or truncated ({err}); save it again") from None
-
-
-def _check_pickle_globals(data: bytes, label: str) -> None:
-    """Reads the pickle's opcodes, never runs them: each class or function it names must come
-    from a package a state_dict uses (``torch.save(model)`` names ``torch.nn.modules.*`` or
-    ``__main__``)."""
-    strings: list[str] = []  # recent string pushes, for STACK_GLOBAL (protocol 4)
-    memo: dict[int, str] = {}
-    for op, arg, _ in pickletools.genops(data):
-        name = None
-        if op.name == "GLOBAL":
-            name = str(arg).replace(" ", ".", 1)
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            name = f"{strings[-2]}.{strings[-1]}"
-        elif isinstance(arg, str) and "UNICODE" in op.name:
-            strings.append(arg)
-        elif op.name == "MEMOIZE" and strings:
-            memo[len(memo)] = strings[-1]
-        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-            memo[int(arg)] = strings[-1]
-        elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-            strings.append(memo[int(arg)])
-        if name is not None:
-            package = name.split(".", 1)[0]
-            if package not in PICKLE_PACKAGES or name.startswith("torch.nn.modules."):
-                raise InvalidArgument(
-                    f"{label} pickles {brief(name)}, which the server refuses to load "
-                    "(it reads tensors only, with torch.load(weights_only=True)); a whole "
-                    "model saved with torch.save(model)? " + NOT_STATE_DICT_FIX)
 
 
 # ---- downloads -------------------------------------------------------------------------------

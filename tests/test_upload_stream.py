@@ -186,6 +186,28 @@ def test_a_state_dict_that_cannot_fit_is_refused_at_its_header(client, model_nam
     assert client.list_versions(model_name) == []
 
 
+def test_a_pickled_model_is_refused_at_its_first_chunk(client, model_name, server):
+    """Any client, ours or not: torch.save writes its pickle before the tensors."""
+    client.create_model(model_name, "sequential_mlp", BIG)
+    buffer = io.BytesIO()
+    torch.save(get_architecture("sequential_mlp").build(BIG), buffer)  # the module itself
+    messages = stream(model_name, buffer.getvalue(), trailer_sha="0" * 64)
+
+    async def send_the_start_only():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = registry_pb2_grpc.RegistryStub(channel).UploadVersion(timeout=60)
+            for message in messages[:2]:  # the header and the first MiB of a 3.7 MiB file
+                await call.write(message)
+            return await asyncio.wait_for(call.code(), 30), await call.details()
+
+    code, details = asyncio.run(send_the_start_only())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pickles 'torch.nn.modules.container.Sequential'" in details
+    assert "weights_only" in details and "model.state_dict()" in details
+    assert wait_for(lambda: leftovers(server) == [])
+    assert client.list_versions(model_name) == []
+
+
 @pytest.mark.parametrize("canonical", [True, False], ids=["canonical", "spooled"])
 def test_a_cancelled_upload_leaves_nothing(client, model_name, stub, server, canonical):
     client.create_model(model_name, "sequential_mlp", BIG)

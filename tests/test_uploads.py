@@ -157,6 +157,38 @@ def test_a_bad_model_or_alias_is_refused_before_any_byte(store):
         store.begin_upload("m", 10, alias="latest")
 
 
+def test_bytes_of_neither_format_are_refused_at_their_first_chunk(mlp):
+    upload = mlp.begin_upload("m", 1 << 20)
+    with pytest.raises(InvalidArgument, match="neither safetensors nor.*b'hello, n'"):
+        upload.write([b"hello, not a state_dict"])
+    assert upload.received < upload.size
+    assert_nothing_left(mlp)
+
+
+def test_a_pickled_model_is_refused_when_its_pickle_is_in_before_its_tensors(mlp):
+    buffer = io.BytesIO()
+    torch.save(reference_module("mlp", False), buffer)  # the module, not its state_dict
+    data = buffer.getvalue()
+    upload = mlp.begin_upload("m", len(data))
+    with pytest.raises(InvalidArgument, match="builtin.MLP.*weights_only.*state_dict"):
+        for chunk in chunked(data, 1000):
+            upload.write([chunk])
+    assert upload.received < 10_000 < len(data)  # ~22 kB of tensors were never sent
+    assert_nothing_left(mlp)
+
+
+def test_a_state_dict_pickle_streams_in_any_chunks_and_past_the_peek_limit(mlp, monkeypatch):
+    state = reference_module("mlp", False).state_dict()
+    data = torch_saved(state)
+    for chunk in (7, 1000, len(data)):
+        upload, version = stream(mlp, "m", data, chunk=chunk)
+        assert not upload.direct and version.sha256 == mlp.upload("m", state).sha256
+    monkeypatch.setattr(uploads, "PICKLE_PEEK_LIMIT", 64)  # the pickle is not in by then
+    upload, version = stream(mlp, "m", data, chunk=16)
+    assert version.sha256 == mlp.upload("m", state).sha256
+    assert files_under(mlp.data_dir / "spool") == []
+
+
 def test_an_empty_or_tiny_upload_gets_the_usual_error(mlp):
     for data in (b"", b"\x01\x02"):
         with pytest.raises(InvalidArgument, match="neither safetensors nor"):
