@@ -62,7 +62,10 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise FailedPrecondition(f"no migrations in {MIGRATIONS_DIR}: reinstall paramserve")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:

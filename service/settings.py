@@ -75,12 +75,18 @@ def env_of(f: dataclasses.Field) -> str:
 
 
 def default_of(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    factory = f.default_factory
+    return factory() if callable(factory) else f.default
+
+
+def kind_of(f: dataclasses.Field) -> type:
+    """The field's Python type (its annotation is text: ``from __future__ import annotations``)."""
+    return _KINDS[str(f.type)]
 
 
 def convert(f: dataclasses.Field, text: str) -> Any:
     """The value of one flag argument or variable; ``ValueError`` says what is expected."""
-    meta, kind = f.metadata["setting"], _KINDS[f.type]
+    meta, kind = f.metadata["setting"], kind_of(f)
     if kind is bool:
         if text.strip().lower() in _TRUE + _FALSE:
             return text.strip().lower() in _TRUE
@@ -107,7 +113,7 @@ def add_flags(parser: argparse.ArgumentParser, fields, guest: bool = False) -> N
     global flag repeated after the subcommand) leaves the attribute alone unless given."""
     for f in fields:
         meta = f.metadata["setting"]
-        kind = _KINDS[f.type]
+        kind = kind_of(f)
         default = argparse.SUPPRESS if guest else (None if kind is tuple else UNSET)
         shown = meta["shown"] if meta["shown"] is not None else default_of(f)
         parts = [] if shown in (None, False, (), "") else [f"default {shown}"]
@@ -128,7 +134,7 @@ def add_flags(parser: argparse.ArgumentParser, fields, guest: bool = False) -> N
 def metavar_of(f: dataclasses.Field) -> str:
     """What ``--help`` (and the README) shows after the flag: given, the choices, or a unit
     from the name (``_mb`` MB, ``_us`` US, ``_s`` S), else N for a count, FILE for text."""
-    meta, kind = f.metadata["setting"], _KINDS[f.type]
+    meta, kind = f.metadata["setting"], kind_of(f)
     if meta["metavar"] or meta["choices"]:
         return meta["metavar"] or "{" + ",".join(meta["choices"]) + "}"
     if kind in (int, float):
@@ -153,7 +159,7 @@ def resolve(namespace: argparse.Namespace, fields, environ=os.environ) -> None:
     naming the variable for a bad one."""
     for f in fields:
         value = getattr(namespace, f.name, UNSET)
-        if value is UNSET or (value is None and _KINDS[f.type] is tuple):
+        if value is UNSET or (value is None and kind_of(f) is tuple):
             text = environ.get(env_of(f))
             if text is None:
                 value = default_of(f)

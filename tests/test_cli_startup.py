@@ -196,3 +196,46 @@ def test_paths_in_errors_are_the_ones_given(tmp_path):
     result = paramserve("upload", "m", str(tmp_path / "nope.pt"))
     assert result.returncode == 1
     one_line(result, str(Path(tmp_path / "nope.pt")))
+
+
+class _FakeServer:
+    """What ``_bind`` needs of a grpc.aio server: older grpcio returns 0 for a port it cannot
+    have, newer raises RuntimeError."""
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def add_insecure_port(self, address):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+@pytest.mark.parametrize("outcome", [0, RuntimeError("Failed to bind to address")])
+def test_bind_names_the_address_whichever_way_grpc_refuses(outcome):
+    from paramserve.service.config import ServerConfig
+    from paramserve.service.server import _bind
+
+    config = ServerConfig(listen="127.0.0.1:0")
+    with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:0: .*--listen"):
+        _bind(_FakeServer(outcome), config, None, reuse_port=False)
+    assert _bind(_FakeServer(4321), config, None, reuse_port=False) == 4321
+
+
+def test_delete_asks_on_a_terminal_and_deletes_nothing_on_no(tmp_path):
+    """A terminal on stdin: the question is asked, 'n' keeps everything (exit 1), and no
+    server is even contacted."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        os.write(leader, b"n\n")
+        result = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "--server",
+                                 "127.0.0.1:9", "delete", "mlp", "--version", "2"],
+                                stdin=follower, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert result.returncode == 1, result.stderr
+    assert "delete version 2 of model mlp? [y/N]" in result.stdout
+    assert result.stderr == "paramserve: nothing deleted\n"
