@@ -190,10 +190,18 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if not (config.tls_cert and config.tls_key):
         raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
-    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    ca = _flag_file("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        [(_flag_file("--tls-key", config.tls_key), _flag_file("--tls-cert", config.tls_cert))],
         root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _flag_file(flag: str, path: str) -> bytes:
+    """A file a flag names; a bad one is a usage error naming the flag (exit 2)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {flag} {path}: {err.strerror}") from None
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -> None:

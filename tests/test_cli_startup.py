@@ -239,3 +239,13 @@ def test_delete_asks_on_a_terminal_and_deletes_nothing_on_no(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "delete version 2 of model mlp? [y/N]" in result.stdout
     assert result.stderr == "paramserve: nothing deleted\n"
+
+
+def test_a_flag_file_that_cannot_be_read_is_a_usage_error_naming_the_flag(tmp_path):
+    for flags, named in ((["--tls-cert", str(tmp_path / "c.pem"), "--tls-key",
+                           str(tmp_path / "k.pem")], "--tls-key"),
+                         (["--auth-token-file", str(tmp_path / "tokens")], "--auth-token-file")):
+        result = paramserve("serve", "--data-dir", str(tmp_path / "data"), "--listen",
+                            "127.0.0.1:0", "--metrics-listen", "off", *flags)
+        assert result.returncode == 2
+        one_line(result, f"cannot read {named} {tmp_path}")
