@@ -20,8 +20,6 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
-
 from .errors import InvalidArgument, ResourceExhausted
 
 
@@ -89,6 +87,8 @@ def json_outline(raw: bytes) -> tuple[int, int]:
     """``(deepest nesting, top-level items)`` of JSON text without parsing it (the items are
     an upper bound: commas at depth 1, plus one). Brackets inside strings do not count; one
     linear pass, memory of one chunk whatever the size."""
+    import numpy as np  # here: a client that only lists models never loads numpy
+
     deepest = commas = depth = 0
     backslashes = 0  # the run of backslashes just before the chunk
     in_string = 0

@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument
 from .limits import DEFAULT_LIMITS, Limits, brief, flag
 from .tensorfile import MAX_RANK
+
+if TYPE_CHECKING:
+    import torch  # select takes and returns tensors; split_param and parse_index need no torch
 
 # ASCII digits only ("\\d" takes "٠١" too); at most 19, so every number fits in int64.
 _INT = r"-?[0-9]{1,19}"

@@ -9,7 +9,8 @@
 
 It needs numpy and grpc, not torch: importing it never imports torch (a ``.pt`` upload is
 read by the server). Torch tensors are taken as they are when the caller uses torch, and
-``state_dict()`` (which returns tensors) imports it then.
+``state_dict()`` (which returns tensors) imports it then. numpy too is imported by the first
+call that moves tensors or files, so a process that only lists models never loads it.
 
 Status codes come back as the core's exception classes (``NotFound``, ``InvalidArgument`` …);
 other failures (server down, deadline) raise ``ServerError`` with the gRPC code.
@@ -27,19 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import grpc
-import numpy as np
 
 from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
 from paramserve.registry.errors import DataLoss, InvalidArgument, ParamserveError
 from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, VersionInfo
 
-from . import convert, wire
-from .client_files import (check_upload, is_torch_tensor, read_arrays, torch_module,
-                           upload_path)
+from . import convert
 from .status import ERROR_OF
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -148,6 +147,8 @@ class Client:
         sent, and the sha256 follows the last chunk in a trailer (servers before the trailer
         need ``_size_and_sha256`` first).
         """
+        from .client_files import check_upload, upload_path
+
         with upload_path(source) as (path, label):
             check_upload(path, label)
             size = path.stat().st_size
@@ -163,6 +164,8 @@ class Client:
         as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
         (imports torch). The sha256 is checked end to end; a partial file never appears
         under ``path``."""
+        from .client_files import read_arrays
+
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
@@ -172,6 +175,8 @@ class Client:
 
                 torch.save(_read_blob(blob, version.sha256), out)
             elif target.suffix == ".npz":
+                import numpy as np
+
                 with open(out, "wb") as f:
                     np.savez(f, **read_arrays(blob, f"download of {name!r}"))
             else:
@@ -183,6 +188,8 @@ class Client:
         """A version's state_dict as numpy arrays, downloaded and sha256-checked; no torch.
         numpy has no bfloat16 or float8: those come widened to float32 (exactly). Tied keys
         share one array."""
+        from .client_files import read_arrays
+
         with tempfile.TemporaryDirectory() as tmp:
             blob = Path(tmp) / "blob.safetensors"
             self._download_to(name, ref, blob, None)
@@ -257,6 +264,8 @@ class Client:
                index: str | None = None) -> np.ndarray:
         """One parameter (or ``index``'s slice of it) as a numpy array; bfloat16 and float8
         come widened to float32, exactly."""
+        from . import wire
+
         msg = self._call(self.registry.GetTensor, pb.GetTensorRequest(
             model=name, ref=_ref(ref), name=param, index=index or ""))
         dtype_name, carried = wire.tensor_from_proto(msg)
@@ -278,6 +287,9 @@ class Client:
 
     def patch(self, name: str, param: str, value, ref: str | int | None = None,
               index: str | None = None, op: str = "set") -> VersionInfo:
+        from . import wire
+        from .client_files import is_torch_tensor
+
         request = pb.PatchRequest(model=name, ref=_ref(ref), param=param, index=index or "",
                                   op=op)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -285,7 +297,7 @@ class Client:
         elif is_torch_tensor(value):
             request.array.CopyFrom(convert.tensor_to_proto(param, value))
         else:
-            array = np.ascontiguousarray(value)
+            array = _as_array(value, keep_floats=True)
             request.array.CopyFrom(pb.Tensor(name=param, dtype=wire.safetensors_name(array),
                                              shape=list(array.shape), data=array.tobytes()))
         return convert.version_from_proto(self._call(self.registry.Patch, request))
@@ -298,6 +310,9 @@ class Client:
         takes (Python floats become float32, as torch makes them); the output is an
         ``np.ndarray`` (a bfloat16 one widened to float32). A torch tensor is sent in its own
         dtype, bfloat16 included, and its output comes back as a torch tensor."""
+        from . import wire
+        from .client_files import is_torch_tensor, torch_module
+
         torch = torch_module() if is_torch_tensor(x) else None
         request = inference_pb2.ModelInferRequest(model_name=name, model_version=_ref(ref))
         if torch is not None:
@@ -365,11 +380,16 @@ def _ref(ref: str | int | None) -> str:
     return "" if ref is None else str(ref)
 
 
-def _as_array(x) -> np.ndarray:
+def _as_array(x, keep_floats: bool = False) -> np.ndarray:
     """``x`` as a C-contiguous array; floats given as Python numbers become float32 (the
-    dtype models take, as ``torch.as_tensor`` makes them), arrays keep their dtype."""
-    array = np.ascontiguousarray(x)
-    if array.dtype == np.float64 and isinstance(x, (list, tuple, float)):
+    dtype models take, as ``torch.as_tensor`` makes them) unless ``keep_floats``, arrays keep
+    their dtype."""
+    import numpy as np
+
+    from .wire import c_array
+
+    array = c_array(x)
+    if array.dtype == np.float64 and isinstance(x, (list, tuple, float)) and not keep_floats:
         array = array.astype(np.float32)
     return array
 

@@ -70,10 +70,10 @@ def _raw_tensor(name, value) -> tensorfile.RawTensor:
     if is_torch_tensor(value):
         return (name, tensorfile.dtype_name(value.dtype), tuple(value.shape),
                 lambda: tensorfile.tensor_bytes(value))
-    if not isinstance(value, np.ndarray):
+    if not isinstance(value, (np.ndarray, np.generic)):
         raise InvalidArgument(f"state_dict entry {brief(name)} is a {type(value).__name__}, not "
                               "a tensor or numpy array; " + torchsave.FIX)
-    array = np.ascontiguousarray(value)
+    array = wire.c_array(value)
     return name, wire.safetensors_name(array), tuple(array.shape), lambda: memoryview(array)
 
 

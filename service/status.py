@@ -31,3 +31,12 @@ CORE_STATUS: dict[type[ParamserveError], grpc.StatusCode] = {
 # also what an unreachable server gives).
 ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {
     code: cls for cls, code in CORE_STATUS.items()}
+
+
+def code_of(error: BaseException) -> grpc.StatusCode | None:
+    """The code ``error``'s class (or a base of it) maps to; None for foreign errors. The
+    server's ``errors.status_of`` adds torch's and the OS's; this one needs neither."""
+    for cls in type(error).__mro__:
+        if cls in CORE_STATUS:
+            return CORE_STATUS[cls]
+    return None

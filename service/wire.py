@@ -47,6 +47,13 @@ TYPED_FIELD: dict[str, tuple[str, type]] = {
 }
 
 
+def c_array(x) -> np.ndarray:
+    """``x`` as a C-contiguous ndarray; a 0-d one stays 0-d (``np.ascontiguousarray`` would
+    make it 1-d, and a state_dict's scalar buffer would no longer fit)."""
+    array = np.asarray(x)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
 def datatype_of_array(array: np.ndarray) -> str:
     try:
         return DATATYPE_OF_NUMPY[array.dtype]

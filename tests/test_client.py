@@ -159,3 +159,29 @@ def test_bfloat16_and_float8_widen_to_float32_exactly():
         widened = wire.to_numpy(name, carried)
         assert widened.dtype == np.float32
         assert np.array_equal(widened, values, equal_nan=True), name
+
+
+def test_the_lean_status_table_agrees_with_the_server_one():
+    from paramserve.registry import errors as core
+    from paramserve.service.errors import status_of
+    from paramserve.service.status import ERROR_OF, DeadlineExceeded, code_of
+
+    classes = [c for c in vars(core).values() if isinstance(c, type)
+               and issubclass(c, core.ParamserveError) and c is not core.ParamserveError]
+    for cls in classes + [DeadlineExceeded]:
+        error = cls("m") if cls is not core.InvalidStateDict else cls("m", missing=["x"])
+        assert code_of(error) == status_of(error) and code_of(error) in ERROR_OF
+    assert code_of(ValueError()) is None
+
+
+
+def test_a_numpy_state_dict_keeps_its_scalars_and_layout():
+    from paramserve.registry.tensorfile import read_header, read_tensor
+    from paramserve.service.client_files import upload_path
+
+    arrays = {"count": np.int64(7), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    with upload_path(arrays) as (path, label), open(path, "rb") as f:
+        header = read_header(f)
+        assert label == "the upload" and header.entries["count"].shape == ()
+        assert read_tensor(f, header.entries["count"]).item() == 7
+        assert np.array_equal(read_tensor(f, header.entries["w"]).numpy(), arrays["w"])
