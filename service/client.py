@@ -164,7 +164,7 @@ class Client:
         as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
         (imports torch). The sha256 is checked end to end; a partial file never appears
         under ``path``."""
-        from .client_files import read_arrays
+        from .client_files import read_arrays, write_npz
 
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -175,10 +175,8 @@ class Client:
 
                 torch.save(_read_blob(blob, version.sha256), out)
             elif target.suffix == ".npz":
-                import numpy as np
-
                 with open(out, "wb") as f:
-                    np.savez(f, **read_arrays(blob, f"download of {name!r}"))
+                    write_npz(f, read_arrays(blob, f"download of {name!r}"))
             else:
                 out = blob
             os.replace(out, target)

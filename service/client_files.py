@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -129,3 +130,12 @@ def read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
             raise DataLoss(f"{what} ties {brief(name)} to {brief(kept)}, which it does not hold")
         arrays[name] = arrays[kept]
     return arrays
+
+
+def write_npz(file, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez``'s format, written here: ``savez(file, **arrays)`` breaks on a key named
+    ``file`` or ``allow_pickle``, and any key may be a parameter's name."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)

@@ -175,6 +175,17 @@ def test_the_lean_status_table_agrees_with_the_server_one():
 
 
 
+def test_npz_files_take_any_parameter_name(tmp_path):
+    from paramserve.service.client_files import write_npz
+
+    arrays = {"file": np.arange(3.0), "allow_pickle": np.ones((2, 2), np.int8)}
+    with open(tmp_path / "odd.npz", "wb") as f:  # names np.savez(**kwargs) cannot take
+        write_npz(f, arrays)
+    with np.load(tmp_path / "odd.npz") as saved:
+        assert all(np.array_equal(saved[k], v) and saved[k].dtype == v.dtype
+                   for k, v in arrays.items())
+
+
 def test_a_numpy_state_dict_keeps_its_scalars_and_layout():
     from paramserve.registry.tensorfile import read_header, read_tensor
     from paramserve.service.client_files import upload_path
