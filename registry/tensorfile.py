@@ -15,6 +15,7 @@ raises ``InvalidArgument`` naming what is wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -113,7 +114,7 @@ def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def element_size(dtype: "torch.dtype") -> int:
@@ -192,7 +193,8 @@ def write_tensors(file: BinaryIO, tensors: Iterable[tuple[str, "torch.Tensor"]],
     the store keeps them) is already the store's blob: its upload needs no rewrite.
     """
     return write_raw(file, [(name, dtype_name(t.dtype), tuple(t.shape),
-                             lambda t=t: tensor_bytes(t)) for name, t in tensors], metadata)
+                             functools.partial(tensor_bytes, t)) for name, t in tensors],
+                     metadata)
 
 
 def read_header(file: BinaryIO, total_bytes: int | None = None,
@@ -284,7 +286,7 @@ def read_into(file: BinaryIO, target: "torch.Tensor", nbytes: int, digest=None) 
     """Fill the contiguous CPU tensor ``target`` from the file's current position."""
     import torch
 
-    view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+    view = target.reshape(-1).view(torch.uint8).numpy().data
     if view.nbytes != nbytes:
         raise InvalidArgument(f"expected {nbytes} bytes for a tensor of {view.nbytes}")
     read_exactly(file, view, digest)

@@ -34,11 +34,11 @@ _PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 
 
-def is_torch_save(start: bytes) -> bool:
+def is_torch_save(start: bytes | bytearray) -> bool:
     return start[:4] == ZIP_MAGIC or start[:1] == LEGACY_MAGIC
 
 
-def unknown_format(start: bytes, label: str = "upload") -> InvalidArgument:
+def unknown_format(start: bytes | bytearray, label: str = "upload") -> InvalidArgument:
     """The error for bytes that are neither format (``start``: the first ones)."""
     return InvalidArgument(f"{label} is neither safetensors nor a torch.save'd state_dict (it "
                            f"starts with {bytes(start[:8])!r}); save with "
@@ -54,11 +54,11 @@ def pickle_globals(data: bytes) -> Iterator[str]:
         if op.name == "MEMOIZE":
             memo[len(memo)] = tops[-1] if tops else None
             continue
-        if op.name in _PUTS:
-            memo[int(arg)] = tops[-1] if tops else None
+        if op.name in _PUTS and isinstance(arg, int):
+            memo[arg] = tops[-1] if tops else None
             continue
-        if op.name in _GETS:
-            tops.append(memo.get(int(arg)))
+        if op.name in _GETS and isinstance(arg, int):
+            tops.append(memo.get(arg))
         elif op.name == "GLOBAL":
             yield str(arg).replace(" ", ".", 1)
             tops.append(None)
@@ -107,7 +107,7 @@ def check_file(path: Path, label: str) -> None:
                               f"damaged or truncated ({err}); save it again") from None
 
 
-def check_stream_start(prefix: bytes, label: str = "upload") -> bool:
+def check_stream_start(prefix: bytes | bytearray, label: str = "upload") -> bool:
     """The first bytes of an upload that starts with a zip entry: torch.save writes
     ``<archive>/data.pkl`` first and uncompressed, so its pickle can be checked before the
     tensors' bytes arrive. True once decided (checked, or not checkable this early: another

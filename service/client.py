@@ -158,7 +158,8 @@ class Client:
                              timeout_s or max(self.timeout_s, size / (20 << 20)))
         return convert.version_from_proto(msg)
 
-    def download(self, name: str, ref: str | int | None = None, path: str | os.PathLike = None,
+    def download(self, name: str, ref: str | int | None = None,
+                 path: str | os.PathLike | None = None,
                  progress: Progress | None = None) -> VersionInfo:
         """Save a version to ``path``: ``.safetensors`` as stored (no torch needed), ``.npz``
         as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
@@ -166,6 +167,8 @@ class Client:
         under ``path``."""
         from .client_files import read_arrays, write_npz
 
+        if path is None:
+            raise InvalidArgument("download needs a path to save the version to")
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
@@ -219,7 +222,7 @@ class Client:
                     digest.update(chunk.data)
                     done += len(chunk.data)
                     if progress:
-                        progress(done, expected[1])
+                        progress(done, expected[1] if expected else 0)
         except grpc.RpcError as err:
             if stall.fired:
                 raise ServerError(grpc.StatusCode.DEADLINE_EXCEEDED,

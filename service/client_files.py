@@ -75,7 +75,7 @@ def _raw_tensor(name, value) -> tensorfile.RawTensor:
         raise InvalidArgument(f"state_dict entry {brief(name)} is a {type(value).__name__}, not "
                               "a tensor or numpy array; " + torchsave.FIX)
     array = wire.c_array(value)
-    return name, wire.safetensors_name(array), tuple(array.shape), lambda: memoryview(array)
+    return name, wire.safetensors_name(array), tuple(array.shape), lambda: array.data
 
 
 # ---- checks before an upload ----------------------------------------------------------------

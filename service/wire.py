@@ -89,7 +89,7 @@ def decode_typed(tensor, datatype: str, shape: tuple[int, ...], numel: int) -> n
                               f"contents.{field}, got {len(values)}")
     array = np.asarray(values)
     if np.issubdtype(np_type, np.integer) and array.size:
-        info = np.iinfo(np_type)
+        info: np.iinfo = np.iinfo(np_type)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidArgument(f"input {name!r}: values out of range for {datatype}")
     return array.astype(np_type).reshape(shape)
