@@ -153,6 +153,26 @@ def test_the_server_logs_startup_and_shutdown_and_an_access_line_per_rpc(tmp_pat
     assert log.rstrip().endswith("INFO stopped")
 
 
+def test_the_access_log_sees_what_auth_refuses(tmp_path):
+    from paramserve.service.client import Client, ServerError
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("full-token\n")
+    server = ServerProcess(tmp_path / "data", "--access-log", "--auth-token-file", str(tokens))
+    try:
+        with Client(server.address) as client:
+            with pytest.raises(ServerError, match="UNAUTHENTICATED"):
+                client.list_models()
+        with Client(server.address, token="full-token") as client:
+            client.create_model("guarded", "small_mlp")
+        wait_for(lambda: "CreateModel" in server.log_path.read_text())
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert re.search(r"rpc ListModels model=- status=UNAUTHENTICATED ms=", log), log
+    assert re.search(r"rpc CreateModel model=guarded status=OK ms=", log), log
+
+
 def test_json_logs_carry_the_access_fields(tmp_path):
     from paramserve.service.client import Client
 
