@@ -18,7 +18,7 @@ from paramserve.registry.errors import InvalidArgument, ResourceExhausted
 from paramserve.registry.signature import Signature, TensorSignature
 from paramserve.registry.tensorfile import DTYPE_INFO
 
-from .wire import CARRIER, SAFETENSORS_OF, TYPED_FIELD, check_shape, decode_typed, raw_nbytes
+from .wire import CARRIER, SAFETENSORS_OF, TYPED_FIELD, bits, check_shape, decode_typed
 
 __all__ = ["TORCH_OF", "DATATYPE_OF", "NUMPY_OF", "TYPED_FIELD", "check_shape", "datatype_of",
            "decode_inputs", "decode_tensor", "encode_output"]
@@ -81,13 +81,10 @@ def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
         raise ResourceExhausted(f"input {name!r} has {numel} elements, over the limit of "
                                 f"{max_elements}; split the request (--max-tensor-elements)")
     if raw is not None:
-        expected_bytes = raw_nbytes(datatype, shape)
-        if len(raw) != expected_bytes:
-            raise InvalidArgument(f"input {name!r}: shape {list(shape)} of {datatype} needs "
-                                  f"{expected_bytes} raw bytes, got {len(raw)}")
+        carried = bits(SAFETENSORS_OF[datatype], raw, shape, f"input {name!r}", datatype)
         if not raw:
             return torch.empty(shape, dtype=dtype)
-        tensor = torch.from_numpy(np.frombuffer(raw, dtype=NUMPY_OF[dtype]).reshape(shape))
+        tensor = torch.from_numpy(carried)
         return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
     return torch.from_numpy(decode_typed(tensor, datatype, shape, numel)).to(dtype)
 

@@ -62,11 +62,6 @@ def datatype_of_array(array: np.ndarray) -> str:
                               f"{sorted(str(d) for d in DATATYPE_OF_NUMPY)}") from None
 
 
-def raw_nbytes(datatype: str, shape: Sequence[int]) -> int:
-    """Bytes of a KServe tensor of ``shape``; Python ints, so a lying shape cannot overflow."""
-    return math.prod(shape) * ITEMSIZE[SAFETENSORS_OF[datatype]]
-
-
 def check_shape(name: str, shape: Sequence[int], expected: Sequence[int]) -> None:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input {name!r} has a negative dimension in {list(shape)}")
@@ -95,15 +90,17 @@ def decode_typed(tensor, datatype: str, shape: tuple[int, ...], numel: int) -> n
     return array.astype(np_type).reshape(shape)
 
 
-def bits(dtype_name: str, data, shape: Sequence[int], what: str) -> np.ndarray:
-    """``data`` as a read-only array of ``dtype_name``'s carrier, its length checked first."""
+def bits(dtype_name: str, data, shape: Sequence[int], what: str,
+         shown: str | None = None) -> np.ndarray:
+    """``data`` as an array of ``dtype_name``'s carrier (no copy: read-only for ``bytes``), its
+    length checked first; ``shown``: the dtype's name in the error (KServe's for its tensors)."""
     shape = tuple(shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what} has a negative dimension in {list(shape)}")
     expected = math.prod(shape) * ITEMSIZE[dtype_name]
     if len(data) != expected:
-        raise InvalidArgument(f"{what}: shape {list(shape)} of {dtype_name} needs {expected} "
-                              f"bytes, got {len(data)}")
+        raise InvalidArgument(f"{what}: shape {list(shape)} of {shown or dtype_name} needs "
+                              f"{expected} raw bytes, got {len(data)}")
     return np.frombuffer(data, dtype=CARRIER[dtype_name]).reshape(shape)
 
 
@@ -149,7 +146,7 @@ def output(response, index: int) -> tuple[str, np.ndarray]:
     raw = response.raw_output_contents
     if len(raw) <= index:
         raise InvalidArgument(f"{what} came without raw_output_contents")
-    return dtype_name, bits(dtype_name, raw[index], out.shape, what)
+    return dtype_name, bits(dtype_name, raw[index], out.shape, what, out.datatype)
 
 
 def tensor_from_proto(msg) -> tuple[str, np.ndarray]:
