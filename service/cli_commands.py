@@ -1,8 +1,7 @@
 """The client commands of ``paramserve``: each a few lines over ``Client``.
 
-Nothing heavy at import: the client (numpy, no torch) is imported by the command that runs,
-and ``health`` talks to the health service over a bare grpc channel (no numpy either), since a
-container health check runs it every few seconds.
+Nothing heavy at import: the client (numpy, no torch) is imported by the command that runs.
+``health`` is in ``cli_health`` (grpc only).
 """
 
 from __future__ import annotations
@@ -13,42 +12,6 @@ import sys
 from dataclasses import asdict
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
-
-
-def cmd_health(args) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
-    with _channel(args) as channel:
-        try:
-            status = (
-                health_pb2_grpc.HealthStub(channel)
-                .Check(
-                    health_pb2.HealthCheckRequest(service=""),
-                    timeout=args.wait_s,
-                    metadata=metadata,
-                )
-                .status
-            )
-        except grpc.RpcError as err:
-            print(f"paramserve: unhealthy: {err.code().name}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else EXIT_ERROR
-
-
-def _channel(args):
-    """A channel as ``Client`` opens it (TLS when a CA or certificate is given)."""
-    import grpc
-
-    if not (args.tls_ca or args.client_tls_cert):
-        return grpc.insecure_channel(args.server)
-    files = [
-        open(p, "rb").read() if p else None
-        for p in (args.tls_ca, args.client_tls_key, args.client_tls_cert)
-    ]
-    return grpc.secure_channel(args.server, grpc.ssl_channel_credentials(*files))
 
 
 def _client(args):

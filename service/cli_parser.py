@@ -12,6 +12,7 @@ import argparse
 import textwrap
 
 from . import cli_commands as client_cmds
+from . import cli_health
 from . import cli_serve as local_cmds
 from .config import ClientSettings, LogSettings, OutputSettings, server_fields
 from .settings import SettingError, add_flags, resolve, settings_of
@@ -151,7 +152,7 @@ def build_parser() -> Parser:
 
     health = command(
         "health",
-        client_cmds.cmd_health,
+        cli_health.cmd_health,
         "exit 0 when the server's health service says SERVING (a container health check)",
         ["paramserve health", "paramserve health --server 127.0.0.1:8001 --wait-s 1"],
     )

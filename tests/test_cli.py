@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import reference_module
 from safetensors.torch import save_file
@@ -178,18 +179,43 @@ def test_split_param_matches_the_cores():
 
 
 def imported(*args) -> set[str]:
+    """Which of torch, numpy and the protobuf runtime a command imported."""
     code = ("import runpy, sys; sys.argv = ['paramserve', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('paramserve.service.cli', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules), file=sys.stderr)")
+            "print(sorted(m for m in ('torch', 'numpy', 'google.protobuf') if m in sys.modules),"
+            " file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                             text=True, timeout=120)
     return set(json.loads(result.stderr.strip().splitlines()[-1].replace("'", '"')))
 
 
-def test_health_imports_neither_torch_nor_numpy(server):
+def test_health_imports_neither_torch_nor_numpy_nor_protobuf(server):
     assert imported("--server", server.address, "health") == set()
     assert imported("--version") == set()
+
+
+def test_health_reads_the_messages_grpc_health_defines():
+    from grpc_health.v1 import health_pb2
+
+    from paramserve.service.cli_health import STATUS_NAMES, health_status
+
+    assert health_pb2.HealthCheckRequest(service="").SerializeToString() == b""
+    names = health_pb2.HealthCheckResponse.ServingStatus
+    assert STATUS_NAMES == {number: names.Name(number) for number in names.values()}
+    for number in names.values():
+        message = health_pb2.HealthCheckResponse(status=number).SerializeToString()
+        assert health_status(message) == number
+        # fields a newer version may add (varint, bytes, fixed64, fixed32) are skipped
+        extra = b"\x10\x96\x01" + b"\x1a\x03abc" + b"\x21" + bytes(8) + b"\x2d" + bytes(4)
+        assert health_status(extra + message) == number
+    with pytest.raises(ValueError, match="truncated"):
+        health_status(b"\x08")
+
+
+def test_health_of_a_stopped_or_unhealthy_server(server):
+    result = run_cli("--server", "127.0.0.1:9", "health", "--wait-s", "1")
+    assert result.returncode == 3 and result.stderr == "paramserve: unhealthy: UNAVAILABLE\n"
 
 
 def test_client_commands_import_no_torch(server):
