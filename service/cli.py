@@ -64,9 +64,10 @@ def _status_name(err: Exception) -> str:
     errors = sys.modules.get("paramserve.registry.errors")
     if errors is None or not isinstance(err, errors.ParamserveError):
         return ""
-    from .errors import status_of
+    from .status import code_of  # not .errors: that one imports torch
 
-    return status_of(err).name
+    code = code_of(err)
+    return code.name if code else ""
 
 
 if __name__ == "__main__":

@@ -100,3 +100,36 @@ def test_a_round_trip_works_where_torch_cannot_be_imported(server, model_name, t
     assert (tmp_path / "v1.safetensors").read_bytes() == (tmp_path / "w.safetensors").read_bytes()
     with np.load(tmp_path / "v2.npz") as saved:
         assert all(np.array_equal(saved[k], v.numpy()) for k, v in state.items())
+
+
+CLI = BLOCK_TORCH + """
+import runpy
+runpy.run_module("paramserve.service.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cli_client_commands_and_their_errors_need_no_torch(server, model_name, tmp_path):
+    """Every command below fails on its first torch import; an error's exit code is found
+    without one too (service.errors imports torch; status.code_of does not)."""
+    module = reference_module("small_mlp", False)
+    torch.save(module.state_dict(), tmp_path / "w.pt")
+    torch.save(module, tmp_path / "model.pt")  # the model itself: refused before it is sent
+    np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", CLI, "--server", server.address, *args],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    for args in (["create", model_name, "--architecture", "small_mlp"],
+                 ["upload", model_name, "w.pt"], ["models"],
+                 ["infer", model_name, "--input", "x.npy"],
+                 ["download", model_name, "-o", "v1.npz"],
+                 ["params", model_name, "0.bias", "--values"]):
+        done = cli(*args)
+        assert done.returncode == 0, (args, done.stderr)
+    refused = cli("upload", model_name, "model.pt")
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith("paramserve: error: model.pt pickles 'torch.nn.modules")
+    assert len(refused.stderr.strip().splitlines()) == 1
+    missing = cli("versions", "no-such-model")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing.stderr
