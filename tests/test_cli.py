@@ -220,3 +220,35 @@ def test_health_of_a_stopped_or_unhealthy_server(server):
 
 def test_client_commands_import_no_torch(server):
     assert "torch" not in imported("--server", server.address, "models")
+
+
+def test_a_progress_bar_is_drawn_only_on_a_terminal(server, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    _, path = uploaded(server, tmp_path, "barred")
+    leader, follower = pty.openpty()
+    # a terminal of 80 columns (a new pty has 0, and tqdm draws a bar that wide)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        result = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "--server",
+                                 server.address, "upload", "barred", str(path)],
+                                stdout=subprocess.PIPE, stderr=follower, text=True, timeout=120)
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(leader)
+    assert result.returncode == 0
+    assert b"upload barred.safetensors" in drawn  # tqdm's label, on the terminal
+    quiet = cli(server, "upload", "barred", str(path))  # stderr a pipe: no bar
+    assert quiet.stderr == ""
