@@ -16,8 +16,8 @@ from __future__ import annotations
 import pickletools
 import struct
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import InvalidArgument
 from .limits import brief
@@ -26,8 +26,9 @@ ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = b"\x80"  # the pre-1.6 format: a bare pickle, nothing to check before torch
 MAX_PICKLE_SCAN_BYTES = 16 << 20  # a state_dict's data.pkl is small; a larger one is not scanned
 # Top-level packages a state_dict's pickle may name (weights_only allows a subset of these).
-ALLOWED_PACKAGES = frozenset({"torch", "collections", "builtins", "__builtin__", "_codecs",
-                              "copyreg", "numpy", "math"})
+ALLOWED_PACKAGES = frozenset(
+    {"torch", "collections", "builtins", "__builtin__", "_codecs", "copyreg", "numpy", "math"}
+)
 FIX = "save and upload model.state_dict() (torch.save or safetensors)"
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip entry's local file header
 _PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
@@ -40,9 +41,11 @@ def is_torch_save(start: bytes | bytearray) -> bool:
 
 def unknown_format(start: bytes | bytearray, label: str = "upload") -> InvalidArgument:
     """The error for bytes that are neither format (``start``: the first ones)."""
-    return InvalidArgument(f"{label} is neither safetensors nor a torch.save'd state_dict (it "
-                           f"starts with {bytes(start[:8])!r}); save with "
-                           "safetensors.torch.save_file or torch.save(model.state_dict())")
+    return InvalidArgument(
+        f"{label} is neither safetensors nor a torch.save'd state_dict (it "
+        f"starts with {bytes(start[:8])!r}); save with "
+        "safetensors.torch.save_file or torch.save(model.state_dict())"
+    )
 
 
 def pickle_globals(data: bytes) -> Iterator[str]:
@@ -79,7 +82,8 @@ def check_globals(data: bytes, label: str) -> None:
             raise InvalidArgument(
                 f"{label} pickles {brief(name)}, which the server refuses to load (it reads "
                 "tensors only, with torch.load(weights_only=True)); a whole model saved with "
-                f"torch.save(model)? {FIX}")
+                f"torch.save(model)? {FIX}"
+            )
 
 
 def check_file(path: Path, label: str) -> None:
@@ -88,23 +92,30 @@ def check_file(path: Path, label: str) -> None:
     pickle names only what a state_dict's does."""
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [i for i in archive.infolist() if i.filename.count("/") == 1
-                       and i.filename.endswith("/data.pkl")]
+            pickles = [
+                i
+                for i in archive.infolist()
+                if i.filename.count("/") == 1 and i.filename.endswith("/data.pkl")
+            ]
             if len(pickles) != 1:
                 raise InvalidArgument(
                     f"{label} is a zip archive with {len(pickles)} <archive>/data.pkl entries, "
-                    f"not a torch.save file (which holds one); {FIX}")
+                    f"not a torch.save file (which holds one); {FIX}"
+                )
             if pickles[0].file_size <= MAX_PICKLE_SCAN_BYTES:
                 with archive.open(pickles[0]) as pickle:
                     data = pickle.read()
                 try:
                     check_globals(data, label)
                 except ValueError as err:
-                    raise InvalidArgument(f"{label}: its data.pkl is not a valid pickle "
-                                          f"({err}); save it again") from None
+                    raise InvalidArgument(
+                        f"{label}: its data.pkl is not a valid pickle ({err}); save it again"
+                    ) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
-        raise InvalidArgument(f"{label} is not a readable torch.save file: the zip archive is "
-                              f"damaged or truncated ({err}); save it again") from None
+        raise InvalidArgument(
+            f"{label} is not a readable torch.save file: the zip archive is "
+            f"damaged or truncated ({err}); save it again"
+        ) from None
 
 
 def check_stream_start(prefix: bytes | bytearray, label: str = "upload") -> bool:
@@ -119,7 +130,7 @@ def check_stream_start(prefix: bytes | bytearray, label: str = "upload") -> bool
     start = _LOCAL_HEADER.size + name_length + extra_length
     if len(prefix) < start:
         return False
-    name = bytes(prefix[_LOCAL_HEADER.size:_LOCAL_HEADER.size + name_length])
+    name = bytes(prefix[_LOCAL_HEADER.size : _LOCAL_HEADER.size + name_length])
     if method != 0 or name.count(b"/") != 1 or not name.endswith(b"/data.pkl"):
         return True
     try:

@@ -22,27 +22,26 @@ import hashlib
 import json
 import os
 import tempfile
-import threading
-import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2 as pb
-from paramserve.protos import registry_pb2_grpc
+from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2_grpc
+from paramserve.protos import registry_pb2 as pb
 from paramserve.registry.errors import DataLoss, InvalidArgument, ParamserveError
 from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, VersionInfo
 
 from . import convert
+from .client_streams import Progress, Stall, hashed_upload_chunks
+from .client_streams import size_and_sha256 as _size_and_sha256  # noqa: F401  (benchmarks)
+from .client_streams import upload_chunks as _upload_chunks  # noqa: F401  (benchmarks)
 from .status import ERROR_OF
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-UPLOAD_CHUNK_BYTES = 1 << 20
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 class ServerError(ParamserveError):
@@ -60,22 +59,32 @@ def _raise_from(err: grpc.RpcError) -> None:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:8001", timeout_s: float = 60.0,
-                 max_message_mb: int = 64, token: str | None = None,
-                 tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None):
+    def __init__(
+        self,
+        address: str = "127.0.0.1:8001",
+        timeout_s: float = 60.0,
+        max_message_mb: int = 64,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ):
         """``token``: sent as bearer metadata. ``tls_ca``: a PEM CA file to trust (TLS);
         with ``tls_cert``/``tls_key`` the client presents its own certificate (mutual TLS)."""
         size = max_message_mb << 20
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
-        options = [("grpc.max_receive_message_length", size),
-                   ("grpc.max_send_message_length", size)]
+        options = [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ]
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca), private_key=_read(tls_key),
-                certificate_chain=_read(tls_cert))
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
@@ -85,7 +94,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,39 +113,66 @@ class Client:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
-            raise ServerError(grpc.StatusCode.UNAVAILABLE,
-                              f"no paramserve server answered at {self.address} within "
-                              f"{timeout_s:g} s; start one with `paramserve serve`") from None
+            raise ServerError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no paramserve server answered at {self.address} within "
+                f"{timeout_s:g} s; start one with `paramserve serve`",
+            ) from None
         self._call(self.inference.ServerLive, inference_pb2.ServerLiveRequest(), timeout_s)
 
     # ---- architectures and models ------------------------------------------------------
 
     def architectures(self) -> list[pb.Architecture]:
-        return list(self._call(self.registry.ListArchitectures,
-                               pb.ListArchitecturesRequest()).architectures)
+        return list(
+            self._call(self.registry.ListArchitectures, pb.ListArchitecturesRequest()).architectures
+        )
 
-    def create_model(self, name: str, architecture: str, config: Mapping[str, Any] | None = None,
-                     init: str = "default", seed: int = 0, description: str = "") -> ModelInfo:
-        msg = self._call(self.registry.CreateModel, pb.CreateModelRequest(
-            name=name, architecture=architecture, config_json=json.dumps(dict(config or {})),
-            init=init, seed=seed, description=description))
+    def create_model(
+        self,
+        name: str,
+        architecture: str,
+        config: Mapping[str, Any] | None = None,
+        init: str = "default",
+        seed: int = 0,
+        description: str = "",
+    ) -> ModelInfo:
+        msg = self._call(
+            self.registry.CreateModel,
+            pb.CreateModelRequest(
+                name=name,
+                architecture=architecture,
+                config_json=json.dumps(dict(config or {})),
+                init=init,
+                seed=seed,
+                description=description,
+            ),
+        )
         return convert.model_from_proto(msg)
 
     def get_model(self, name: str) -> ModelInfo:
-        return convert.model_from_proto(self._call(self.registry.GetModel,
-                                                   pb.GetModelRequest(name=name)))
+        return convert.model_from_proto(
+            self._call(self.registry.GetModel, pb.GetModelRequest(name=name))
+        )
 
     def list_models(self) -> list[ModelInfo]:
-        return [convert.model_from_proto(m) for m in
-                self._call(self.registry.ListModels, pb.ListModelsRequest()).models]
+        return [
+            convert.model_from_proto(m)
+            for m in self._call(self.registry.ListModels, pb.ListModelsRequest()).models
+        ]
 
     def delete_model(self, name: str) -> None:
         self._call(self.registry.DeleteModel, pb.DeleteModelRequest(name=name))
 
     # ---- versions ----------------------------------------------------------------------
 
-    def upload(self, name: str, source, alias: str | None = None,
-               progress: Progress | None = None, timeout_s: float | None = None) -> VersionInfo:
+    def upload(
+        self,
+        name: str,
+        source,
+        alias: str | None = None,
+        progress: Progress | None = None,
+        timeout_s: float | None = None,
+    ) -> VersionInfo:
         """Upload a .safetensors / torch.save file (path or bytes) or a dict of torch tensors
         or numpy arrays.
 
@@ -152,15 +188,23 @@ class Client:
         with upload_path(source) as (path, label):
             check_upload(path, label)
             size = path.stat().st_size
-            chunks = _hashed_upload_chunks(
-                path, pb.UploadHeader(model=name, alias=alias or "", size_bytes=size), progress)
-            msg = self._call(self.registry.UploadVersion, chunks,
-                             timeout_s or max(self.timeout_s, size / (20 << 20)))
+            chunks = hashed_upload_chunks(
+                path, pb.UploadHeader(model=name, alias=alias or "", size_bytes=size), progress
+            )
+            msg = self._call(
+                self.registry.UploadVersion,
+                chunks,
+                timeout_s or max(self.timeout_s, size / (20 << 20)),
+            )
         return convert.version_from_proto(msg)
 
-    def download(self, name: str, ref: str | int | None = None,
-                 path: str | os.PathLike | None = None,
-                 progress: Progress | None = None) -> VersionInfo:
+    def download(
+        self,
+        name: str,
+        ref: str | int | None = None,
+        path: str | os.PathLike | None = None,
+        progress: Progress | None = None,
+    ) -> VersionInfo:
         """Save a version to ``path``: ``.safetensors`` as stored (no torch needed), ``.npz``
         as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
         (imports torch). The sha256 is checked end to end; a partial file never appears
@@ -211,7 +255,7 @@ class Client:
         digest, done, version, expected = hashlib.sha256(), 0, None, None
         call = self.registry.DownloadVersion(request, timeout=None, metadata=self.metadata)
         try:
-            with open(path, "wb") as out, _Stall(call, self.timeout_s) as stall:
+            with open(path, "wb") as out, Stall(call, self.timeout_s) as stall:
                 for chunk in call:
                     stall.progress()
                     if chunk.WhichOneof("kind") == "header":
@@ -225,88 +269,131 @@ class Client:
                         progress(done, expected[1] if expected else 0)
         except grpc.RpcError as err:
             if stall.fired:
-                raise ServerError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"download of {name!r} received nothing for "
-                                  f"{self.timeout_s:g} s (the client's timeout_s); "
-                                  "retry, or raise it") from None
+                raise ServerError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"download of {name!r} received nothing for "
+                    f"{self.timeout_s:g} s (the client's timeout_s); "
+                    "retry, or raise it",
+                ) from None
             _raise_from(err)
         if version is None or (digest.hexdigest(), done) != expected:
-            raise DataLoss(f"download of {name!r} arrived damaged (sha256 "
-                           f"{digest.hexdigest()}, {done} bytes; expected {expected}); retry")
+            raise DataLoss(
+                f"download of {name!r} arrived damaged (sha256 "
+                f"{digest.hexdigest()}, {done} bytes; expected {expected}); retry"
+            )
         return version
 
     def list_versions(self, name: str) -> list[VersionInfo]:
-        return [convert.version_from_proto(v) for v in
-                self._call(self.registry.ListVersions, pb.ListVersionsRequest(model=name)).versions]
+        return [
+            convert.version_from_proto(v)
+            for v in self._call(
+                self.registry.ListVersions, pb.ListVersionsRequest(model=name)
+            ).versions
+        ]
 
     def delete_version(self, name: str, number: int, force: bool = False) -> list[str]:
         """Delete version ``number``; one that aliases point at is refused
         (``FailedPrecondition`` naming them) unless ``force``, which removes those aliases
         too. Returns the aliases removed."""
-        return list(self._call(self.registry.DeleteVersion, pb.DeleteVersionRequest(
-            model=name, number=number, force=force)).removed_aliases)
+        return list(
+            self._call(
+                self.registry.DeleteVersion,
+                pb.DeleteVersionRequest(model=name, number=number, force=force),
+            ).removed_aliases
+        )
 
     def set_alias(self, name: str, alias: str, number: int) -> VersionInfo:
-        return convert.version_from_proto(self._call(
-            self.registry.SetAlias, pb.SetAliasRequest(model=name, alias=alias, number=number)))
+        return convert.version_from_proto(
+            self._call(
+                self.registry.SetAlias, pb.SetAliasRequest(model=name, alias=alias, number=number)
+            )
+        )
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._call(self.registry.DeleteAlias, pb.DeleteAliasRequest(model=name, alias=alias))
 
     # ---- parameters --------------------------------------------------------------------
 
-    def parameters(self, name: str, ref: str | int | None = None,
-                   stats: bool = False) -> list[ParameterInfo]:
-        msg = self._call(self.registry.ListParameters,
-                         pb.ListParametersRequest(model=name, ref=_ref(ref), stats=stats))
+    def parameters(
+        self, name: str, ref: str | int | None = None, stats: bool = False
+    ) -> list[ParameterInfo]:
+        msg = self._call(
+            self.registry.ListParameters,
+            pb.ListParametersRequest(model=name, ref=_ref(ref), stats=stats),
+        )
         return [convert.parameter_from_proto(p) for p in msg.parameters]
 
-    def tensor(self, name: str, param: str, ref: str | int | None = None,
-               index: str | None = None) -> np.ndarray:
+    def tensor(
+        self, name: str, param: str, ref: str | int | None = None, index: str | None = None
+    ) -> np.ndarray:
         """One parameter (or ``index``'s slice of it) as a numpy array; bfloat16 and float8
         come widened to float32, exactly."""
         from . import wire
 
-        msg = self._call(self.registry.GetTensor, pb.GetTensorRequest(
-            model=name, ref=_ref(ref), name=param, index=index or ""))
+        msg = self._call(
+            self.registry.GetTensor,
+            pb.GetTensorRequest(model=name, ref=_ref(ref), name=param, index=index or ""),
+        )
         dtype_name, carried = wire.tensor_from_proto(msg)
         return wire.to_numpy(dtype_name, carried.copy())
 
     def module_tree(self, name: str, ref: str | int | None = None) -> str:
-        return self._call(self.registry.DescribeModule,
-                          pb.DescribeModuleRequest(model=name, ref=_ref(ref))).tree
+        return self._call(
+            self.registry.DescribeModule, pb.DescribeModuleRequest(model=name, ref=_ref(ref))
+        ).tree
 
-    def initialize(self, name: str, scheme: str, ref: str | int | None = None,
-                   module_path: str | None = None, seed: int | None = None,
-                   input_shape: Sequence[int] | None = None) -> VersionInfo:
-        request = pb.InitializeRequest(model=name, ref=_ref(ref), scheme=scheme,
-                                       module_path=module_path or "",
-                                       input_shape=list(input_shape or ()))
+    def initialize(
+        self,
+        name: str,
+        scheme: str,
+        ref: str | int | None = None,
+        module_path: str | None = None,
+        seed: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> VersionInfo:
+        request = pb.InitializeRequest(
+            model=name,
+            ref=_ref(ref),
+            scheme=scheme,
+            module_path=module_path or "",
+            input_shape=list(input_shape or ()),
+        )
         if seed is not None:
             request.seed = seed
         return convert.version_from_proto(self._call(self.registry.Initialize, request))
 
-    def patch(self, name: str, param: str, value, ref: str | int | None = None,
-              index: str | None = None, op: str = "set") -> VersionInfo:
+    def patch(
+        self,
+        name: str,
+        param: str,
+        value,
+        ref: str | int | None = None,
+        index: str | None = None,
+        op: str = "set",
+    ) -> VersionInfo:
         from . import wire
         from .client_files import is_torch_tensor
 
-        request = pb.PatchRequest(model=name, ref=_ref(ref), param=param, index=index or "",
-                                  op=op)
+        request = pb.PatchRequest(model=name, ref=_ref(ref), param=param, index=index or "", op=op)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             request.scalar = float(value)
         elif is_torch_tensor(value):
             request.array.CopyFrom(convert.tensor_to_proto(param, value))
         else:
             array = _as_array(value, keep_floats=True)
-            request.array.CopyFrom(pb.Tensor(name=param, dtype=wire.safetensors_name(array),
-                                             shape=list(array.shape), data=array.tobytes()))
+            request.array.CopyFrom(
+                pb.Tensor(
+                    name=param,
+                    dtype=wire.safetensors_name(array),
+                    shape=list(array.shape),
+                    data=array.tobytes(),
+                )
+            )
         return convert.version_from_proto(self._call(self.registry.Patch, request))
 
     # ---- inference ---------------------------------------------------------------------
 
-    def infer(self, name: str, x, ref: str | int | None = None,
-              timeout_s: float | None = None):
+    def infer(self, name: str, x, ref: str | int | None = None, timeout_s: float | None = None):
         """One forward pass on the server. ``x``: a numpy array or anything ``np.asarray``
         takes (Python floats become float32, as torch makes them); the output is an
         ``np.ndarray`` (a bfloat16 one widened to float32). A torch tensor is sent in its own
@@ -336,41 +423,10 @@ class Client:
         return y.view(torch.bfloat16) if dtype_name == "BF16" else y
 
     def model_metadata(self, name: str, ref: str | int | None = None):
-        return self._call(self.inference.ModelMetadata,
-                          inference_pb2.ModelMetadataRequest(name=name, version=_ref(ref)))
-
-
-class _Stall:
-    """Cancels a streaming ``call`` when ``progress()`` is not called for ``timeout_s``."""
-
-    def __init__(self, call, timeout_s: float):
-        self.call, self.timeout_s = call, timeout_s
-        self.fired = False
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="paramserve-download-watch",
-                                        daemon=True)
-
-    def __enter__(self) -> "_Stall":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def progress(self) -> None:
-        self._last = time.monotonic()
-
-    def _watch(self) -> None:
-        while True:
-            left = self._last + self.timeout_s - time.monotonic()
-            if left <= 0:
-                self.fired = True
-                self.call.cancel()
-                return
-            if self._done.wait(left):
-                return
+        return self._call(
+            self.inference.ModelMetadata,
+            inference_pb2.ModelMetadataRequest(name=name, version=_ref(ref)),
+        )
 
 
 def _read(path: str | None) -> bytes | None:
@@ -393,39 +449,6 @@ def _as_array(x, keep_floats: bool = False) -> np.ndarray:
     if array.dtype == np.float64 and isinstance(x, (list, tuple, float)) and not keep_floats:
         array = array.astype(np.float32)
     return array
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    """One pass over a file for its header (old-style uploads, and the benchmark's floor)."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _upload_chunks(path: Path, header: pb.UploadHeader, progress: Progress | None,
-                   digest=None) -> Iterator[pb.UploadChunk]:
-    """The header, then the file in chunks; each chunk also goes through ``digest`` if given."""
-    yield pb.UploadChunk(header=header)
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(UPLOAD_CHUNK_BYTES):
-            if digest is not None:
-                digest.update(chunk)  # releases the GIL: gRPC sends the previous chunk meanwhile
-            done += len(chunk)
-            yield pb.UploadChunk(data=chunk)
-            if progress:
-                progress(done, header.size_bytes)
-
-
-def _hashed_upload_chunks(path: Path, header: pb.UploadHeader,
-                          progress: Progress | None) -> Iterator[pb.UploadChunk]:
-    """One pass: the file is hashed as it is sent, and the sha256 follows in a trailer."""
-    digest = hashlib.sha256()
-    yield from _upload_chunks(path, header, progress, digest)
-    yield pb.UploadChunk(trailer=pb.UploadTrailer(sha256=digest.hexdigest()))
 
 
 def _read_blob(path: Path, sha256: str) -> dict[str, torch.Tensor]:

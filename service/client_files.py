@@ -18,9 +18,10 @@ import os
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,6 @@ from paramserve.registry.errors import DataLoss, InvalidArgument, ResourceExhaus
 from paramserve.registry.limits import brief
 
 from . import wire
-
 
 
 def torch_module():
@@ -66,19 +66,27 @@ def _raw_tensor(name, value) -> tensorfile.RawTensor:
     """One state_dict entry for ``write_raw``: a torch tensor (its own dtype, bfloat16 too) or
     a numpy array."""
     if not isinstance(name, str):
-        raise InvalidArgument(f"a state_dict maps names to tensors; key {brief(name)} is not a "
-                              "string")
+        raise InvalidArgument(
+            f"a state_dict maps names to tensors; key {brief(name)} is not a string"
+        )
     if is_torch_tensor(value):
-        return (name, tensorfile.dtype_name(value.dtype), tuple(value.shape),
-                lambda: tensorfile.tensor_bytes(value))
+        return (
+            name,
+            tensorfile.dtype_name(value.dtype),
+            tuple(value.shape),
+            lambda: tensorfile.tensor_bytes(value),
+        )
     if not isinstance(value, (np.ndarray, np.generic)):
-        raise InvalidArgument(f"state_dict entry {brief(name)} is a {type(value).__name__}, not "
-                              "a tensor or numpy array; " + torchsave.FIX)
+        raise InvalidArgument(
+            f"state_dict entry {brief(name)} is a {type(value).__name__}, not "
+            "a tensor or numpy array; " + torchsave.FIX
+        )
     array = wire.c_array(value)
     return name, wire.safetensors_name(array), tuple(array.shape), lambda: array.data
 
 
 # ---- checks before an upload ----------------------------------------------------------------
+
 
 def check_upload(path: Path, label: str) -> None:
     """Refuse ``path`` now when its format says the server would refuse it after the upload;
@@ -108,14 +116,16 @@ def _check_safetensors(f, size: int, label: str) -> None:
 
 # ---- downloads -------------------------------------------------------------------------------
 
+
 def read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
     """A downloaded (sha256-checked) blob as numpy arrays, bfloat16 and float8 widened to
     float32; tied keys map to the same array."""
     arrays: dict[str, np.ndarray] = {}
     try:
         with open(path, "rb") as f:
-            header = tensorfile.read_header(f, os.fstat(f.fileno()).st_size,
-                                            limits=tensorfile.STORED_BLOB_LIMITS)
+            header = tensorfile.read_header(
+                f, os.fstat(f.fileno()).st_size, limits=tensorfile.STORED_BLOB_LIMITS
+            )
             for entry in sorted(header.entries.values(), key=lambda e: e.begin):
                 buffer = bytearray(entry.nbytes)
                 f.seek(entry.begin)
@@ -123,8 +133,10 @@ def read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
                 carried = wire.bits(entry.dtype_name, buffer, entry.shape, entry.name)
                 arrays[entry.name] = wire.to_numpy(entry.dtype_name, carried)
     except (InvalidArgument, ResourceExhausted) as err:
-        raise DataLoss(f"{what} is not a readable safetensors blob ({str(err).splitlines()[0]})"
-                       "; the server's copy may be damaged: `paramserve check` on it") from None
+        raise DataLoss(
+            f"{what} is not a readable safetensors blob ({str(err).splitlines()[0]})"
+            "; the server's copy may be damaged: `paramserve check` on it"
+        ) from None
     for name, kept in header.metadata.items():
         if kept not in arrays:
             raise DataLoss(f"{what} ties {brief(name)} to {brief(kept)}, which it does not hold")

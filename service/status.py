@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import grpc
 
-from paramserve.registry.errors import (AlreadyExists, DataLoss, FailedPrecondition,
-                                        InvalidArgument, NotFound, ParamserveError,
-                                        ResourceExhausted)
+from paramserve.registry.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ParamserveError,
+    ResourceExhausted,
+)
 
 
 class DeadlineExceeded(ParamserveError):
@@ -30,7 +36,8 @@ CORE_STATUS: dict[type[ParamserveError], grpc.StatusCode] = {
 # The client's way back: a status code → the class (UNAVAILABLE stays a ServerError: it is
 # also what an unreachable server gives).
 ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {
-    code: cls for cls, code in CORE_STATUS.items()}
+    code: cls for cls, code in CORE_STATUS.items()
+}
 
 
 def code_of(error: BaseException) -> grpc.StatusCode | None:

@@ -14,7 +14,7 @@ to float32, exactly (every bfloat16 and float8 value is a float32).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,27 +22,52 @@ from paramserve.registry.errors import InvalidArgument
 from paramserve.registry.tensorfile import DTYPE_INFO, ITEMSIZE
 
 SAFETENSORS_OF: dict[str, str] = {
-    "BOOL": "BOOL", "UINT8": "U8", "UINT16": "U16", "UINT32": "U32", "UINT64": "U64",
-    "INT8": "I8", "INT16": "I16", "INT32": "I32", "INT64": "I64", "FP16": "F16",
-    "FP32": "F32", "FP64": "F64", "BF16": "BF16",
+    "BOOL": "BOOL",
+    "UINT8": "U8",
+    "UINT16": "U16",
+    "UINT32": "U32",
+    "UINT64": "U64",
+    "INT8": "I8",
+    "INT16": "I16",
+    "INT32": "I32",
+    "INT64": "I64",
+    "FP16": "F16",
+    "FP32": "F32",
+    "FP64": "F64",
+    "BF16": "BF16",
 }
 # The numpy dtype whose bytes are each safetensors dtype's bytes; the widened ones carry bits.
 CARRIER: dict[str, np.dtype] = {
-    name: np.dtype(np.int16 if name == "BF16" else np.uint8 if name.startswith("F8")
-                   else np.bool_ if name == "BOOL" else attr)
-    for name, (_, attr) in DTYPE_INFO.items()}
+    name: np.dtype(
+        np.int16
+        if name == "BF16"
+        else np.uint8
+        if name.startswith("F8")
+        else np.bool_
+        if name == "BOOL"
+        else attr
+    )
+    for name, (_, attr) in DTYPE_INFO.items()
+}
 WIDENED = frozenset({"BF16", "F8_E4M3", "F8_E5M2"})
 DATATYPE_OF_NUMPY: dict[np.dtype, str] = {
-    CARRIER[st]: kserve for kserve, st in SAFETENSORS_OF.items() if st not in WIDENED}
+    CARRIER[st]: kserve for kserve, st in SAFETENSORS_OF.items() if st not in WIDENED
+}
 DATATYPE_OF_TORCH_NAME: dict[str, str] = {
-    DTYPE_INFO[st][1]: kserve for kserve, st in SAFETENSORS_OF.items()}
+    DTYPE_INFO[st][1]: kserve for kserve, st in SAFETENSORS_OF.items()
+}
 # Which InferTensorContents field carries each datatype (FP16 and BF16 only travel raw).
 TYPED_FIELD: dict[str, tuple[str, type]] = {
-    "BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int8),
-    "INT16": ("int_contents", np.int16), "INT32": ("int_contents", np.int32),
-    "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint8),
-    "UINT16": ("uint_contents", np.uint16), "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int8),
+    "INT16": ("int_contents", np.int16),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint8),
+    "UINT16": ("uint_contents", np.uint16),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
 }
 
@@ -58,8 +83,10 @@ def datatype_of_array(array: np.ndarray) -> str:
     try:
         return DATATYPE_OF_NUMPY[array.dtype]
     except KeyError:
-        raise InvalidArgument(f"numpy dtype {array.dtype} has no KServe datatype; use one of "
-                              f"{sorted(str(d) for d in DATATYPE_OF_NUMPY)}") from None
+        raise InvalidArgument(
+            f"numpy dtype {array.dtype} has no KServe datatype; use one of "
+            f"{sorted(str(d) for d in DATATYPE_OF_NUMPY)}"
+        ) from None
 
 
 def check_shape(name: str, shape: Sequence[int], expected: Sequence[int]) -> None:
@@ -67,21 +94,26 @@ def check_shape(name: str, shape: Sequence[int], expected: Sequence[int]) -> Non
         raise InvalidArgument(f"input {name!r} has a negative dimension in {list(shape)}")
     fits = len(shape) == len(expected) and all(e < 0 or e == d for d, e in zip(shape, expected))
     if not fits:
-        raise InvalidArgument(f"input {name!r} has shape {list(shape)}, the model takes "
-                              f"{list(expected)} (-1: any size)")
+        raise InvalidArgument(
+            f"input {name!r} has shape {list(shape)}, the model takes "
+            f"{list(expected)} (-1: any size)"
+        )
 
 
 def decode_typed(tensor, datatype: str, shape: tuple[int, ...], numel: int) -> np.ndarray:
     """A tensor sent in typed ``contents`` instead of raw bytes, checked for count and range."""
     name = tensor.name
     if datatype not in TYPED_FIELD:
-        raise InvalidArgument(f"input {name!r}: {datatype} has no typed contents field; send it "
-                              "in raw_input_contents")
+        raise InvalidArgument(
+            f"input {name!r}: {datatype} has no typed contents field; send it in raw_input_contents"
+        )
     field, np_type = TYPED_FIELD[datatype]
     values = getattr(tensor.contents, field)
     if len(values) != numel:
-        raise InvalidArgument(f"input {name!r}: shape {list(shape)} needs {numel} values in "
-                              f"contents.{field}, got {len(values)}")
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)} needs {numel} values in "
+            f"contents.{field}, got {len(values)}"
+        )
     array = np.asarray(values)
     if np.issubdtype(np_type, np.integer) and array.size:
         info: np.iinfo = np.iinfo(np_type)
@@ -90,8 +122,9 @@ def decode_typed(tensor, datatype: str, shape: tuple[int, ...], numel: int) -> n
     return array.astype(np_type).reshape(shape)
 
 
-def bits(dtype_name: str, data, shape: Sequence[int], what: str,
-         shown: str | None = None) -> np.ndarray:
+def bits(
+    dtype_name: str, data, shape: Sequence[int], what: str, shown: str | None = None
+) -> np.ndarray:
     """``data`` as an array of ``dtype_name``'s carrier (no copy: read-only for ``bytes``), its
     length checked first; ``shown``: the dtype's name in the error (KServe's for its tensors)."""
     shape = tuple(shape)
@@ -99,8 +132,10 @@ def bits(dtype_name: str, data, shape: Sequence[int], what: str,
         raise InvalidArgument(f"{what} has a negative dimension in {list(shape)}")
     expected = math.prod(shape) * ITEMSIZE[dtype_name]
     if len(data) != expected:
-        raise InvalidArgument(f"{what}: shape {list(shape)} of {shown or dtype_name} needs "
-                              f"{expected} raw bytes, got {len(data)}")
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} of {shown or dtype_name} needs "
+            f"{expected} raw bytes, got {len(data)}"
+        )
     return np.frombuffer(data, dtype=CARRIER[dtype_name]).reshape(shape)
 
 
@@ -119,8 +154,9 @@ def _e4m3fn_values() -> np.ndarray:
     """All 256 float8_e4m3fn values: 4 exponent bits (bias 7), 3 mantissa bits, no infinity."""
     b = np.arange(256)
     exponent, mantissa = (b >> 3) & 0xF, (b & 7).astype(np.float64)
-    value = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6,
-                     (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    value = np.where(
+        exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+    )
     value = np.where((exponent == 15) & (mantissa == 7), np.nan, value)
     return np.where(b & 0x80, -value, value).astype(np.float32)
 
@@ -130,8 +166,9 @@ _E4M3FN = _e4m3fn_values()
 
 def add_input(request, name: str, array: np.ndarray, datatype: str | None = None) -> None:
     """Append ``array`` (C-contiguous) as one input, its bytes in raw_input_contents."""
-    request.inputs.add(name=name, datatype=datatype or datatype_of_array(array),
-                       shape=list(array.shape))
+    request.inputs.add(
+        name=name, datatype=datatype or datatype_of_array(array), shape=list(array.shape)
+    )
     request.raw_input_contents.append(array.tobytes())
 
 
@@ -141,8 +178,9 @@ def output(response, index: int) -> tuple[str, np.ndarray]:
     what = f"output {out.name!r}"
     dtype_name = SAFETENSORS_OF.get(out.datatype)
     if dtype_name is None:
-        raise InvalidArgument(f"{what} has datatype {out.datatype!r}; paramserve reads "
-                              f"{sorted(SAFETENSORS_OF)}")
+        raise InvalidArgument(
+            f"{what} has datatype {out.datatype!r}; paramserve reads {sorted(SAFETENSORS_OF)}"
+        )
     raw = response.raw_output_contents
     if len(raw) <= index:
         raise InvalidArgument(f"{what} came without raw_output_contents")

@@ -11,13 +11,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import reference_module
 from safetensors.torch import save as st_save
 
 from paramserve.registry import InvalidArgument
 from paramserve.registry.tensorfile import write_tensors
 from paramserve.service import wire
-
-from conftest import reference_module
 
 
 @pytest.fixture
@@ -32,6 +31,7 @@ def mlp(client, model_name):
 @pytest.fixture
 def no_upload_rpc(client):
     """Fails the test if the client opens an UploadVersion stream."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the upload was sent; it should have been refused before")
 
@@ -79,12 +79,10 @@ def test_tensor_patch_and_upload_with_numpy(client, model_name, mlp):
     assert np.array_equal(client.tensor(model_name, "0.bias", version.number), np.arange(8))
     state = {k: v.numpy() * 2 for k, v in mlp.state_dict().items()}
     version = client.upload(model_name, state)
-    assert np.array_equal(client.arrays(model_name, version.number)["0.weight"],
-                          state["0.weight"])
+    assert np.array_equal(client.arrays(model_name, version.number)["0.weight"], state["0.weight"])
 
 
-def test_a_pt_file_is_sent_as_it_is_and_converted_by_the_server(client, model_name, mlp,
-                                                                 tmp_path):
+def test_a_pt_file_is_sent_as_it_is_and_converted_by_the_server(client, model_name, mlp, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(mlp.state_dict(), path)
     version = client.upload(model_name, path)
@@ -92,8 +90,10 @@ def test_a_pt_file_is_sent_as_it_is_and_converted_by_the_server(client, model_na
     torch.save(mlp.state_dict(), legacy, _use_new_zipfile_serialization=False)
     again = client.upload(model_name, legacy)
     assert again.sha256 == version.sha256
-    assert all(np.array_equal(client.arrays(model_name)[k], v.detach().numpy())
-               for k, v in mlp.state_dict().items())
+    assert all(
+        np.array_equal(client.arrays(model_name)[k], v.detach().numpy())
+        for k, v in mlp.state_dict().items()
+    )
 
 
 def bad_files(mlp) -> dict[str, tuple[bytes, str]]:
@@ -116,20 +116,31 @@ def bad_files(mlp) -> dict[str, tuple[bytes, str]]:
     write_tensors(buffer, list(mlp.state_dict().items()))
     safetensors = buffer.getvalue()
     return {
-        "truncated.pt": (pt[:len(pt) // 2], "damaged or truncated"),
+        "truncated.pt": (pt[: len(pt) // 2], "damaged or truncated"),
         "model.pt": (model, "torch.nn.modules.*Sequential.*weights_only.*state_dict"),
         "other.zip": (other_zip, "0 <archive>/data.pkl"),
         "foreign.pt": (foreign, "zipfile.ZipInfo"),
         "truncated.safetensors": (safetensors[:-3], "truncated"),
-        "header.safetensors": (safetensors[:8] + b"{\"x\"" + safetensors[12:], "header"),
+        "header.safetensors": (safetensors[:8] + b'{"x"' + safetensors[12:], "header"),
         "notes.txt": (b"hello, not weights", "neither safetensors nor"),
     }
 
 
-@pytest.mark.parametrize("name", ["truncated.pt", "model.pt", "other.zip", "foreign.pt",
-                                  "truncated.safetensors", "header.safetensors", "notes.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "truncated.pt",
+        "model.pt",
+        "other.zip",
+        "foreign.pt",
+        "truncated.safetensors",
+        "header.safetensors",
+        "notes.txt",
+    ],
+)
 def test_a_file_the_server_would_refuse_is_refused_before_a_byte_is_sent(
-        client, model_name, mlp, tmp_path, no_upload_rpc, name):
+    client, model_name, mlp, tmp_path, no_upload_rpc, name
+):
     data, message = bad_files(mlp)[name]
     path = tmp_path / name
     path.write_bytes(data)
@@ -140,18 +151,23 @@ def test_a_file_the_server_would_refuse_is_refused_before_a_byte_is_sent(
 
 
 def test_the_safetensors_library_file_and_a_dict_of_torch_tensors_still_upload(
-        client, model_name, mlp, tmp_path):
+    client, model_name, mlp, tmp_path
+):
     path = tmp_path / "lib.safetensors"
     path.write_bytes(st_save(mlp.state_dict()))
     first = client.upload(model_name, path)
-    second = client.upload(model_name, {k: v.to(torch.bfloat16).float()
-                                        for k, v in mlp.state_dict().items()})
+    second = client.upload(
+        model_name, {k: v.to(torch.bfloat16).float() for k, v in mlp.state_dict().items()}
+    )
     assert first.number + 1 == second.number
 
 
 def test_bfloat16_and_float8_widen_to_float32_exactly():
-    for dtype, name in [(torch.bfloat16, "BF16"), (torch.float8_e5m2, "F8_E5M2"),
-                        (torch.float8_e4m3fn, "F8_E4M3")]:
+    for dtype, name in [
+        (torch.bfloat16, "BF16"),
+        (torch.float8_e5m2, "F8_E5M2"),
+        (torch.float8_e4m3fn, "F8_E4M3"),
+    ]:
         every = torch.arange(1 << (8 * dtype.itemsize), dtype=torch.int32)
         bits = every.to(torch.int16 if dtype.itemsize == 2 else torch.uint8)
         values = bits.view(dtype).float().numpy()
@@ -166,13 +182,17 @@ def test_the_lean_status_table_agrees_with_the_server_one():
     from paramserve.service.errors import status_of
     from paramserve.service.status import ERROR_OF, DeadlineExceeded, code_of
 
-    classes = [c for c in vars(core).values() if isinstance(c, type)
-               and issubclass(c, core.ParamserveError) and c is not core.ParamserveError]
+    classes = [
+        c
+        for c in vars(core).values()
+        if isinstance(c, type)
+        and issubclass(c, core.ParamserveError)
+        and c is not core.ParamserveError
+    ]
     for cls in classes + [DeadlineExceeded]:
         error = cls("m") if cls is not core.InvalidStateDict else cls("m", missing=["x"])
         assert code_of(error) == status_of(error) and code_of(error) in ERROR_OF
     assert code_of(ValueError()) is None
-
 
 
 def test_npz_files_take_any_parameter_name(tmp_path):
@@ -182,8 +202,9 @@ def test_npz_files_take_any_parameter_name(tmp_path):
     with open(tmp_path / "odd.npz", "wb") as f:  # names np.savez(**kwargs) cannot take
         write_npz(f, arrays)
     with np.load(tmp_path / "odd.npz") as saved:
-        assert all(np.array_equal(saved[k], v) and saved[k].dtype == v.dtype
-                   for k, v in arrays.items())
+        assert all(
+            np.array_equal(saved[k], v) and saved[k].dtype == v.dtype for k, v in arrays.items()
+        )
 
 
 def test_a_numpy_state_dict_keeps_its_scalars_and_layout():

@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 import torch
+from conftest import reference_module
 
 from paramserve.registry.tensorfile import write_tensors
-
-from conftest import reference_module
 
 # Any attempt to import torch is recorded and fails, so a guarded ``try: import torch`` is
 # caught too, not only one that would have crashed.
@@ -33,7 +32,9 @@ blocker = BlockTorch()
 sys.meta_path.insert(0, blocker)
 """
 
-ROUND_TRIP = BLOCK_TORCH + """
+ROUND_TRIP = (
+    BLOCK_TORCH
+    + """
 import json
 import numpy as np
 from paramserve.service.client import Client
@@ -63,20 +64,24 @@ print(json.dumps({
     "y_type": type(y).__name__, "arrays": {k: v.tolist() for k, v in arrays.items()},
     "bias": bias.tolist(), "patched": patched.number, "state_dict": state_dict}))
 """
+)
 
 
 def run_python(code: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def test_importing_the_client_leaves_torch_and_numpy_out():
     """numpy comes with the first call that moves tensors: listing models never loads it."""
-    out = run_python("import sys\nimport paramserve.service.client\n"
-                     "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                     "('torch', 'numpy')))")
+    out = run_python(
+        "import sys\nimport paramserve.service.client\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'numpy')))"
+    )
     assert out.strip() == "[]"
 
 
@@ -86,8 +91,14 @@ def test_a_round_trip_works_where_torch_cannot_be_imported(server, model_name, t
     with open(tmp_path / "w.safetensors", "wb") as f:
         write_tensors(f, list(state.items()))
     torch.save(state, tmp_path / "w.pt")
-    out = run_python(ROUND_TRIP, server.address, model_name, str(tmp_path / "w.safetensors"),
-                     str(tmp_path / "w.pt"), str(tmp_path))
+    out = run_python(
+        ROUND_TRIP,
+        server.address,
+        model_name,
+        str(tmp_path / "w.safetensors"),
+        str(tmp_path / "w.pt"),
+        str(tmp_path),
+    )
     result = json.loads(out)
     assert not result["torch_imported"] and result["attempts"] == []
     assert result["shas"][0] == result["shas"][1]  # the .pt became the same canonical blob
@@ -102,10 +113,13 @@ def test_a_round_trip_works_where_torch_cannot_be_imported(server, model_name, t
         assert all(np.array_equal(saved[k], v.numpy()) for k, v in state.items())
 
 
-CLI = BLOCK_TORCH + """
+CLI = (
+    BLOCK_TORCH
+    + """
 import runpy
 runpy.run_module("paramserve.service.cli", run_name="__main__", alter_sys=True)
 """
+)
 
 
 def test_cli_client_commands_and_their_errors_need_no_torch(server, model_name, tmp_path):
@@ -117,14 +131,22 @@ def test_cli_client_commands_and_their_errors_need_no_torch(server, model_name, 
     np.save(tmp_path / "x.npy", np.ones((2, 4), np.float32))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", CLI, "--server", server.address, *args],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-c", CLI, "--server", server.address, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
 
-    for args in (["create", model_name, "--architecture", "small_mlp"],
-                 ["upload", model_name, "w.pt"], ["models"],
-                 ["infer", model_name, "--input", "x.npy"],
-                 ["download", model_name, "-o", "v1.npz"],
-                 ["params", model_name, "0.bias", "--values"]):
+    for args in (
+        ["create", model_name, "--architecture", "small_mlp"],
+        ["upload", model_name, "w.pt"],
+        ["models"],
+        ["infer", model_name, "--input", "x.npy"],
+        ["download", model_name, "-o", "v1.npz"],
+        ["params", model_name, "0.bias", "--values"],
+    ):
         done = cli(*args)
         assert done.returncode == 0, (args, done.stderr)
     refused = cli("upload", model_name, "model.pt")
