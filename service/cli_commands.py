@@ -211,21 +211,13 @@ def cmd_alias(args) -> int:
     return 0
 
 
-def _split_param(text: str) -> tuple[str, str | None]:
-    """``registry.slicing.split_param`` (``"0.weight[0, 0]"`` → ``("0.weight", "0, 0")``),
-    without importing slicing, which imports torch; tests hold the two equal."""
-    text = text.strip()
-    if text.endswith("]") and "[" in text:
-        name, _, rest = text.partition("[")
-        return name.strip(), rest[:-1]
-    return text, None
-
-
 def cmd_params(args) -> int:
+    from paramserve.registry.slicing import split_param
+
     name, ref = _split_ref(args.ref)
     with _client(args) as client:
         if args.param and args.values:
-            param, index = _split_param(args.param)
+            param, index = split_param(args.param)
             tensor = client.tensor(name, param, ref, index=index)
             if args.json:
                 _print_json(
@@ -241,7 +233,7 @@ def cmd_params(args) -> int:
             return 0
         infos = client.parameters(name, ref, stats=args.stats)
     if args.param:
-        infos = [p for p in infos if p.name == _split_param(args.param)[0]]
+        infos = [p for p in infos if p.name == split_param(args.param)[0]]
         if not infos:
             raise ValueError(f"model {name!r} has no parameter {args.param!r}")
     if args.json:
@@ -287,8 +279,10 @@ def cmd_init(args) -> int:
 
 
 def cmd_patch(args) -> int:
+    from paramserve.registry.slicing import split_param
+
     name, ref = _split_ref(args.ref)
-    param, index = _split_param(args.param)
+    param, index = split_param(args.param)
     try:
         value = json.loads(args.value)
     except json.JSONDecodeError:

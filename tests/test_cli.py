@@ -170,14 +170,6 @@ def test_every_command_has_examples_in_its_help():
         assert "global flags" in text and "exit status" in text, name
 
 
-def test_split_param_matches_the_cores():
-    from paramserve.registry.slicing import split_param
-    from paramserve.service.cli_commands import _split_param
-
-    for text in ("0.weight", "0.weight[0, 0]", " net.0.bias[1:3] ", "w[", "w]", "a[b]c"):
-        assert _split_param(text) == split_param(text), text
-
-
 def imported(*args) -> set[str]:
     """Which of torch, numpy and the protobuf runtime a command imported."""
     code = ("import runpy, sys; sys.argv = ['paramserve', *sys.argv[1:]]\n"
