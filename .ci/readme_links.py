@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 TARGETS = [
-    r"\]\(\s*<?([^)\s>]+)",           # [text](target) and ![alt](target)
+    r"\]\(\s*<?([^)\s>]+)",  # [text](target) and ![alt](target)
     r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?\s*$",  # [ref]: target
     r"<((?:[a-z][a-z0-9+.-]*:|www\.)[^>\s]+)>",  # <scheme:...> autolinks
     r"(?:href|src)\s*=\s*[\"']([^\"']+)",  # HTML
