@@ -138,6 +138,7 @@ def open_upload(source: Source, limits: Limits = DEFAULT_LIMITS) -> UploadedStat
     a header over ``limits`` → ``ResourceExhausted``."""
     if isinstance(source, Mapping):
         return TensorMappingUpload(source)
+    file: BinaryIO
     if isinstance(source, (bytes, bytearray, memoryview)):
         file, owns, path = io.BytesIO(bytes(source)), True, None
     elif isinstance(source, (str, os.PathLike)):

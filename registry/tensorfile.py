@@ -353,7 +353,7 @@ def read_exactly(file: BinaryIO, view: memoryview, digest=None) -> None:
     done, nbytes = 0, view.nbytes
     while done < nbytes:
         chunk = view[done : done + READ_CHUNK_BYTES]
-        got = file.readinto(chunk)
+        got = file.readinto(chunk)  # type: ignore[attr-defined]  # BinaryIO's stub lacks it
         if not got:
             raise InvalidArgument(f"file truncated: {nbytes - done} bytes of a tensor missing")
         if digest is not None:

@@ -117,8 +117,10 @@ class StreamedUpload:
                                           "whole file")
                 if self._file is None:
                     self._choose_path(ended=True)
-                if self._file.sha256 != sha256.lower():
-                    raise InvalidArgument(f"upload's sha256 is {self._file.sha256}, the client "
+                file = self._file
+                assert file is not None  # the whole upload is in: the path is chosen
+                if file.sha256 != sha256.lower():
+                    raise InvalidArgument(f"upload's sha256 is {file.sha256}, the client "
                                           f"says {sha256}; the bytes were damaged in transit, "
                                           "send them again")
                 return self._store_version()
@@ -139,6 +141,7 @@ class StreamedUpload:
         self._choose_path(ended=False)
 
     def _take_many(self, chunks: list[bytes]) -> None:
+        assert self._file is not None  # called once the path is chosen
         self._count(sum(len(data) for data in chunks))
         self._file.write_many(chunks)
 
@@ -202,10 +205,12 @@ class StreamedUpload:
         return plan if plan.header == head else None
 
     def _store_version(self) -> VersionInfo:
+        blob = self._file
+        assert blob is not None  # called by finish, once the path is chosen
         if self._plan is None:
-            self._file.close()
-            return self._store.upload(self.model.name, self._file.path, alias=self.alias)
-        blob, self._file = self._file, None  # add_version owns it now
+            blob.close()
+            return self._store.upload(self.model.name, blob.path, alias=self.alias)
+        self._file = None  # add_version owns it now
         return self._store.add_version(self.model.name, blob,
                                        self._plan.manifest_with(blob.segment_sha256), "upload",
                                        alias=self.alias)
@@ -217,7 +222,7 @@ class StreamedUpload:
             self._file.discard()
 
 
-def _header_end(prefix: bytes) -> int | None:
+def _header_end(prefix: bytes | bytearray) -> int | None:
     """Where a safetensors header in ``prefix`` ends (9 while that is not known yet); ``None``
     when the upload cannot go straight to a blob: not safetensors, or a huge header."""
     if len(prefix) < 9:

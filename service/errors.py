@@ -35,7 +35,7 @@ _OOM = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
 _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
-    **CORE_STATUS,
+    **{cls: code for cls, code in CORE_STATUS.items()},  # (a copy mypy types as the wider dict)
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     # Not ours, but the caller's to fix: input nested past Python's stack, a device too small.
     RecursionError: grpc.StatusCode.INVALID_ARGUMENT,

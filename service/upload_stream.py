@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 from paramserve.protos import registry_pb2 as pb
 from paramserve.registry import Store
 from paramserve.registry.errors import InvalidArgument, ResourceExhausted
+from paramserve.registry.uploads import StreamedUpload
 from paramserve.registry.values import VersionInfo
 
 from .batcher import DeadlineExceeded
@@ -38,7 +39,9 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
     Any error (a lie in the stream, a bad state_dict, a cancelled call, ``idle_s`` seconds
     without a message) ends the upload with nothing stored and no temp file left.
     """
-    header, sha256, trailer_seen, upload, batches = None, "", False, None, None
+    header, sha256, trailer_seen = None, "", False
+    upload: StreamedUpload | None = None
+    batches: _Batches | None = None
     try:
         async for chunk in _until_idle(chunks, idle_s):
             kind = chunk.WhichOneof("kind")
@@ -61,6 +64,7 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
                 trailer_seen = True
                 sha256 = _trailer_sha256(chunk.trailer, sha256)
             else:
+                assert upload is not None and batches is not None  # set with the header
                 data = chunk.data  # read once: each access copies the bytes
                 if upload.decided:
                     await batches.add(data)
@@ -68,6 +72,7 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
                     await run_blocking(upload.write, [data])
         if header is None:
             raise InvalidArgument("empty upload stream: send a header, then the bytes")
+        assert upload is not None and batches is not None  # set with the header
         await batches.flush()
         if not sha256:
             raise InvalidArgument("upload stream has no sha256: put it in the header, or send "
@@ -145,11 +150,11 @@ class _Batches:
         if self._in_flight is not None:
             await self._in_flight
         if self._pending:
-            self._start()
-            await self._in_flight
+            await self._start()
 
-    def _start(self) -> None:
+    def _start(self) -> asyncio.Future:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
-        self._in_flight = asyncio.ensure_future(self._run(self._write, batch))
+        future = self._in_flight = asyncio.ensure_future(self._run(self._write, batch))
         # An upload that fails elsewhere may never await this one; its error is not news.
-        self._in_flight.add_done_callback(lambda f: f.cancelled() or f.exception())
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
