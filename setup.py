@@ -16,8 +16,9 @@ PROTOS = HERE / "protos"
 
 def _compiler():
     """protos/compile.py, loaded by path: paramserve is not importable in the build env."""
-    spec = importlib.util.spec_from_file_location("_paramserve_protos_compile",
-                                                  PROTOS / "compile.py")
+    spec = importlib.util.spec_from_file_location(
+        "_paramserve_protos_compile", PROTOS / "compile.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,8 +44,7 @@ class BuildPyWithProtos(build_py):
         if self.editable_mode:
             return outputs
         out = self._out_dir()
-        return outputs + [str(out / name) for name in ("descriptors.binpb", "STAMP",
-                                                       "__init__.py")]
+        return outputs + [str(out / name) for name in ("descriptors.binpb", "STAMP", "__init__.py")]
 
 
 setup(cmdclass={"build_py": BuildPyWithProtos})

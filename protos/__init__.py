@@ -1,8 +1,10 @@
 """The gRPC contract: ``inference.proto`` (KServe v2) and ``registry.proto`` (paramserve.v1).
 
-The build compiles both into ``generated/descriptors.binpb`` (setup.py runs protos/compile.py);
-nothing is generated or written at import. Message classes and gRPC stubs are made from that
-descriptor set on first use, in a descriptor pool of paramserve's own, because:
+The build (setup.py runs protos/compile.py) compiles both, with the standard health and
+reflection services (their PyPI packages' gencode would pin protobuf), into
+``generated/descriptors.binpb``; nothing is generated or written at import. Message classes
+and gRPC stubs are made from that descriptor set on first use, in a descriptor pool of
+paramserve's own, because:
 
 - tritonclient registers the same KServe messages (``inference.*``) in protobuf's default pool,
   and one pool cannot hold two files defining one symbol: in separate pools both clients
@@ -27,7 +29,10 @@ from .compile import DESCRIPTOR_SET, IMPORT_PATH, PROTO_FILES, STAMP, source_sta
 
 PROTO_DIR = Path(__file__).resolve().parent
 GENERATED_DIR = PROTO_DIR / "generated"
-MODULES = ("inference_pb2", "inference_pb2_grpc", "registry_pb2", "registry_pb2_grpc")
+# The contract, and the standard health and reflection services, served from the same pool.
+MODULES = tuple(
+    f"{proto[: -len('.proto')]}_pb2{grpc}" for proto in PROTO_FILES for grpc in ("", "_grpc")
+)
 
 
 class ContractMissing(ImportError):
@@ -43,13 +48,16 @@ def descriptor_set():
     if not path.is_file():
         raise ContractMissing(
             f"{path} is missing: paramserve's gRPC code is compiled when the package is built; "
-            "install it with pip (`pip install -e .` in a checkout)")
+            "install it with pip (`pip install -e .` in a checkout)"
+        )
     stamp = GENERATED_DIR / STAMP
     if all((PROTO_DIR / name).is_file() for name in PROTO_FILES) and (
-            not stamp.is_file() or stamp.read_text() != source_stamp(PROTO_DIR)):
+        not stamp.is_file() or stamp.read_text() != source_stamp(PROTO_DIR)
+    ):
         raise ContractMissing(
             f"the .proto files in {PROTO_DIR} changed after the package was built; rebuild it "
-            "(`pip install -e . --no-deps` in a checkout)")
+            "(`pip install -e . --no-deps` in a checkout)"
+        )
     return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
 
 
@@ -64,13 +72,10 @@ def pool():
     return own
 
 
-def add_to_pool(file_descriptor) -> None:
-    """Also describe another service's file (health, reflection) in the pool, so server
-    reflection, which reads one pool, can answer for it; a file already there is skipped."""
-    try:
-        pool().FindFileByName(file_descriptor.name)
-    except KeyError:
-        pool().AddSerializedFile(file_descriptor.serialized_pb)
+def serialized_files() -> dict[str, bytes]:
+    """Each file of the set as a serialized FileDescriptorProto, comments kept (what server
+    reflection hands out: grpcurl shows them)."""
+    return {f.name: f.SerializeToString() for f in descriptor_set().file}
 
 
 def _messages_module(module_name: str, proto: str) -> types.ModuleType:
@@ -99,7 +104,7 @@ def _module(name: str) -> types.ModuleType:
     if name.endswith("_grpc"):
         from .stubs import services_module
 
-        messages = _module(name[:-len("_grpc")])
+        messages = _module(name[: -len("_grpc")])
         file_proto = next(f for f in descriptor_set().file if f.name == f"{IMPORT_PATH}/{proto}")
         module = services_module(full_name, file_proto, messages)
     else:

@@ -11,7 +11,13 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-PROTO_FILES = ("inference.proto", "registry.proto")
+PROTO_FILES = (
+    "inference.proto",
+    "registry.proto",
+    "health.proto",
+    "reflection_v1alpha.proto",
+    "reflection_v1.proto",
+)
 DESCRIPTOR_SET = "descriptors.binpb"
 STAMP = "STAMP"
 # protoc sees the sources under this virtual path, which names the files in the pool.
@@ -36,9 +42,15 @@ def compile_protos(proto_dir: Path, out_dir: Path) -> list[Path]:
     include = str(Path(protoc.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
         built = Path(tmp) / DESCRIPTOR_SET
-        args = ["protoc", f"-I{IMPORT_PATH}={proto_dir}", f"-I{include}",
-                f"--descriptor_set_out={built}", "--include_imports", "--include_source_info",
-                *(f"{IMPORT_PATH}/{name}" for name in PROTO_FILES)]
+        args = [
+            "protoc",
+            f"-I{IMPORT_PATH}={proto_dir}",
+            f"-I{include}",
+            f"--descriptor_set_out={built}",
+            "--include_imports",
+            "--include_source_info",
+            *(f"{IMPORT_PATH}/{name}" for name in PROTO_FILES),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {PROTO_FILES} in {proto_dir}")
         written = [out_dir / DESCRIPTOR_SET, out_dir / STAMP]

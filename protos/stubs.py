@@ -27,8 +27,7 @@ def services_module(module_name: str, file_proto, messages: types.ModuleType) ->
         servicer = _servicer_base(service.name, methods, module_name)
         setattr(module, f"{service.name}Stub", _stub_class(service.name, methods, module_name))
         setattr(module, f"{service.name}Servicer", servicer)
-        setattr(module, f"add_{service.name}Servicer_to_server",
-                _adder(full_name, methods))
+        setattr(module, f"add_{service.name}Servicer_to_server", _adder(full_name, methods))
     return module
 
 
@@ -39,13 +38,14 @@ class _Method:
         self.request = _message_class(messages, proto.input_type)
         self.response = _message_class(messages, proto.output_type)
         self.channel_factory, self.handler_factory = _KINDS[
-            (proto.client_streaming, proto.server_streaming)]
+            (proto.client_streaming, proto.server_streaming)
+        ]
 
 
 def _message_class(messages: types.ModuleType, type_name: str):
     """``.package.Outer.Inner`` → the class (every type the contract names is in its file)."""
     package = messages.DESCRIPTOR.package
-    parts = type_name.lstrip(".")[len(package) + 1 if package else 0:].split(".")
+    parts = type_name.lstrip(".")[len(package) + 1 if package else 0 :].split(".")
     cls = getattr(messages, parts[0])
     for part in parts[1:]:
         cls = getattr(cls, part)
@@ -57,12 +57,22 @@ def _stub_class(service: str, methods: dict[str, _Method], module_name: str) -> 
         for method in methods.values():
             factory = getattr(channel, method.channel_factory)
             extra = {"_registered_method": True} if _takes_registered(factory) else {}
-            setattr(self, method.name, factory(
-                method.path, request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString, **extra))
+            setattr(
+                self,
+                method.name,
+                factory(
+                    method.path,
+                    request_serializer=method.request.SerializeToString,
+                    response_deserializer=method.response.FromString,
+                    **extra,
+                ),
+            )
 
-    return type(f"{service}Stub", (), {"__init__": __init__, "__module__": module_name,
-                                       "__doc__": f"Client stub of {service}."})
+    return type(
+        f"{service}Stub",
+        (),
+        {"__init__": __init__, "__module__": module_name, "__doc__": f"Client stub of {service}."},
+    )
 
 
 def _servicer_base(service: str, methods: dict[str, _Method], module_name: str) -> type:
@@ -71,6 +81,7 @@ def _servicer_base(service: str, methods: dict[str, _Method], module_name: str) 
             context.set_code(grpc.StatusCode.UNIMPLEMENTED)
             context.set_details(f"{name} is not implemented")
             raise NotImplementedError(f"{name} is not implemented")
+
         method.__name__ = name
         return method
 
@@ -82,10 +93,13 @@ def _servicer_base(service: str, methods: dict[str, _Method], module_name: str) 
 def _adder(service: str, methods: dict[str, _Method]):
     def add_to_server(servicer, server) -> None:
         handlers = {
-            name: method.handler_factory(getattr(servicer, name),
-                                         request_deserializer=method.request.FromString,
-                                         response_serializer=method.response.SerializeToString)
-            for name, method in methods.items()}
+            name: method.handler_factory(
+                getattr(servicer, name),
+                request_deserializer=method.request.FromString,
+                response_serializer=method.response.SerializeToString,
+            )
+            for name, method in methods.items()
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: no lookup
             server.add_registered_method_handlers(service, handlers)

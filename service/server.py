@@ -14,11 +14,10 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from paramserve import protos
-from paramserve.protos import inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
+from paramserve.protos import (health_pb2, health_pb2_grpc, inference_pb2, inference_pb2_grpc,
+                               reflection_v1_pb2, reflection_v1_pb2_grpc, reflection_v1alpha_pb2,
+                               reflection_v1alpha_pb2_grpc, registry_pb2, registry_pb2_grpc)
 from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
@@ -27,11 +26,14 @@ from .config import (ServerConfig, join_address, parse_model_batching, split_add
                      torch_threads_for)
 from .auth import AuthInterceptor, Tokens
 from .errors import Edge, EdgeLimits, guard
+from .health import HealthServicer
 from .workers import refuse_if_taken
 from .inference import InferenceServicer
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
 from .placement import Placement
+from .reflection import SERVICE_NAMES as REFLECTION_SERVICES
+from .reflection import ReflectionServicer
 from .registry_service import RegistryServicer
 
 log = logging.getLogger("paramserve")
@@ -45,7 +47,7 @@ class RunningServer:
     store: Store
     executor: ThreadPoolExecutor
     manager: ModelManager
-    health: health.aio.HealthServicer
+    health: HealthServicer
     metrics_http: object | None
     watcher: asyncio.Task | None
 
@@ -98,16 +100,16 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
             RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
                              config.max_upload_mb << 20, metrics, config.stream_idle_timeout_s),
             metrics, edge), server)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME]
-        # Reflection reads one pool: paramserve's own (protos), with health's and its own added.
-        protos.add_to_pool(health_pb2.DESCRIPTOR)
-        protos.add_to_pool(reflection_pb2.DESCRIPTOR)
-        reflection.enable_server_reflection(services, server, pool=protos.pool())
+                    *REFLECTION_SERVICES]
+        for module, messages in ((reflection_v1_pb2_grpc, reflection_v1_pb2),
+                                 (reflection_v1alpha_pb2_grpc, reflection_v1alpha_pb2)):
+            module.add_ServerReflectionServicer_to_server(
+                ReflectionServicer(services, messages), server)
         bound = _bind(server, config, credentials, reuse_port)
         metrics_http, metrics_port = None, None
         if config.metrics_listen != "off":

@@ -7,9 +7,7 @@ import shutil
 import subprocess
 import sys
 
-import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from paramserve import protos
 from paramserve.protos import inference_pb2
@@ -26,8 +24,8 @@ def walk(message) -> dict:
 
 def test_the_installed_contract_was_built_from_these_sources():
     assert (protos.GENERATED_DIR / STAMP).read_text() == source_stamp(protos.PROTO_DIR)
-    names = [f.name for f in protos.descriptor_set().file]
-    assert names[-2:] == ["paramserve/protos/inference.proto", "paramserve/protos/registry.proto"]
+    names = {f.name for f in protos.descriptor_set().file}
+    assert names == {f"paramserve/protos/{name}" for name in protos.PROTO_FILES}
     assert inference_pb2.DESCRIPTOR.pool is protos.pool()
 
 
@@ -59,9 +57,9 @@ def test_an_unbuilt_checkout_says_how_to_build_and_writes_nothing(copied_protos)
 
 ORDERS = {
     "tritonclient first": "import tritonclient.grpc.service_pb2 as t\n"
-                          "from paramserve.protos import inference_pb2 as p\n",
+    "from paramserve.protos import inference_pb2 as p\n",
     "paramserve first": "from paramserve.protos import inference_pb2 as p\n"
-                        "import tritonclient.grpc.service_pb2 as t\n",
+    "import tritonclient.grpc.service_pb2 as t\n",
 }
 
 
@@ -72,25 +70,10 @@ def test_tritonclient_and_paramserve_import_in_one_process_in_either_order(order
         "import tritonclient.grpc\n"
         "a = p.ModelInferRequest(model_name='m'); b = t.ModelInferRequest(model_name='m')\n"
         "assert t.ModelInferRequest.FromString(a.SerializeToString()) == b\n"
-        "print('ok')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
-
-
-def test_reflection_describes_every_service_it_lists(server):
-    with grpc.insecure_channel(server.address) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        listed = next(iter(stub.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services="")]))))
-        names = [s.name for s in listed.list_services_response.service]
-        assert {"inference.GRPCInferenceService", "paramserve.v1.Registry",
-                "grpc.health.v1.Health"} <= set(names)
-        replies = stub.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
-            for name in names]))
-        for name, reply in zip(names, replies):
-            assert reply.file_descriptor_response.file_descriptor_proto, (name, reply)
 
 
 def test_inference_proto_matches_tritons_field_numbers_and_types():
@@ -113,20 +96,29 @@ def test_inference_proto_matches_tritons_field_numbers_and_types():
             if message == "inference.ModelMetadataResponse" and name == "parameters":
                 assert spec[0] not in [s[0] for s in theirs.values()]  # our addition is free
                 continue
-            assert name in theirs and theirs[name] == spec, f"{message}.{name}: {spec} vs " \
-                                                            f"{theirs.get(name)}"
+            assert name in theirs and theirs[name] == spec, (
+                f"{message}.{name}: {spec} vs {theirs.get(name)}"
+            )
     service = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    their_methods = {m.name: [m.input_type.full_name, m.output_type.full_name]
-                     for m in theirs.methods}
+    their_methods = {
+        m.name: [m.input_type.full_name, m.output_type.full_name] for m in theirs.methods
+    }
     for method in service.methods:
-        assert their_methods[method.name] == [method.input_type.full_name,
-                                              method.output_type.full_name]
-    assert {"ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
-            "RepositoryModelUnload", "ModelInfer"} <= {m.name for m in service.methods}
+        assert their_methods[method.name] == [
+            method.input_type.full_name,
+            method.output_type.full_name,
+        ]
+    assert {
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "ModelInfer",
+    } <= {m.name for m in service.methods}
 
 
 def test_the_descriptor_set_is_the_only_generated_file():
-    generated = sorted(p.name for p in protos.GENERATED_DIR.iterdir()
-                       if p.name != "__pycache__")
+    generated = sorted(p.name for p in protos.GENERATED_DIR.iterdir() if p.name != "__pycache__")
     assert generated == sorted([DESCRIPTOR_SET, STAMP, "__init__.py"])
