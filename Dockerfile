@@ -2,7 +2,7 @@
 #   docker build -t paramserve .
 #   docker run -d -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 -v paramserve-data:/data paramserve
 # Build arguments:
-#   BASE_IMAGE       a base that has Python 3.10+ and pip (default python:3.11-slim). For GPU
+#   BASE_IMAGE       a base that has Python 3.11+ and pip (default python:3.11-slim). For GPU
 #                    hosts a PyTorch CUDA runtime image, which already holds torch (nvidia/cuda
 #                    runtime images have no Python):
 #                      --build-arg BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
