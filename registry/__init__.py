@@ -13,15 +13,35 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "Architecture": "architectures", "architecture": "architectures",
-    "all_architectures": "architectures", "get_architecture": "architectures",
+    "Architecture": "architectures",
+    "architecture": "architectures",
+    "all_architectures": "architectures",
+    "get_architecture": "architectures",
     "Store": "store",
-    **{name: "errors" for name in (
-        "AlreadyExists", "DataLoss", "FailedPrecondition", "InvalidArgument",
-        "InvalidStateDict", "NotFound", "ParamserveError", "ResourceExhausted")},
-    **{name: "values" for name in (
-        "ManifestEntry", "ModelInfo", "ParameterInfo", "TensorSpec", "TensorStats",
-        "VersionInfo")},
+    **{
+        name: "errors"
+        for name in (
+            "AlreadyExists",
+            "DataLoss",
+            "FailedPrecondition",
+            "InvalidArgument",
+            "InvalidStateDict",
+            "NotFound",
+            "ParamserveError",
+            "ResourceExhausted",
+        )
+    },
+    **{
+        name: "values"
+        for name in (
+            "ManifestEntry",
+            "ModelInfo",
+            "ParameterInfo",
+            "TensorSpec",
+            "TensorStats",
+            "VersionInfo",
+        )
+    },
 }
 __all__ = list(_WHERE)
 
@@ -30,8 +50,10 @@ def __getattr__(name: str):
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"),
-                    "get" if name == "get_architecture" else name)
+    value = getattr(
+        importlib.import_module(f"{__name__}.{module}"),
+        "get" if name == "get_architecture" else name,
+    )
     globals()[name] = value
     return value
 

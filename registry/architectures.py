@@ -23,10 +23,11 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,20 +63,23 @@ class Architecture:
         """Defaults overlaid with ``config``; unknown keys, non-JSON values and integers out of
         their declared ``bounds`` are refused."""
         if config is not None and not isinstance(config, Mapping):
-            raise InvalidArgument(f"config for {self.name!r} must be a JSON object, not a "
-                                  f"{type(config).__name__}")
+            raise InvalidArgument(
+                f"config for {self.name!r} must be a JSON object, not a {type(config).__name__}"
+            )
         config = dict(config or {})
         unknown = sorted(str(k) for k in set(config) - set(self.defaults))
         if unknown:
             raise InvalidArgument(
                 f"architecture {self.name!r} has no config key(s) {brief(unknown, 120)}; "
-                f"valid keys and defaults: {json.dumps(dict(self.defaults))}")
+                f"valid keys and defaults: {json.dumps(dict(self.defaults))}"
+            )
         resolved = {**self.defaults, **config}
         try:
             json.dumps(resolved, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as err:
-            raise InvalidArgument(f"config for {self.name!r} must be JSON-able: "
-                                  f"{str(err)[:120]}") from None
+            raise InvalidArgument(
+                f"config for {self.name!r} must be JSON-able: {str(err)[:120]}"
+            ) from None
         for key, value in resolved.items():
             self._check_value(key, value)
         return resolved
@@ -88,14 +92,19 @@ class Architecture:
             if type(value) is not int:
                 raise InvalidArgument(
                     f"config {key!r} of {self.name!r} must be an integer in [{low}, {high}]"
-                    f"{' or null (lazy)' if key == LAZY_KEY else ''}, not {brief(value, 40)}")
+                    f"{' or null (lazy)' if key == LAZY_KEY else ''}, not {brief(value, 40)}"
+                )
             if not low <= value <= high:
-                raise InvalidArgument(f"config {key!r} of {self.name!r} is {brief(value, 30)},"
-                                      f" out of its range [{low}, {high}]")
+                raise InvalidArgument(
+                    f"config {key!r} of {self.name!r} is {brief(value, 30)},"
+                    f" out of its range [{low}, {high}]"
+                )
         elif key == LAZY_KEY and key in self.defaults:
             if value is not None and not (type(value) is int and 1 <= value <= INT64_MAX):
-                raise InvalidArgument(f"config {key!r} of {self.name!r} is the input width: a "
-                                      f"positive integer or null (lazy), not {brief(value, 40)}")
+                raise InvalidArgument(
+                    f"config {key!r} of {self.name!r} is the input width: a "
+                    f"positive integer or null (lazy), not {brief(value, 40)}"
+                )
         elif type(value) is int and not INT64_MIN <= value <= INT64_MAX:
             raise InvalidArgument(f"config {key!r} of {self.name!r} must fit in 64 bits")
 
@@ -111,12 +120,17 @@ class Architecture:
 
     def example_input(self, config: Mapping[str, Any]) -> torch.Tensor:
         """A concrete input for dry runs: the declared shape, lazy dims at the example's size."""
-        shape = [d if d >= 0 else e for d, e in zip(self.input_shape(config),
-                                                    self.example_input_shape)]
+        shape = [
+            d if d >= 0 else e for d, e in zip(self.input_shape(config), self.example_input_shape)
+        ]
         return torch.zeros(shape, dtype=self.input_dtype)
 
-    def build(self, config: Mapping[str, Any] | None = None, seed: int | None = None,
-              device: str | torch.device | None = None) -> nn.Module:
+    def build(
+        self,
+        config: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> nn.Module:
         """Build the module; with ``seed`` every random draw (init, constant buffers) repeats.
 
         ``device="meta"`` builds shapes only, allocating no memory: what the store uses to
@@ -124,8 +138,10 @@ class Architecture:
         """
         resolved = self.resolve_config(config)
         try:
-            with seeded(seed) if seed is not None else nullcontext(), \
-                    torch.device(device) if device is not None else nullcontext():
+            with (
+                seeded(seed) if seed is not None else nullcontext(),
+                torch.device(device) if device is not None else nullcontext(),
+            ):
                 module = self.builder(**resolved)
         except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as err:
             raise InvalidArgument(
@@ -133,8 +149,10 @@ class Architecture:
                 f"{brief(json.dumps(resolved), 200)}: {str(err).splitlines()[0][:200]}"
             ) from err
         if not isinstance(module, nn.Module):
-            raise InvalidArgument(f"architecture {self.name!r} returned {type(module).__name__}, "
-                                  "not an nn.Module; fix its builder")
+            raise InvalidArgument(
+                f"architecture {self.name!r} returned {type(module).__name__}, "
+                "not an nn.Module; fix its builder"
+            )
         return module.eval()
 
 
@@ -145,8 +163,7 @@ class seeded:
     def __init__(self, seed: int):
         self.seed = int(seed)
         if not INT64_MIN <= self.seed < 1 << 64:  # what torch.manual_seed takes
-            raise InvalidArgument(f"seed {brief(seed, 30)} is out of range: use a 64-bit "
-                                  "integer")
+            raise InvalidArgument(f"seed {brief(seed, 30)} is out of range: use a 64-bit integer")
 
     def __enter__(self):
         _RNG_LOCK.acquire()
@@ -165,10 +182,17 @@ class seeded:
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def architecture(name: str, *, defaults: Mapping[str, Any] | None = None, doc: str = "",
-                 example_input_shape: tuple[int, ...], batchable: bool = True,
-                 input_dtype: torch.dtype = torch.float32, replace: bool = False,
-                 bounds: Mapping[str, tuple[int, int]] | None = None):
+def architecture(
+    name: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    doc: str = "",
+    example_input_shape: tuple[int, ...],
+    batchable: bool = True,
+    input_dtype: torch.dtype = torch.float32,
+    replace: bool = False,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+):
     """Decorator registering ``builder(**config) -> nn.Module`` under ``name``.
 
     ``batchable=False`` when the forward mixes rows of a batch (a mean over the whole input,
@@ -180,18 +204,26 @@ def architecture(name: str, *, defaults: Mapping[str, Any] | None = None, doc: s
     bounds = dict(bounds or {})
     unknown = sorted(set(bounds) - set(defaults or {}))
     if unknown:
-        raise InvalidArgument(f"architecture {name!r} declares bounds for {unknown}, which "
-                              "are not config keys")
+        raise InvalidArgument(
+            f"architecture {name!r} declares bounds for {unknown}, which are not config keys"
+        )
 
     def register(builder: Callable[..., nn.Module]):
         if name in _ARCHITECTURES and not replace:
-            raise AlreadyExists(f"architecture {name!r} is already registered; "
-                                "pick another name or pass replace=True")
+            raise AlreadyExists(
+                f"architecture {name!r} is already registered; "
+                "pick another name or pass replace=True"
+            )
         _ARCHITECTURES[name] = Architecture(
-            name=name, builder=builder, defaults=dict(defaults or {}),
+            name=name,
+            builder=builder,
+            defaults=dict(defaults or {}),
             doc=doc or _first_line(builder.__doc__),
-            example_input_shape=tuple(example_input_shape), batchable=batchable,
-            input_dtype=input_dtype, bounds=bounds)
+            example_input_shape=tuple(example_input_shape),
+            batchable=batchable,
+            input_dtype=input_dtype,
+            bounds=bounds,
+        )
         return builder
 
     return register
@@ -207,9 +239,11 @@ def get(name: str) -> Architecture:
     try:
         return _ARCHITECTURES[name]
     except (KeyError, TypeError):  # TypeError: not a name at all (unhashable)
-        raise NotFound(f"architecture {brief(name)} is not registered; known: "
-                       f"{str(sorted(_ARCHITECTURES))[:600]} (add your own with "
-                       "--architectures your.module)") from None
+        raise NotFound(
+            f"architecture {brief(name)} is not registered; known: "
+            f"{str(sorted(_ARCHITECTURES))[:600]} (add your own with "
+            "--architectures your.module)"
+        ) from None
 
 
 def all_architectures() -> list[Architecture]:
@@ -222,8 +256,10 @@ def load_module(dotted_path: str) -> None:
     try:
         importlib.import_module(dotted_path)
     except ImportError as err:
-        raise NotFound(f"cannot import architectures module {dotted_path!r}: {err}; "
-                       "check the dotted path and that it is on PYTHONPATH") from err
+        raise NotFound(
+            f"cannot import architectures module {dotted_path!r}: {err}; "
+            "check the dotted path and that it is on PYTHONPATH"
+        ) from err
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP) -> list[str]:

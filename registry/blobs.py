@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 from .errors import DataLoss
 from .fileio import HashingWriter, disk_full_is_resource_exhausted
@@ -53,8 +54,9 @@ class BlobStore:
     def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> HashingWriter:
         """A new temp file for one blob; finish it with ``commit`` or ``discard()``.
         ``segments``: the tensors' byte ranges, each hashed on its own as well."""
-        return HashingWriter(self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True,
-                             segments=segments)
+        return HashingWriter(
+            self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True, segments=segments
+        )
 
     def commit(self, writer: HashingWriter) -> BlobRef:
         """fsync the writer's temp file and rename it to its content address (replacing a
@@ -90,7 +92,7 @@ class BlobStore:
             raise
         return self.commit(writer)
 
-    def open(self, sha256: str) -> "VerifyingReader":
+    def open(self, sha256: str) -> VerifyingReader:
         """Open a blob for one sequential read; call ``finish()`` after the last byte."""
         return VerifyingReader(self.open_raw(sha256), sha256, self.path(sha256))
 
@@ -100,8 +102,10 @@ class BlobStore:
         try:
             return open(path, "rb")
         except FileNotFoundError:
-            raise DataLoss(f"blob {path} is missing; restore it from a backup or delete the "
-                           "version that refers to it") from None
+            raise DataLoss(
+                f"blob {path} is missing; restore it from a backup or delete the "
+                "version that refers to it"
+            ) from None
 
     def verify(self, sha256: str) -> None:
         """Hash the whole blob; raises ``DataLoss`` when it does not match its name."""
@@ -143,9 +147,11 @@ class VerifyingReader:
         while self.read(8 << 20):
             pass
         if self._digest.hexdigest() != self.sha256:
-            raise DataLoss(f"blob {self.path} is corrupt: its sha256 is "
-                           f"{self._digest.hexdigest()}, expected {self.sha256}; restore it "
-                           "from a backup or delete the version that refers to it")
+            raise DataLoss(
+                f"blob {self.path} is corrupt: its sha256 is "
+                f"{self._digest.hexdigest()}, expected {self.sha256}; restore it "
+                "from a backup or delete the version that refers to it"
+            )
 
     def close(self) -> None:
         self._file.close()

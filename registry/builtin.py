@@ -26,8 +26,9 @@ def linear(in_features: int | None, out_features: int) -> nn.Module:
 class MLP(nn.Module):
     """One hidden layer with ReLU, as written in the guide (``hidden``, ``out``)."""
 
-    def __init__(self, in_features: int | None = 20, hidden_features: int = 256,
-                 out_features: int = 10):
+    def __init__(
+        self, in_features: int | None = 20, hidden_features: int = 256, out_features: int = 10
+    ):
         super().__init__()
         self.hidden = linear(in_features, hidden_features)
         self.out = linear(None if in_features is None else hidden_features, out_features)
@@ -78,8 +79,9 @@ class NestMLP(nn.Module):
     def __init__(self, in_features: int | None = 20):
         super().__init__()
         lazy = in_features is None
-        self.net = nn.Sequential(linear(in_features, 64), nn.ReLU(),
-                                 linear(None if lazy else 64, 32), nn.ReLU())
+        self.net = nn.Sequential(
+            linear(in_features, 64), nn.ReLU(), linear(None if lazy else 64, 32), nn.ReLU()
+        )
         self.linear = linear(None if lazy else 32, 16)
 
     def forward(self, X):
@@ -99,7 +101,11 @@ class MyLinear(nn.Module):
     def __init__(self, in_units: int, units: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(in_units, units))
-        self.bias = nn.Parameter(torch.randn(units,))
+        self.bias = nn.Parameter(
+            torch.randn(
+                units,
+            )
+        )
 
     def forward(self, X):
         linear = torch.matmul(X, self.weight.data) + self.bias.data
@@ -137,8 +143,9 @@ def my_linear(in_units: int | None, units: int) -> nn.Module:
 
 def block1(in_features: int | None) -> nn.Sequential:
     lazy = in_features is None
-    return nn.Sequential(linear(in_features, 8), nn.ReLU(), linear(None if lazy else 8, 4),
-                         nn.ReLU())
+    return nn.Sequential(
+        linear(in_features, 8), nn.ReLU(), linear(None if lazy else 8, 4), nn.ReLU()
+    )
 
 
 def block2(in_features: int | None, blocks: int = 4) -> nn.Sequential:
@@ -149,7 +156,7 @@ def block2(in_features: int | None, blocks: int = 4) -> nn.Sequential:
 
 
 MAX_WIDTH = 1 << 24  # any one layer's width; what a whole config makes is bounded by elements
-MAX_BLOCKS = 256     # rgnet's block1s: the guide has 4
+MAX_BLOCKS = 256  # rgnet's block1s: the guide has 4
 
 
 def _widths(*keys: str) -> dict[str, tuple[int, int]]:
@@ -161,105 +168,160 @@ def _next(in_features: int | None, width: int) -> int | None:
     return None if in_features is None else width
 
 
-@architecture("sequential_mlp", defaults={"in_features": 20, "hidden": 256, "out_features": 10},
-              doc="nn.Sequential(Linear(20, 256), ReLU(), Linear(256, 10))",
-              example_input_shape=(2, 20),
-              bounds=_widths("in_features", "hidden", "out_features"))
+@architecture(
+    "sequential_mlp",
+    defaults={"in_features": 20, "hidden": 256, "out_features": 10},
+    doc="nn.Sequential(Linear(20, 256), ReLU(), Linear(256, 10))",
+    example_input_shape=(2, 20),
+    bounds=_widths("in_features", "hidden", "out_features"),
+)
 def sequential_mlp(in_features, hidden, out_features):
-    return nn.Sequential(linear(in_features, hidden), nn.ReLU(),
-                         linear(_next(in_features, hidden), out_features))
+    return nn.Sequential(
+        linear(in_features, hidden), nn.ReLU(), linear(_next(in_features, hidden), out_features)
+    )
 
 
-@architecture("mlp", defaults={"in_features": 20, "hidden_features": 256, "out_features": 10},
-              doc="The MLP class: self.hidden 20→256, ReLU, self.out 256→10",
-              example_input_shape=(2, 20),
-              bounds=_widths("in_features", "hidden_features", "out_features"))
+@architecture(
+    "mlp",
+    defaults={"in_features": 20, "hidden_features": 256, "out_features": 10},
+    doc="The MLP class: self.hidden 20→256, ReLU, self.out 256→10",
+    example_input_shape=(2, 20),
+    bounds=_widths("in_features", "hidden_features", "out_features"),
+)
 def mlp(in_features, hidden_features, out_features):
     return MLP(in_features, hidden_features, out_features)
 
 
-@architecture("my_sequential", defaults={"in_features": 20, "hidden": 256, "out_features": 10},
-              doc="MySequential(Linear(20, 256), ReLU(), Linear(256, 10))",
-              example_input_shape=(2, 20),
-              bounds=_widths("in_features", "hidden", "out_features"))
+@architecture(
+    "my_sequential",
+    defaults={"in_features": 20, "hidden": 256, "out_features": 10},
+    doc="MySequential(Linear(20, 256), ReLU(), Linear(256, 10))",
+    example_input_shape=(2, 20),
+    bounds=_widths("in_features", "hidden", "out_features"),
+)
 def my_sequential(in_features, hidden, out_features):
-    return MySequential(linear(in_features, hidden), nn.ReLU(),
-                        linear(_next(in_features, hidden), out_features))
+    return MySequential(
+        linear(in_features, hidden), nn.ReLU(), linear(_next(in_features, hidden), out_features)
+    )
 
 
-@architecture("fixed_hidden_mlp", defaults={"in_features": 20, "features": 20},
-              doc="FixedHiddenMLP: constant rand_weight buffer, shared linear, returns a scalar",
-              example_input_shape=(2, 20), batchable=False,
-              bounds=_widths("in_features", "features"))
+@architecture(
+    "fixed_hidden_mlp",
+    defaults={"in_features": 20, "features": 20},
+    doc="FixedHiddenMLP: constant rand_weight buffer, shared linear, returns a scalar",
+    example_input_shape=(2, 20),
+    batchable=False,
+    bounds=_widths("in_features", "features"),
+)
 def fixed_hidden_mlp(in_features, features):
     if in_features is not None and in_features != features:
-        raise ValueError(f"in_features ({in_features}) must equal features ({features}): "
-                         "the forward applies the same linear layer twice")
+        raise ValueError(
+            f"in_features ({in_features}) must equal features ({features}): "
+            "the forward applies the same linear layer twice"
+        )
     return FixedHiddenMLP(in_features, features)
 
 
-@architecture("nest_mlp", defaults={"in_features": 20},
-              doc="NestMLP: Sequential(20→64, ReLU, 64→32, ReLU) then Linear(32, 16)",
-              example_input_shape=(2, 20),
-              bounds=_widths("in_features"))
+@architecture(
+    "nest_mlp",
+    defaults={"in_features": 20},
+    doc="NestMLP: Sequential(20→64, ReLU, 64→32, ReLU) then Linear(32, 16)",
+    example_input_shape=(2, 20),
+    bounds=_widths("in_features"),
+)
 def nest_mlp(in_features):
     return NestMLP(in_features)
 
 
-@architecture("chimera", defaults={"in_features": 20},
-              doc="Sequential(NestMLP(), Linear(16, 20), FixedHiddenMLP()); returns a scalar",
-              example_input_shape=(2, 20), batchable=False,
-              bounds=_widths("in_features"))
+@architecture(
+    "chimera",
+    defaults={"in_features": 20},
+    doc="Sequential(NestMLP(), Linear(16, 20), FixedHiddenMLP()); returns a scalar",
+    example_input_shape=(2, 20),
+    batchable=False,
+    bounds=_widths("in_features"),
+)
 def chimera(in_features):
-    return nn.Sequential(NestMLP(in_features), linear(_next(in_features, 16), 20),
-                         FixedHiddenMLP(_next(in_features, 20), 20))
+    return nn.Sequential(
+        NestMLP(in_features),
+        linear(_next(in_features, 16), 20),
+        FixedHiddenMLP(_next(in_features, 20), 20),
+    )
 
 
-@architecture("small_mlp", defaults={"in_features": 4, "hidden": 8, "out_features": 1},
-              doc="nn.Sequential(Linear(4, 8), ReLU(), Linear(8, 1)) of the parameter sections",
-              example_input_shape=(2, 4),
-              bounds=_widths("in_features", "hidden", "out_features"))
+@architecture(
+    "small_mlp",
+    defaults={"in_features": 4, "hidden": 8, "out_features": 1},
+    doc="nn.Sequential(Linear(4, 8), ReLU(), Linear(8, 1)) of the parameter sections",
+    example_input_shape=(2, 4),
+    bounds=_widths("in_features", "hidden", "out_features"),
+)
 def small_mlp(in_features, hidden, out_features):
-    return nn.Sequential(linear(in_features, hidden), nn.ReLU(),
-                         linear(_next(in_features, hidden), out_features))
+    return nn.Sequential(
+        linear(in_features, hidden), nn.ReLU(), linear(_next(in_features, hidden), out_features)
+    )
 
 
-@architecture("rgnet", defaults={"in_features": 4, "blocks": 4},
-              doc='Sequential(block2() of "block i" block1s, Linear(4, 1))',
-              example_input_shape=(2, 4),
-              bounds={**_widths("in_features"), "blocks": (1, MAX_BLOCKS)})
+@architecture(
+    "rgnet",
+    defaults={"in_features": 4, "blocks": 4},
+    doc='Sequential(block2() of "block i" block1s, Linear(4, 1))',
+    example_input_shape=(2, 4),
+    bounds={**_widths("in_features"), "blocks": (1, MAX_BLOCKS)},
+)
 def rgnet(in_features, blocks):
     return nn.Sequential(block2(in_features, blocks), linear(_next(in_features, 4), 1))
 
 
-@architecture("tied_mlp", defaults={"in_features": 4},
-              doc="One shared Linear(8, 8) at positions 2 and 4 (tied parameters)",
-              example_input_shape=(2, 4),
-              bounds=_widths("in_features"))
+@architecture(
+    "tied_mlp",
+    defaults={"in_features": 4},
+    doc="One shared Linear(8, 8) at positions 2 and 4 (tied parameters)",
+    example_input_shape=(2, 4),
+    bounds=_widths("in_features"),
+)
 def tied_mlp(in_features):
     shared = linear(_next(in_features, 8), 8)
-    return nn.Sequential(linear(in_features, 8), nn.ReLU(), shared, nn.ReLU(), shared,
-                         nn.ReLU(), linear(_next(in_features, 8), 1))
+    return nn.Sequential(
+        linear(in_features, 8),
+        nn.ReLU(),
+        shared,
+        nn.ReLU(),
+        shared,
+        nn.ReLU(),
+        linear(_next(in_features, 8), 1),
+    )
 
 
-@architecture("centered_layer", defaults={},
-              doc="CenteredLayer: X - X.mean(), no parameters",
-              example_input_shape=(5,), batchable=False)
+@architecture(
+    "centered_layer",
+    defaults={},
+    doc="CenteredLayer: X - X.mean(), no parameters",
+    example_input_shape=(5,),
+    batchable=False,
+)
 def centered_layer():
     return CenteredLayer()
 
 
-@architecture("centered_mlp", defaults={"in_features": 8, "out_features": 128},
-              doc="nn.Sequential(Linear(8, 128), CenteredLayer())",
-              example_input_shape=(4, 8), batchable=False,
-              bounds=_widths("in_features", "out_features"))
+@architecture(
+    "centered_mlp",
+    defaults={"in_features": 8, "out_features": 128},
+    doc="nn.Sequential(Linear(8, 128), CenteredLayer())",
+    example_input_shape=(4, 8),
+    batchable=False,
+    bounds=_widths("in_features", "out_features"),
+)
 def centered_mlp(in_features, out_features):
     return nn.Sequential(linear(in_features, out_features), CenteredLayer())
 
 
-@architecture("my_linear_net", defaults={"in_features": 64},
-              doc="nn.Sequential(MyLinear(64, 8), MyLinear(8, 1))",
-              example_input_shape=(2, 64),
-              bounds=_widths("in_features"))
+@architecture(
+    "my_linear_net",
+    defaults={"in_features": 64},
+    doc="nn.Sequential(MyLinear(64, 8), MyLinear(8, 1))",
+    example_input_shape=(2, 64),
+    bounds=_widths("in_features"),
+)
 def my_linear_net(in_features):
     return nn.Sequential(my_linear(in_features, 8), my_linear(_next(in_features, 8), 1))

@@ -53,6 +53,8 @@ class InvalidStateDict(InvalidArgument):
         for name, expected, given in self.mismatched:
             lines.append(f"  {name!r}: expected {expected}, given {given}")
         lines.extend(f"  {line}" for line in self.other)
-        lines.append("  fix: save the state_dict of the same architecture and config "
-                     "(`paramserve params NAME` lists the expected entries)")
+        lines.append(
+            "  fix: save the state_dict of the same architecture and config "
+            "(`paramserve params NAME` lists the expected entries)"
+        )
         super().__init__("\n".join(lines))

@@ -15,9 +15,9 @@ import ctypes.util
 import errno
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import ResourceExhausted
 
@@ -31,8 +31,12 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_uint]
+        libc.sync_file_range.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_uint,
+        ]
         return libc
     except (OSError, AttributeError):  # not Linux, or a libc without these calls
         return None
@@ -67,8 +71,7 @@ class Writeback:
         done = end - self.step
         if done > self.dropped:
             _LIBC.sync_file_range(self.fd, self.dropped, done - self.dropped, SYNC_FILE_RANGE_ALL)
-            os.posix_fadvise(self.fd, self.dropped, done - self.dropped,
-                             os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, self.dropped, done - self.dropped, os.POSIX_FADV_DONTNEED)
             self.dropped = done
 
 
@@ -94,8 +97,9 @@ def disk_full_is_resource_exhausted(path: Path) -> Iterator[None]:
         if err.errno not in DISK_FULL_ERRNOS:
             raise
         what = "disk is full" if err.errno == errno.ENOSPC else "disk quota is exhausted"
-        raise ResourceExhausted(f"the {what}: cannot write {path}; free space on the volume "
-                                f"of {path.parent} and retry") from err
+        raise ResourceExhausted(
+            f"the {what}: cannot write {path}; free space on the volume of {path.parent} and retry"
+        ) from err
 
 
 class HashingWriter:
@@ -107,8 +111,9 @@ class HashingWriter:
     (a blob's tensors: a ranged read of one tensor is checked against its own digest).
     """
 
-    def __init__(self, path: Path, writeback: bool = False,
-                 segments: Sequence[tuple[str, int, int]] = ()):
+    def __init__(
+        self, path: Path, writeback: bool = False, segments: Sequence[tuple[str, int, int]] = ()
+    ):
         self.path = Path(path)
         self.size = 0
         self._digest = hashlib.sha256()
@@ -169,8 +174,9 @@ class HashingWriter:
     @property
     def segment_sha256(self) -> dict[str, str]:
         """Segment name → hex digest of its bytes (complete once the file is written)."""
-        return {name: d.hexdigest() for (name, _, _), d in zip(self._segments,
-                                                               self._segment_digests)}
+        return {
+            name: d.hexdigest() for (name, _, _), d in zip(self._segments, self._segment_digests)
+        }
 
     def sync(self) -> None:
         """fsync and close: the bytes are on disk."""

@@ -18,7 +18,7 @@ commits first (its unlink is done before the upload places its file). A hold old
 from __future__ import annotations
 
 import datetime as dt
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .blobs import BlobRef, BlobStore
 from .fileio import HashingWriter
@@ -57,8 +57,9 @@ class BlobCollector:
     def collect(self, shas: Iterable[str], stale_hold_s: float | None = None) -> list[str]:
         """Delete the blobs of ``shas`` that nothing refers to; returns those deleted.
         ``stale_hold_s``: holds older than that count as dead and are removed first."""
-        stale_before = (utcnow() - dt.timedelta(seconds=stale_hold_s)
-                        if stale_hold_s is not None else None)
+        stale_before = (
+            utcnow() - dt.timedelta(seconds=stale_hold_s) if stale_hold_s is not None else None
+        )
         return self._collect(shas, stale_before=stale_before)
 
     def _collect(self, shas: Iterable[str], drop_holds=(), stale_before=None) -> list[str]:

@@ -19,12 +19,17 @@ def parameter_infos(module: nn.Module, with_stats: bool = False) -> list[Paramet
     for name, tensor in state.items():
         initialized = not isinstance(tensor, UninitializedParameter)
         is_parameter = isinstance(tensor, nn.Parameter)
-        infos.append(ParameterInfo(
-            name=name, spec=expected.specs[name],
-            kind="parameter" if is_parameter else "buffer",
-            requires_grad=bool(is_parameter and tensor.requires_grad),
-            tied_with=twins[name], initialized=initialized,
-            stats=tensor_stats(tensor) if with_stats and initialized else None))
+        infos.append(
+            ParameterInfo(
+                name=name,
+                spec=expected.specs[name],
+                kind="parameter" if is_parameter else "buffer",
+                requires_grad=bool(is_parameter and tensor.requires_grad),
+                tied_with=twins[name],
+                initialized=initialized,
+                stats=tensor_stats(tensor) if with_stats and initialized else None,
+            )
+        )
     return infos
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import InvalidArgument, ResourceExhausted
 
@@ -46,8 +47,9 @@ class Limits:
     def __post_init__(self):
         for name, value in vars(self).items():
             if type(value) is not int or value < 1:
-                raise ValueError(f"Limits.{name} ({flag(name)}) must be a positive integer, "
-                                 f"not {value!r}")
+                raise ValueError(
+                    f"Limits.{name} ({flag(name)}) must be a positive integer, not {value!r}"
+                )
 
 
 DEFAULT_LIMITS = Limits()
@@ -79,8 +81,10 @@ def brief(value: Any, chars: int = 80) -> str:
 
 def over(what: str, amount: int, field: str, limits: Limits) -> str:
     """One line: ``what`` is ``amount``, over the limit, and the flag that raises it."""
-    return (f"{what} is {amount}, over the limit of {getattr(limits, field)} "
-            f"(raise it with {flag(field)})")
+    return (
+        f"{what} is {amount}, over the limit of {getattr(limits, field)} "
+        f"(raise it with {flag(field)})"
+    )
 
 
 def json_outline(raw: bytes) -> tuple[int, int]:
@@ -100,19 +104,23 @@ def json_outline(raw: bytes) -> tuple[int, int]:
         # backslashes right before each byte (a quote after an odd run is escaped)
         run = np.empty(len(chunk), np.int64)
         run[0] = backslashes
-        run[1:] = np.where(last_other[:-1] >= 0, index[:-1] - last_other[:-1],
-                           index[1:] + backslashes)
+        run[1:] = np.where(
+            last_other[:-1] >= 0, index[:-1] - last_other[:-1], index[1:] + backslashes
+        )
         quote = (chunk == 0x22) & (run % 2 == 0)
         outside = (np.cumsum(quote) + in_string) % 2 == 0
         step = ((chunk == 0x5B) | (chunk == 0x7B)).astype(np.int64)  # [ {
-        step -= (chunk == 0x5D) | (chunk == 0x7D)                     # ] }
+        step -= (chunk == 0x5D) | (chunk == 0x7D)  # ] }
         levels = np.cumsum(step * outside) + depth
         deepest = max(deepest, int(levels.max()))
         commas += int(np.count_nonzero((levels == 1) & (chunk == 0x2C) & outside))
         depth, in_string = int(levels[-1]), int(not outside[-1])
         if is_backslash[-1]:
-            backslashes = (len(chunk) - 1 - int(last_other[-1]) if last_other[-1] >= 0
-                           else len(chunk) + backslashes)
+            backslashes = (
+                len(chunk) - 1 - int(last_other[-1])
+                if last_other[-1] >= 0
+                else len(chunk) + backslashes
+            )
         else:
             backslashes = 0
     return deepest, commas + 1
@@ -123,23 +131,29 @@ def check_json_depth(raw: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> 
     would recurse into it); returns the top-level item bound."""
     depth, items = json_outline(raw)
     if depth > limits.max_json_depth:
-        raise InvalidArgument(f"{what} is nested {depth} deep, over the limit of "
-                              f"{limits.max_json_depth} (raise it with {flag('max_json_depth')})")
+        raise InvalidArgument(
+            f"{what} is nested {depth} deep, over the limit of "
+            f"{limits.max_json_depth} (raise it with {flag('max_json_depth')})"
+        )
     return items
 
 
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > _MAX_INT_DIGITS or not INT64_MIN <= int(text) <= INT64_MAX:
-        raise InvalidArgument(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of "
-                              "range: JSON integers must fit in 64 bits")
+        raise InvalidArgument(
+            f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of "
+            "range: JSON integers must fit in 64 bits"
+        )
     return int(text)
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise InvalidArgument(f"number {text[:24]}{'...' if len(text) > 24 else ''} is out of "
-                              "range: JSON numbers must be finite")
+        raise InvalidArgument(
+            f"number {text[:24]}{'...' if len(text) > 24 else ''} is out of "
+            "range: JSON numbers must be finite"
+        )
     return value
 
 
@@ -152,8 +166,9 @@ def loads_bounded(raw: bytes | str, what: str) -> Any:
     every failure is ``InvalidArgument``. Check depth (``check_json_depth``) first."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # UTF-8 only, no sniffing
-        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
-                          parse_constant=_refuse_constant)
+        return json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant
+        )
     except InvalidArgument as err:
         raise InvalidArgument(f"{what}: {err}") from None
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
@@ -173,13 +188,15 @@ def load_config_json(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> dict
     else:
         raw = bytes(text)
     if len(raw) > limits.max_config_bytes:
-        raise ResourceExhausted(over("config JSON size in bytes", len(raw), "max_config_bytes",
-                                     limits))
+        raise ResourceExhausted(
+            over("config JSON size in bytes", len(raw), "max_config_bytes", limits)
+        )
     check_json_depth(raw, "config JSON", limits)
     config = loads_bounded(raw, "config JSON")
     if not isinstance(config, dict):
-        raise InvalidArgument(f"config must be a JSON object like {{\"hidden\": 64}}, not a "
-                              f"{type(config).__name__}")
+        raise InvalidArgument(
+            f'config must be a JSON object like {{"hidden": 64}}, not a {type(config).__name__}'
+        )
     return config
 
 
@@ -188,8 +205,9 @@ def check_config(config: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> 
     at most ``max_json_depth`` and serialized size at most ``max_config_bytes``. Walked
     without recursion, and stopped as soon as its size is known to be over."""
     if not isinstance(config, Mapping):
-        raise InvalidArgument(f"config must be a mapping like {{\"hidden\": 64}}, not a "
-                              f"{type(config).__name__}")
+        raise InvalidArgument(
+            f'config must be a mapping like {{"hidden": 64}}, not a {type(config).__name__}'
+        )
     budget = limits.max_config_bytes
     size = 0
     stack: list[tuple[Any, int]] = [(config, 1)]
@@ -198,13 +216,16 @@ def check_config(config: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> 
         size += 2
         if isinstance(value, (Mapping, list, tuple)):
             if depth > limits.max_json_depth:
-                raise InvalidArgument(f"config is nested more than {limits.max_json_depth} deep"
-                                      f" (raise it with {flag('max_json_depth')})")
+                raise InvalidArgument(
+                    f"config is nested more than {limits.max_json_depth} deep"
+                    f" (raise it with {flag('max_json_depth')})"
+                )
             if isinstance(value, Mapping):
                 for key, item in value.items():
                     if not isinstance(key, str):
-                        raise InvalidArgument(f"config keys must be strings, not "
-                                              f"{type(key).__name__}")
+                        raise InvalidArgument(
+                            f"config keys must be strings, not {type(key).__name__}"
+                        )
                     size += len(key) + 3
                     stack.append((item, depth + 1))
             else:
@@ -215,27 +236,33 @@ def check_config(config: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> 
             size += 4
         elif isinstance(value, int):
             if not INT64_MIN <= value <= INT64_MAX:
-                raise InvalidArgument("config integers must fit in 64 bits; one has "
-                                      f"{value.bit_length()} bits")
+                raise InvalidArgument(
+                    f"config integers must fit in 64 bits; one has {value.bit_length()} bits"
+                )
             size += 20
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise InvalidArgument(f"config numbers must be finite, not {value}")
             size += 24
         else:
-            raise InvalidArgument(f"config values must be JSON (objects, arrays, strings, "
-                                  f"numbers, booleans, null), not {type(value).__name__}")
+            raise InvalidArgument(
+                f"config values must be JSON (objects, arrays, strings, "
+                f"numbers, booleans, null), not {type(value).__name__}"
+            )
         if size > budget:
-            raise ResourceExhausted(f"config is over {budget} bytes as JSON "
-                                    f"(raise it with {flag('max_config_bytes')})")
+            raise ResourceExhausted(
+                f"config is over {budget} bytes as JSON (raise it with {flag('max_config_bytes')})"
+            )
     encoded = len(json.dumps(config, separators=(",", ":")).encode("utf-8", "surrogatepass"))
     if encoded > budget:
-        raise ResourceExhausted(over("config size in bytes as JSON", encoded, "max_config_bytes",
-                                     limits))
+        raise ResourceExhausted(
+            over("config size in bytes as JSON", encoded, "max_config_bytes", limits)
+        )
 
 
 def check_description(text: str, limits: Limits = DEFAULT_LIMITS) -> None:
     """A model description: at most ``max_description_chars`` characters."""
     if len(text) > limits.max_description_chars:
-        raise ResourceExhausted(over("description length in characters", len(text),
-                                     "max_description_chars", limits))
+        raise ResourceExhausted(
+            over("description length in characters", len(text), "max_description_chars", limits)
+        )

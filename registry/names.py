@@ -24,8 +24,10 @@ def check_name(name: object, what: str = "model name") -> str:
     """``name`` when it is a valid name, else ``InvalidArgument`` (the input truncated)."""
     if not is_valid_name(name):
         shown = name[:80] if isinstance(name, str) else name
-        raise InvalidArgument(f"{what} {shown!r} is invalid: use 1-{MAX_NAME_CHARS} letters, "
-                              "digits, '_', '-' or '.', starting with a letter or digit")
+        raise InvalidArgument(
+            f"{what} {shown!r} is invalid: use 1-{MAX_NAME_CHARS} letters, "
+            "digits, '_', '-' or '.', starting with a letter or digit"
+        )
     return name
 
 
@@ -33,8 +35,10 @@ def check_alias(alias: object) -> str:
     """A valid alias: a name that is neither ``latest`` nor all digits (those name versions)."""
     check_name(alias, "alias")
     if alias == LATEST or alias.isdigit():
-        raise InvalidArgument(f"alias {alias!r} is reserved: 'latest' and numbers already "
-                              "name versions; pick a word like 'production'")
+        raise InvalidArgument(
+            f"alias {alias!r} is reserved: 'latest' and numbers already "
+            "name versions; pick a word like 'production'"
+        )
     return alias
 
 

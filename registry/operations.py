@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import zlib
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -18,7 +19,8 @@ from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .limits import Limits
 from .schemes import apply_scheme, parse_scheme
 from .shapes import ShapeOracle
-from .slicing import parse_index, select as select_index
+from .slicing import parse_index
+from .slicing import select as select_index
 from .values import ModelInfo, VersionInfo
 
 PATCH_OPS = ("set", "add", "mul")
@@ -34,8 +36,14 @@ class VersionMaker(Protocol):
     def version_or_none(self, name: str, ref: int | str | None) -> VersionInfo | None: ...
     def latest_or_none(self, name: str) -> VersionInfo | None: ...
     def load_version(self, model: ModelInfo, version: VersionInfo) -> nn.Module: ...
-    def save_module(self, name: str, module: nn.Module, origin: str,
-                    parent: VersionInfo | None, first_only: bool = False) -> VersionInfo: ...
+    def save_module(
+        self,
+        name: str,
+        module: nn.Module,
+        origin: str,
+        parent: VersionInfo | None,
+        first_only: bool = False,
+    ) -> VersionInfo: ...
 
 
 class Operations:
@@ -46,8 +54,9 @@ class Operations:
         self._first_version_locks = [threading.Lock() for _ in range(FIRST_VERSION_LOCK_STRIPES)]
 
     def first_version_lock(self, name: str) -> threading.Lock:
-        return self._first_version_locks[zlib.crc32(name.encode("utf-8", "replace"))
-                                         % FIRST_VERSION_LOCK_STRIPES]
+        return self._first_version_locks[
+            zlib.crc32(name.encode("utf-8", "replace")) % FIRST_VERSION_LOCK_STRIPES
+        ]
 
     def materialize(self, name: str, input_shape: Sequence[int]) -> VersionInfo:
         """Lazy initialization: the first input's shape fixes the lazy shapes; the model's init
@@ -66,13 +75,20 @@ class Operations:
                 raise FailedPrecondition(
                     f"model {name!r} has fixed shapes and no version; upload parameters "
                     f"(`paramserve upload {name} FILE`) or initialize it (`paramserve init "
-                    f"{name} SCHEME`)")
+                    f"{name} SCHEME`)"
+                )
             module = store.shapes.fresh_module(model, input_shape)
             return store.save_module(name, module, "lazy-init", None, first_only=True)
 
-    def initialize(self, name: str, scheme: str, ref: int | str | None = None,
-                   module_path: str | None = None, seed: int | None = None,
-                   input_shape: Sequence[int] | None = None) -> VersionInfo:
+    def initialize(
+        self,
+        name: str,
+        scheme: str,
+        ref: int | str | None = None,
+        module_path: str | None = None,
+        seed: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> VersionInfo:
         """Apply an init scheme to the whole module or to ``module_path`` → a new version.
 
         Starts from version ``ref`` (default: the latest). A model with no version starts from
@@ -87,15 +103,23 @@ class Operations:
         elif model.lazy and input_shape is None:
             raise FailedPrecondition(
                 f"lazy model {name!r} has no shapes yet; pass an input shape or send it a first "
-                "inference request")
+                "inference request"
+            )
         else:
             module = store.shapes.fresh_module(model, input_shape)
         target = _submodule(module, module_path, name)
         apply_scheme(target, parsed, model.seed if seed is None else seed)
         return store.save_module(name, module, "init", base)
 
-    def patch(self, name: str, param: str, value: Any, ref: int | str | None = None,
-              index: str | None = None, op: str = "set") -> VersionInfo:
+    def patch(
+        self,
+        name: str,
+        param: str,
+        value: Any,
+        ref: int | str | None = None,
+        index: str | None = None,
+        op: str = "set",
+    ) -> VersionInfo:
         """Set (or add to, or multiply) one tensor, a slice or one element → a new version.
 
         ``patch("m", "0.weight", 42, index="0, 0")`` is the guide's ``weight.data[0, 0] = 42``;
@@ -110,8 +134,9 @@ class Operations:
         module = store.load_version(model, base)
         state = module.state_dict(keep_vars=True)
         if param not in state:
-            raise NotFound(f"model {name!r} has no parameter {str(param)[:80]!r}; entries: "
-                           f"{list(state)[:20]}")
+            raise NotFound(
+                f"model {name!r} has no parameter {str(param)[:80]!r}; entries: {list(state)[:20]}"
+            )
         target = select_index(state[param].data, parse_index(index, store.limits), param)
         update = _as_value(value, target, param)
         with torch.no_grad():
@@ -126,8 +151,9 @@ def _submodule(module: nn.Module, path: str | None, model: str) -> nn.Module:
         return module.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in module.named_modules() if n][:20]
-        raise NotFound(f"model {model!r} has no submodule {str(path)[:80]!r}; submodules: "
-                       f"{names}") from None
+        raise NotFound(
+            f"model {model!r} has no submodule {str(path)[:80]!r}; submodules: {names}"
+        ) from None
 
 
 def _as_value(value: Any, target: torch.Tensor, param: str) -> torch.Tensor:
@@ -135,10 +161,14 @@ def _as_value(value: Any, target: torch.Tensor, param: str) -> torch.Tensor:
         update = torch.as_tensor(value, dtype=target.dtype)
         torch.broadcast_shapes(update.shape, target.shape)
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        raise InvalidArgument(f"value for {param!r} must be a number or an array that "
-                              f"broadcasts to shape {list(target.shape)}: "
-                              f"{str(err).splitlines()[0][:120] if str(err) else ''}") from err
+        raise InvalidArgument(
+            f"value for {param!r} must be a number or an array that "
+            f"broadcasts to shape {list(target.shape)}: "
+            f"{str(err).splitlines()[0][:120] if str(err) else ''}"
+        ) from err
     if torch.broadcast_shapes(update.shape, target.shape) != target.shape:
-        raise InvalidArgument(f"value of shape {list(update.shape)} does not broadcast to "
-                              f"{param!r}{list(target.shape)}")
+        raise InvalidArgument(
+            f"value of shape {list(update.shape)} does not broadcast to "
+            f"{param!r}{list(target.shape)}"
+        )
     return update

@@ -41,7 +41,8 @@ def meta_module(model: ModelInfo, version: VersionInfo) -> nn.Module:
             f"the stored version {version.number} of {model.name!r} no longer fits its "
             f"architecture's code (missing {sorted(set(state) - set(manifest))[:20]}, "
             f"unexpected {sorted(set(manifest) - set(state))[:20]}); restore the "
-            "architecture's code or upload a new version")
+            "architecture's code or upload a new version"
+        )
     for name, tensor in state.items():
         if isinstance(tensor, UninitializedParameter):
             spec = manifest[name].spec
@@ -54,8 +55,9 @@ def module_tree_of(model: ModelInfo, version: VersionInfo) -> str:
     return str(meta_module(model, version))
 
 
-def parameter_infos_of(model: ModelInfo, version: VersionInfo, blobs: BlobStore,
-                       with_stats: bool = False) -> list[ParameterInfo]:
+def parameter_infos_of(
+    model: ModelInfo, version: VersionInfo, blobs: BlobStore, with_stats: bool = False
+) -> list[ParameterInfo]:
     """Every state_dict entry of a stored version, in state_dict order."""
     module = meta_module(model, version)
     twins = ExpectedState.of(module).tied_groups()
@@ -65,11 +67,17 @@ def parameter_infos_of(model: ModelInfo, version: VersionInfo, blobs: BlobStore,
     for name, tensor in module.state_dict(keep_vars=True).items():
         is_parameter = isinstance(tensor, nn.Parameter)
         entry = manifest[name]
-        infos.append(ParameterInfo(
-            name=name, spec=entry.spec, kind="parameter" if is_parameter else "buffer",
-            requires_grad=bool(is_parameter and tensor.requires_grad),
-            tied_with=twins[name], initialized=True,
-            stats=stats.get(entry.tied_to or name)))
+        infos.append(
+            ParameterInfo(
+                name=name,
+                spec=entry.spec,
+                kind="parameter" if is_parameter else "buffer",
+                requires_grad=bool(is_parameter and tensor.requires_grad),
+                tied_with=twins[name],
+                initialized=True,
+                stats=stats.get(entry.tied_to or name),
+            )
+        )
     return infos
 
 
@@ -138,8 +146,9 @@ def stream_stats(blobs: BlobStore, sha256: str) -> dict[str, TensorStats | None]
     return out
 
 
-def read_tensor(blobs: BlobStore, model: ModelInfo, version: VersionInfo,
-                param: str) -> torch.Tensor:
+def read_tensor(
+    blobs: BlobStore, model: ModelInfo, version: VersionInfo, param: str
+) -> torch.Tensor:
     """One state_dict entry of a stored version, reading only its bytes when its digest is
     known (DataLoss when they do not match it)."""
     entry = _manifest_entry(model, version, param)
@@ -155,9 +164,11 @@ def read_tensor(blobs: BlobStore, model: ModelInfo, version: VersionInfo,
         digest = hashlib.sha256()
         tensor = tensorfile.read_tensor(file, located, digest)
     if digest.hexdigest() != entry.sha256:
-        raise DataLoss(f"blob {path} is corrupt: tensor {stored!r} has sha256 "
-                       f"{digest.hexdigest()}, expected {entry.sha256}; restore it from a "
-                       "backup or delete the version that refers to it")
+        raise DataLoss(
+            f"blob {path} is corrupt: tensor {stored!r} has sha256 "
+            f"{digest.hexdigest()}, expected {entry.sha256}; restore it from a "
+            "backup or delete the version that refers to it"
+        )
     return tensor
 
 
@@ -183,8 +194,10 @@ def _manifest_entry(model: ModelInfo, version: VersionInfo, param: str) -> Manif
         if entry.name == param:
             return entry
     names = [e.name for e in version.manifest][:20]
-    raise NotFound(f"version {version.number} of {model.name!r} has no entry "
-                   f"{str(param)[:80]!r}; entries: {names}")
+    raise NotFound(
+        f"version {version.number} of {model.name!r} has no entry "
+        f"{str(param)[:80]!r}; entries: {names}"
+    )
 
 
 def _skip(reader, nbytes: int) -> None:

@@ -28,12 +28,15 @@ def parse_ref(ref: int | str | None) -> int | str | None:
     if isinstance(ref, int):
         return ref
     if not isinstance(ref, str):
-        raise InvalidArgument(f"version ref of type {type(ref).__name__} is neither a number "
-                              "nor an alias")
+        raise InvalidArgument(
+            f"version ref of type {type(ref).__name__} is neither a number nor an alias"
+        )
     if set(ref) <= _ASCII_DIGITS:
         if len(ref) > MAX_REF_DIGITS:
-            raise InvalidArgument(f"version number {ref[:20]}... has {len(ref)} digits, over "
-                                  f"the {MAX_REF_DIGITS} a version number can have")
+            raise InvalidArgument(
+                f"version number {ref[:20]}... has {len(ref)} digits, over "
+                f"the {MAX_REF_DIGITS} a version number can have"
+            )
         return int(ref)
     return check_alias(ref)
 

@@ -10,8 +10,9 @@ which already serializes writers across processes.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select, text, update
 from sqlalchemy.engine import Engine
@@ -40,25 +41,39 @@ class Repository:
     def generation(self) -> int:
         """A number that grows with every change to the registry (by any process)."""
         with self.engine.connect() as connection:
-            return connection.scalar(select(RegistryState.generation)
-                                     .where(RegistryState.id == 1))
+            return connection.scalar(select(RegistryState.generation).where(RegistryState.id == 1))
 
     # ---- models -------------------------------------------------------------------------
 
-    def create_model(self, name: str, architecture: str, config: Mapping[str, Any], init: str,
-                     seed: int, description: str) -> ModelInfo:
+    def create_model(
+        self,
+        name: str,
+        architecture: str,
+        config: Mapping[str, Any],
+        init: str,
+        seed: int,
+        description: str,
+    ) -> ModelInfo:
         check_name(name)
         try:
             with self.tx() as session:
-                row = ModelRow(name=name, architecture=architecture, config=dict(config),
-                               init=init, seed=seed, description=description, next_version=1)
+                row = ModelRow(
+                    name=name,
+                    architecture=architecture,
+                    config=dict(config),
+                    init=init,
+                    seed=seed,
+                    description=description,
+                    next_version=1,
+                )
                 session.add(row)
                 session.flush()
                 _bump_generation(session)
                 return _model_info(session, row)
         except IntegrityError:
-            raise AlreadyExists(f"model {name!r} already exists; pick another name or delete it "
-                                "first") from None
+            raise AlreadyExists(
+                f"model {name!r} already exists; pick another name or delete it first"
+            ) from None
 
     def get_model(self, name: str) -> ModelInfo:
         with self.tx() as session:
@@ -98,10 +113,18 @@ class Repository:
             row = _latest_row(session, model)
             return None if row is None else _version_info(row, model)
 
-    def insert_version(self, name: str, sha256: str, size_bytes: int,
-                       manifest: Sequence[ManifestEntry], origin: str, parent: int | None,
-                       alias: str | None, hold_id: int | None,
-                       first_only: bool = False) -> tuple[VersionInfo, bool]:
+    def insert_version(
+        self,
+        name: str,
+        sha256: str,
+        size_bytes: int,
+        manifest: Sequence[ManifestEntry],
+        origin: str,
+        parent: int | None,
+        alias: str | None,
+        hold_id: int | None,
+        first_only: bool = False,
+    ) -> tuple[VersionInfo, bool]:
         """Insert the next version row and drop the upload's blob hold in one transaction.
 
         Returns ``(version, created)``; with ``first_only`` an existing version wins and is
@@ -119,10 +142,15 @@ class Repository:
                         return _version_info(latest, model), False
                     number = model.next_version
                     model.next_version = number + 1
-                    row = VersionRow(model_id=model.id, number=number, sha256=sha256,
-                                     size_bytes=size_bytes,
-                                     manifest=[_manifest_json(e) for e in manifest],
-                                     origin=origin, parent=parent)
+                    row = VersionRow(
+                        model_id=model.id,
+                        number=number,
+                        sha256=sha256,
+                        size_bytes=size_bytes,
+                        manifest=[_manifest_json(e) for e in manifest],
+                        origin=origin,
+                        parent=parent,
+                    )
                     session.add(row)
                     session.flush()
                     if alias is not None:
@@ -134,11 +162,11 @@ class Repository:
                     return _version_info(row, model), True
             except IntegrityError:
                 continue  # another writer took the number (PostgreSQL); take the next one
-        raise FailedPrecondition(f"could not allocate a version number for {name!r}: too many "
-                                 "concurrent writers; retry")
+        raise FailedPrecondition(
+            f"could not allocate a version number for {name!r}: too many concurrent writers; retry"
+        )
 
-    def delete_version(self, name: str, number: int, force: bool = False
-                       ) -> tuple[str, list[str]]:
+    def delete_version(self, name: str, number: int, force: bool = False) -> tuple[str, list[str]]:
         """Delete one version; returns its sha256 and the aliases removed with it.
 
         A version an alias points at is refused (``FailedPrecondition`` naming the aliases)
@@ -152,7 +180,8 @@ class Repository:
                 raise FailedPrecondition(
                     f"version {row.number} of {name!r} is what aliases {aliases[:20]} point at; "
                     "move them first (`paramserve alias`) or delete with --force, which "
-                    "removes them")
+                    "removes them"
+                )
             session.execute(delete(AliasRow).where(AliasRow.version_id == row.id))
             sha = row.sha256
             session.delete(row)
@@ -175,11 +204,14 @@ class Repository:
         check_alias(alias)
         with self.tx() as session:
             model = _model_row(session, name)
-            row = session.scalar(select(AliasRow).where(AliasRow.model_id == model.id,
-                                                        AliasRow.name == alias))
+            row = session.scalar(
+                select(AliasRow).where(AliasRow.model_id == model.id, AliasRow.name == alias)
+            )
             if row is None:
-                raise NotFound(f"model {name!r} has no alias {alias!r}; "
-                               f"its aliases: {[a.name for a in model.aliases][:20]}")
+                raise NotFound(
+                    f"model {name!r} has no alias {alias!r}; "
+                    f"its aliases: {[a.name for a in model.aliases][:20]}"
+                )
             session.delete(row)
             _bump_generation(session)
 
@@ -195,8 +227,12 @@ class Repository:
             return hold.id
 
     @contextmanager
-    def collecting(self, shas: Iterable[str], drop_holds: Sequence[int] = (),
-                   stale_before: dt.datetime | None = None) -> Iterator[list[str]]:
+    def collecting(
+        self,
+        shas: Iterable[str],
+        drop_holds: Sequence[int] = (),
+        stale_before: dt.datetime | None = None,
+    ) -> Iterator[list[str]]:
         """One write transaction, the blobs' locks held, yielding the sha256s of ``shas`` that
         no version row and no hold names: the caller deletes their files inside the ``with``.
 
@@ -209,24 +245,40 @@ class Repository:
             if drop_holds:
                 session.execute(delete(BlobHoldRow).where(BlobHoldRow.id.in_(list(drop_holds))))
             if stale_before is not None and wanted:
-                session.execute(delete(BlobHoldRow).where(BlobHoldRow.sha256.in_(wanted),
-                                                          BlobHoldRow.created_at < stale_before))
+                session.execute(
+                    delete(BlobHoldRow).where(
+                        BlobHoldRow.sha256.in_(wanted), BlobHoldRow.created_at < stale_before
+                    )
+                )
             yield [sha for sha in wanted if not _blob_in_use(session, sha)]
 
     def blob_references(self) -> tuple[list[tuple[str, int, str]], dict[str, int], list[str]]:
         """For ``check``: (model, number, sha256) of every version, sha256 → live holds, and
         ``model@alias`` of aliases whose version is gone."""
         with self.tx() as session:
-            rows = [tuple(r) for r in session.execute(
-                select(ModelRow.name, VersionRow.number, VersionRow.sha256)
-                .join(VersionRow, VersionRow.model_id == ModelRow.id)
-                .order_by(ModelRow.name, VersionRow.number))]
-            holds = dict(session.execute(select(BlobHoldRow.sha256, func.count())
-                                         .group_by(BlobHoldRow.sha256)).all())
+            rows = [
+                tuple(r)
+                for r in session.execute(
+                    select(ModelRow.name, VersionRow.number, VersionRow.sha256)
+                    .join(VersionRow, VersionRow.model_id == ModelRow.id)
+                    .order_by(ModelRow.name, VersionRow.number)
+                )
+            ]
+            holds = dict(
+                session.execute(
+                    select(BlobHoldRow.sha256, func.count()).group_by(BlobHoldRow.sha256)
+                ).all()
+            )
             version_ids = set(session.scalars(select(VersionRow.id)))
-            dangling = [f"{m}@{a}" for m, a, vid in session.execute(
-                select(ModelRow.name, AliasRow.name, AliasRow.version_id)
-                .join(AliasRow, AliasRow.model_id == ModelRow.id)) if vid not in version_ids]
+            dangling = [
+                f"{m}@{a}"
+                for m, a, vid in session.execute(
+                    select(ModelRow.name, AliasRow.name, AliasRow.version_id).join(
+                        AliasRow, AliasRow.model_id == ModelRow.id
+                    )
+                )
+                if vid not in version_ids
+            ]
         return rows, holds, dangling
 
 
@@ -236,8 +288,10 @@ def lock_blobs(session: Session, shas: Iterable[str]) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return
     for sha in sorted(set(shas)):
-        session.execute(text("SELECT pg_advisory_xact_lock(:cls, :key)"),
-                        {"cls": BLOB_LOCK_CLASS, "key": _lock_key(sha)})
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, :key)"),
+            {"cls": BLOB_LOCK_CLASS, "key": _lock_key(sha)},
+        )
 
 
 def _lock_key(sha256: str) -> int:
@@ -247,17 +301,26 @@ def _lock_key(sha256: str) -> int:
 
 def _blob_in_use(session: Session, sha256: str) -> bool:
     """One statement (one snapshot): a version row or a hold names the blob."""
-    return bool(session.scalar(select(or_(
-        exists().where(VersionRow.sha256 == sha256),
-        exists().where(BlobHoldRow.sha256 == sha256)))))
+    return bool(
+        session.scalar(
+            select(
+                or_(
+                    exists().where(VersionRow.sha256 == sha256),
+                    exists().where(BlobHoldRow.sha256 == sha256),
+                )
+            )
+        )
+    )
 
 
 def _model_row(session: Session, name: str) -> ModelRow:
     check_name(name)
     row = session.scalar(select(ModelRow).where(ModelRow.name == name))
     if row is None:
-        raise NotFound(f"model {name!r} not found; create it with `paramserve create {name} "
-                       "--architecture ARCH` (list models with `paramserve models`)")
+        raise NotFound(
+            f"model {name!r} not found; create it with `paramserve create {name} "
+            "--architecture ARCH` (list models with `paramserve models`)"
+        )
     return row
 
 
@@ -274,33 +337,50 @@ def _resolve_row(session: Session, model: ModelRow, ref: int | str | None) -> Ve
     if ref is None:
         row = _latest_row(session, model)
         if row is None:
-            raise NotFound(f"model {model.name!r} has no versions yet; upload parameters "
-                           f"with `paramserve upload {model.name} FILE`")
+            raise NotFound(
+                f"model {model.name!r} has no versions yet; upload parameters "
+                f"with `paramserve upload {model.name} FILE`"
+            )
         return row
     if isinstance(ref, int):
-        row = (session.scalar(query.where(VersionRow.number == ref))
-               if is_version_number(ref) else None)
+        row = (
+            session.scalar(query.where(VersionRow.number == ref))
+            if is_version_number(ref)
+            else None
+        )
         if row is None:
             shown = ref if abs(ref) < 10**20 else f"{str(ref)[:20]}..."
-            raise NotFound(f"model {model.name!r} has no version {shown}; versions: "
-                           f"{_some(session, VersionRow.number, model)}")
+            raise NotFound(
+                f"model {model.name!r} has no version {shown}; versions: "
+                f"{_some(session, VersionRow.number, model)}"
+            )
         return row
-    row = session.scalar(query.join(AliasRow, AliasRow.version_id == VersionRow.id)
-                         .where(AliasRow.model_id == model.id, AliasRow.name == ref))
+    row = session.scalar(
+        query.join(AliasRow, AliasRow.version_id == VersionRow.id).where(
+            AliasRow.model_id == model.id, AliasRow.name == ref
+        )
+    )
     if row is None:
-        raise NotFound(f"model {model.name!r} has no alias {ref!r}; aliases: "
-                       f"{_some(session, AliasRow.name, model)}")
+        raise NotFound(
+            f"model {model.name!r} has no alias {ref!r}; aliases: "
+            f"{_some(session, AliasRow.name, model)}"
+        )
     return row
 
 
 def _latest_row(session: Session, model: ModelRow) -> VersionRow | None:
-    return session.scalar(select(VersionRow).where(VersionRow.model_id == model.id)
-                          .order_by(VersionRow.number.desc()).limit(1))
+    return session.scalar(
+        select(VersionRow)
+        .where(VersionRow.model_id == model.id)
+        .order_by(VersionRow.number.desc())
+        .limit(1)
+    )
 
 
 def _point_alias(session: Session, model: ModelRow, alias: str, version: VersionRow) -> None:
-    row = session.scalar(select(AliasRow).where(AliasRow.model_id == model.id,
-                                                AliasRow.name == alias))
+    row = session.scalar(
+        select(AliasRow).where(AliasRow.model_id == model.id, AliasRow.name == alias)
+    )
     if row is None:
         session.add(AliasRow(model_id=model.id, name=alias, version_id=version.id))
     else:
@@ -308,15 +388,21 @@ def _point_alias(session: Session, model: ModelRow, alias: str, version: Version
 
 
 def _bump_generation(session: Session) -> None:
-    session.execute(update(RegistryState).where(RegistryState.id == 1)
-                    .values(generation=RegistryState.generation + 1))
+    session.execute(
+        update(RegistryState)
+        .where(RegistryState.id == 1)
+        .values(generation=RegistryState.generation + 1)
+    )
 
 
 def _some(session: Session, column, model: ModelRow, limit: int = 20) -> list:
     """Up to ``limit`` values of ``column`` for ``model``, for error messages."""
     table = column.class_
-    return list(session.scalars(select(column).where(table.model_id == model.id)
-                                .order_by(column).limit(limit)))
+    return list(
+        session.scalars(
+            select(column).where(table.model_id == model.id).order_by(column).limit(limit)
+        )
+    )
 
 
 def _model_info(session: Session, row: ModelRow) -> ModelInfo:
@@ -327,26 +413,50 @@ def _model_info(session: Session, row: ModelRow) -> ModelInfo:
     except NotFound:
         arch = None
     return ModelInfo(
-        name=row.name, architecture=row.architecture, config=dict(row.config),
-        init=row.init, seed=row.seed, description=row.description,
-        created_at=_utc(row.created_at), lazy=bool(arch and arch.is_lazy(row.config)),
+        name=row.name,
+        architecture=row.architecture,
+        config=dict(row.config),
+        init=row.init,
+        seed=row.seed,
+        description=row.description,
+        created_at=_utc(row.created_at),
+        lazy=bool(arch and arch.is_lazy(row.config)),
         aliases={a.name: a.version.number for a in row.aliases},
-        latest_version=session.scalar(select(func.max(VersionRow.number))
-                                      .where(VersionRow.model_id == row.id)))
+        latest_version=session.scalar(
+            select(func.max(VersionRow.number)).where(VersionRow.model_id == row.id)
+        ),
+    )
 
 
 def _version_info(row: VersionRow, model: ModelRow) -> VersionInfo:
     return VersionInfo(
-        model=model.name, number=row.number, sha256=row.sha256, size_bytes=row.size_bytes,
-        origin=row.origin, parent=row.parent, created_at=_utc(row.created_at),
-        manifest=tuple(ManifestEntry(e["name"], TensorSpec(tuple(e["shape"]), e["dtype"]),
-                                     e.get("tied_to"), e.get("sha256")) for e in row.manifest),
-        aliases=tuple(sorted(a.name for a in model.aliases if a.version_id == row.id)))
+        model=model.name,
+        number=row.number,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        origin=row.origin,
+        parent=row.parent,
+        created_at=_utc(row.created_at),
+        manifest=tuple(
+            ManifestEntry(
+                e["name"],
+                TensorSpec(tuple(e["shape"]), e["dtype"]),
+                e.get("tied_to"),
+                e.get("sha256"),
+            )
+            for e in row.manifest
+        ),
+        aliases=tuple(sorted(a.name for a in model.aliases if a.version_id == row.id)),
+    )
 
 
 def _manifest_json(entry: ManifestEntry) -> dict[str, Any]:
-    out = {"name": entry.name, "shape": list(entry.spec.shape or ()), "dtype": entry.spec.dtype,
-           "tied_to": entry.tied_to}
+    out = {
+        "name": entry.name,
+        "shape": list(entry.spec.shape or ()),
+        "dtype": entry.spec.dtype,
+        "tied_to": entry.tied_to,
+    }
     if entry.sha256 is not None:
         out["sha256"] = entry.sha256
     return out
@@ -354,4 +464,4 @@ def _manifest_json(entry: ManifestEntry) -> dict[str, Any]:
 
 def _utc(when: dt.datetime) -> dt.datetime:
     """SQLite hands timestamps back without their zone; they were written in UTC."""
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)

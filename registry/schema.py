@@ -7,10 +7,19 @@ Changing a table here needs a migration in ``migrations/versions/``.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Optional
+from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, ForeignKey, Integer, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING = {
@@ -23,7 +32,7 @@ NAMING = {
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -45,12 +54,18 @@ class ModelRow(Base):
     next_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    versions: Mapped[list["VersionRow"]] = relationship(
-        back_populates="model", cascade="all, delete-orphan", passive_deletes=True,
-        order_by="VersionRow.number")
-    aliases: Mapped[list["AliasRow"]] = relationship(
-        back_populates="model", cascade="all, delete-orphan", passive_deletes=True,
-        order_by="AliasRow.name")
+    versions: Mapped[list[VersionRow]] = relationship(
+        back_populates="model",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="VersionRow.number",
+    )
+    aliases: Mapped[list[AliasRow]] = relationship(
+        back_populates="model",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="AliasRow.name",
+    )
 
 
 class VersionRow(Base):
@@ -64,7 +79,7 @@ class VersionRow(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     manifest: Mapped[list[Any]] = mapped_column(JSON)
     origin: Mapped[str] = mapped_column(String(20))
-    parent: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    parent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     model: Mapped[ModelRow] = relationship(back_populates="versions")
@@ -77,8 +92,9 @@ class AliasRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"),
-                                            index=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), index=True
+    )
 
     model: Mapped[ModelRow] = relationship(back_populates="aliases")
     version: Mapped[VersionRow] = relationship()

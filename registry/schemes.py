@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -52,19 +52,34 @@ def _my_init(weight: torch.Tensor) -> None:
 
 SCHEMES: dict[str, SchemeDef] = {
     "default": SchemeDef((), lambda w: None, False, "each layer's own reset_parameters()"),
-    "normal": SchemeDef((("mean", 0.0), ("std", 0.01)),
-                        lambda w, mean, std: nn.init.normal_(w, mean, std), True,
-                        "weight ~ N(mean, std^2), bias 0"),
+    "normal": SchemeDef(
+        (("mean", 0.0), ("std", 0.01)),
+        lambda w, mean, std: nn.init.normal_(w, mean, std),
+        True,
+        "weight ~ N(mean, std^2), bias 0",
+    ),
     "zeros": SchemeDef((), nn.init.zeros_, True, "weight 0, bias 0"),
-    "constant": SchemeDef((("value", None),), lambda w, value: nn.init.constant_(w, value), True,
-                          "weight = value, bias 0"),
-    "xavier_uniform": SchemeDef((("gain", 1.0),),
-                                lambda w, gain: nn.init.xavier_uniform_(w, gain), False,
-                                "Xavier/Glorot uniform weight, bias kept"),
-    "uniform": SchemeDef((("a", 0.0), ("b", 1.0)), lambda w, a, b: nn.init.uniform_(w, a, b),
-                         False, "weight ~ U(a, b), bias kept"),
-    "my_init": SchemeDef((), _my_init, False,
-                         "the guide's custom init: U(-10, 10), then 0 where |w| < 5; bias kept"),
+    "constant": SchemeDef(
+        (("value", None),),
+        lambda w, value: nn.init.constant_(w, value),
+        True,
+        "weight = value, bias 0",
+    ),
+    "xavier_uniform": SchemeDef(
+        (("gain", 1.0),),
+        lambda w, gain: nn.init.xavier_uniform_(w, gain),
+        False,
+        "Xavier/Glorot uniform weight, bias kept",
+    ),
+    "uniform": SchemeDef(
+        (("a", 0.0), ("b", 1.0)),
+        lambda w, a, b: nn.init.uniform_(w, a, b),
+        False,
+        "weight ~ U(a, b), bias kept",
+    ),
+    "my_init": SchemeDef(
+        (), _my_init, False, "the guide's custom init: U(-10, 10), then 0 where |w| < 5; bias kept"
+    ),
 }
 
 
@@ -82,7 +97,8 @@ class Scheme:
 def describe_schemes() -> str:
     return "; ".join(
         f"{name}({', '.join(p for p, _ in d.params)})" if d.params else name
-        for name, d in SCHEMES.items())
+        for name, d in SCHEMES.items()
+    )
 
 
 def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
@@ -93,9 +109,11 @@ def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
     """
     text = (text or "").strip()
     if len(text) > limits.max_scheme_chars:
-        raise InvalidArgument(f"init scheme {brief(text, 40)} is {len(text)} characters, over "
-                              f"the limit of {limits.max_scheme_chars} ({flag('max_scheme_chars')}"
-                              f"); write NAME or NAME(ARGS), one of: {describe_schemes()}")
+        raise InvalidArgument(
+            f"init scheme {brief(text, 40)} is {len(text)} characters, over "
+            f"the limit of {limits.max_scheme_chars} ({flag('max_scheme_chars')}"
+            f"); write NAME or NAME(ARGS), one of: {describe_schemes()}"
+        )
     try:
         node = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, MemoryError, RecursionError):
@@ -105,41 +123,49 @@ def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         name, positional, keywords = node.func.id, node.args, node.keywords
     else:
-        raise InvalidArgument(f"cannot parse init scheme {brief(text)}; write NAME or "
-                              f"NAME(ARGS), one of: {describe_schemes()}")
+        raise InvalidArgument(
+            f"cannot parse init scheme {brief(text)}; write NAME or "
+            f"NAME(ARGS), one of: {describe_schemes()}"
+        )
     definition = SCHEMES.get(name)
     if definition is None:
         raise InvalidArgument(f"unknown init scheme {brief(name)}; known: {describe_schemes()}")
     names = [p for p, _ in definition.params]
     if len(positional) > len(names):
-        raise InvalidArgument(f"scheme {name!r} takes {len(names)} argument(s) {names}, "
-                              f"got {len(positional)}")
+        raise InvalidArgument(
+            f"scheme {name!r} takes {len(names)} argument(s) {names}, got {len(positional)}"
+        )
     args: dict[str, float] = {}
     for key, value in list(zip(names, positional)) + [(k.arg, k.value) for k in keywords]:
         if key not in names:
-            raise InvalidArgument(f"scheme {name!r} has no argument {brief(key)}; it takes "
-                                  f"{names}")
+            raise InvalidArgument(f"scheme {name!r} has no argument {brief(key)}; it takes {names}")
         if key in args:
             raise InvalidArgument(f"scheme {name!r} is given argument {key!r} twice")
         args[key] = _number(value, name, key)
     for key, default in definition.params:
         if key not in args:
             if default is None:
-                raise InvalidArgument(f"scheme {name!r} needs argument {key!r}, e.g. "
-                                      f"{name}({key}=1)")
+                raise InvalidArgument(
+                    f"scheme {name!r} needs argument {key!r}, e.g. {name}({key}=1)"
+                )
             args[key] = default
     if name == "normal" and args["std"] < 0:
         raise InvalidArgument("normal(std) must be >= 0")
     if name == "uniform":
         if args["a"] > args["b"]:
-            raise InvalidArgument(f"uniform(a, b) needs a <= b, got a={args['a']:g}, "
-                                  f"b={args['b']:g}")
+            raise InvalidArgument(
+                f"uniform(a, b) needs a <= b, got a={args['a']:g}, b={args['b']:g}"
+            )
         if args["b"] - args["a"] > FLOAT32_MAX:
-            raise InvalidArgument(f"uniform(a, b): the range b - a = {args['b'] - args['a']:g} "
-                                  f"is over float32's largest value {FLOAT32_MAX:g}")
+            raise InvalidArgument(
+                f"uniform(a, b): the range b - a = {args['b'] - args['a']:g} "
+                f"is over float32's largest value {FLOAT32_MAX:g}"
+            )
     if name == "normal" and abs(args["mean"]) + 6 * args["std"] > FLOAT32_MAX:
-        raise InvalidArgument(f"normal(mean, std) would draw values over float32's largest "
-                              f"value {FLOAT32_MAX:g}; use a smaller mean or std")
+        raise InvalidArgument(
+            f"normal(mean, std) would draw values over float32's largest "
+            f"value {FLOAT32_MAX:g}; use a smaller mean or std"
+        )
     return Scheme(name, args)
 
 
@@ -150,15 +176,18 @@ def _number(node: ast.AST, scheme: str, key: str) -> float:
         sign = -1.0 if isinstance(node.op, ast.USub) else 1.0
         node = node.operand
     if not (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
-        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be a number like "
-                              "0.01 or -2")
+        raise InvalidArgument(
+            f"argument {key!r} of scheme {scheme!r} must be a number like 0.01 or -2"
+        )
     try:
         value = sign * float(node.value)
     except OverflowError:  # an integer literal beyond any float
         value = math.inf
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-        raise InvalidArgument(f"argument {key!r} of scheme {scheme!r} must be a finite number "
-                              f"within float32's range (|x| <= {FLOAT32_MAX:g})")
+        raise InvalidArgument(
+            f"argument {key!r} of scheme {scheme!r} must be a finite number "
+            f"within float32's range (|x| <= {FLOAT32_MAX:g})"
+        )
     return value
 
 
@@ -179,13 +208,20 @@ def apply_scheme(module: nn.Module, scheme: Scheme, seed: int) -> list[str]:
             try:
                 definition.weight(weight, **scheme.args)
             except (RuntimeError, ValueError, OverflowError) as err:
-                raise InvalidArgument(f"init scheme {scheme} does not fit {name or 'the module'!r}"
-                                      f" ({weight.dtype}[{', '.join(map(str, weight.shape))}]):"
-                                      f" {str(err).splitlines()[0][:160]}") from err
-            if (weight.is_floating_point() and weight.device.type != "meta"
-                    and not bool(torch.isfinite(weight).all())):
-                raise InvalidArgument(f"init scheme {scheme} overflows {weight.dtype} in "
-                                      f"{name or 'the module'!r}; use smaller arguments")
+                raise InvalidArgument(
+                    f"init scheme {scheme} does not fit {name or 'the module'!r}"
+                    f" ({weight.dtype}[{', '.join(map(str, weight.shape))}]):"
+                    f" {str(err).splitlines()[0][:160]}"
+                ) from err
+            if (
+                weight.is_floating_point()
+                and weight.device.type != "meta"
+                and not bool(torch.isfinite(weight).all())
+            ):
+                raise InvalidArgument(
+                    f"init scheme {scheme} overflows {weight.dtype} in "
+                    f"{name or 'the module'!r}; use smaller arguments"
+                )
             bias = sub._parameters.get("bias")
             if definition.zero_bias and bias is not None:
                 nn.init.zeros_(bias)

@@ -16,8 +16,8 @@ import json
 import math
 import operator
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -51,14 +51,18 @@ class ShapeOracle:
         module = arch.build(config, device="meta")
         count = sum(1 for _ in module.modules())
         if count > self.limits.max_submodules:
-            raise ResourceExhausted(over(f"the submodule count of {arch.name!r} with this config",
-                                         count, "max_submodules", self.limits))
-        self._check_elements(count_elements(module), f"architecture {arch.name!r} with this "
-                             "config")
+            raise ResourceExhausted(
+                over(
+                    f"the submodule count of {arch.name!r} with this config",
+                    count,
+                    "max_submodules",
+                    self.limits,
+                )
+            )
+        self._check_elements(count_elements(module), f"architecture {arch.name!r} with this config")
         return module
 
-    def fresh_module(self, model: ModelInfo,
-                     input_shape: Sequence[int] | None = None) -> nn.Module:
+    def fresh_module(self, model: ModelInfo, input_shape: Sequence[int] | None = None) -> nn.Module:
         """Built from the model's seed; lazy shapes fixed by a dry run on ``input_shape``; the
         init policy applied once every shape is known.
 
@@ -74,8 +78,11 @@ class ShapeOracle:
             if shape is not None:
                 # A forward the meta device cannot run left lazy shapes unknown: each real
                 # materialization is then counted before it allocates.
-                with nullcontext() if complete else _materialize_budget(budget, model.name,
-                                                                       self.limits):
+                with (
+                    nullcontext()
+                    if complete
+                    else _materialize_budget(budget, model.name, self.limits)
+                ):
                     dry_run(module, arch, model, shape)
         scheme = parse_scheme(model.init, self.limits)
         if scheme.name != "default" and (shape is not None or not model.lazy):
@@ -92,8 +99,9 @@ class ShapeOracle:
         width = self.implied_width(model, arch, given) or example[-1]
         return self._state_at(model, arch, (*example[:-1], width))
 
-    def implied_width(self, model: ModelInfo, arch: Architecture,
-                      given: Mapping[str, tuple]) -> int | None:
+    def implied_width(
+        self, model: ModelInfo, arch: Architecture, given: Mapping[str, tuple]
+    ) -> int | None:
         """The input width that a lazy model's upload implies, read off the dimensions that
         change with it (found once per config by two dry runs on the meta device)."""
         key = json.dumps([model.architecture, model.config], sort_keys=True)
@@ -106,10 +114,16 @@ class ShapeOracle:
             except InvalidArgument:
                 wider = at_width  # the model accepts one width only: nothing is free
             self._free_dims[key] = [
-                (name, dim) for name, spec in at_width.items()
-                for dim, (a, b) in enumerate(zip(spec.shape, wider[name].shape)) if a != b]
-        widths = {given[name][1][dim] for name, dim in self._free_dims[key]
-                  if name in given and len(given[name][1]) > dim}
+                (name, dim)
+                for name, spec in at_width.items()
+                for dim, (a, b) in enumerate(zip(spec.shape, wider[name].shape))
+                if a != b
+            ]
+        widths = {
+            given[name][1][dim]
+            for name, dim in self._free_dims[key]
+            if name in given and len(given[name][1]) > dim
+        }
         return widths.pop() if len(widths) == 1 else None
 
     def signature(self, model: ModelInfo, version: VersionInfo | None = None) -> Signature:
@@ -135,9 +149,11 @@ class ShapeOracle:
             return self.fresh_module(model)
 
         output = output_signature(build, example, arch.input_dtype, model.name)
-        return Signature(inputs=(TensorSignature(INPUT_NAME, arch.input_dtype,
-                                                 tuple(input_shape)),),
-                         outputs=(output,), batchable=arch.batchable)
+        return Signature(
+            inputs=(TensorSignature(INPUT_NAME, arch.input_dtype, tuple(input_shape)),),
+            outputs=(output,),
+            batchable=arch.batchable,
+        )
 
     def check_input_shape(self, model: ModelInfo, input_shape: Sequence[int]) -> tuple[int, ...]:
         """A dry run's input shape: at most ``max_input_rank`` positive dimensions whose
@@ -145,34 +161,42 @@ class ShapeOracle:
         try:
             rank = len(input_shape)
         except TypeError:
-            raise InvalidArgument(f"input shape for {model.name!r} must be a list of "
-                                  "integers") from None
+            raise InvalidArgument(
+                f"input shape for {model.name!r} must be a list of integers"
+            ) from None
         if rank > self.limits.max_input_rank:
-            raise InvalidArgument(f"input shape for {model.name!r} has {rank} dimensions, over "
-                                  f"the limit of {self.limits.max_input_rank} "
-                                  f"({flag('max_input_rank')})")
+            raise InvalidArgument(
+                f"input shape for {model.name!r} has {rank} dimensions, over "
+                f"the limit of {self.limits.max_input_rank} "
+                f"({flag('max_input_rank')})"
+            )
         try:
             if any(isinstance(d, bool) for d in input_shape):
                 raise TypeError
             shape = tuple(operator.index(d) for d in input_shape)
         except TypeError:
-            raise InvalidArgument(f"input shape {brief(list(input_shape))} for {model.name!r} "
-                                  "must be integers") from None
+            raise InvalidArgument(
+                f"input shape {brief(list(input_shape))} for {model.name!r} must be integers"
+            ) from None
         if any(d <= 0 for d in shape):
-            raise InvalidArgument(f"input shape {brief(list(shape))} for {model.name!r} must be "
-                                  "positive")
+            raise InvalidArgument(
+                f"input shape {brief(list(shape))} for {model.name!r} must be positive"
+            )
         limit = self.limits.max_init_elements
         elements = math.prod(min(d, limit + 1) for d in shape)  # stays small whatever the dims
         if elements > limit:
-            raise ResourceExhausted(f"input shape {brief(list(shape))} for {model.name!r} has "
-                                    f"over {limit} elements, the limit of a dry run's input "
-                                    f"(raise it with {flag('max_init_elements')})")
+            raise ResourceExhausted(
+                f"input shape {brief(list(shape))} for {model.name!r} has "
+                f"over {limit} elements, the limit of a dry run's input "
+                f"(raise it with {flag('max_init_elements')})"
+            )
         return shape
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _meta_run(self, model: ModelInfo, arch: Architecture,
-                  shape: tuple[int, ...] | None) -> tuple[int, bool]:
+    def _meta_run(
+        self, model: ModelInfo, arch: Architecture, shape: tuple[int, ...] | None
+    ) -> tuple[int, bool]:
         """The module built and dry-run on the meta device, its elements within the limit.
         Returns the elements of its fixed shapes (before the run), and whether the run left
         no lazy shape unknown."""
@@ -180,12 +204,15 @@ class ShapeOracle:
         fixed = count_elements(module)
         if shape is not None:
             _meta_dry_run(module, model, arch, shape)
-        self._check_elements(count_elements(module), f"model {model.name!r} at input shape "
-                             f"{brief(list(shape or ()))}")
+        self._check_elements(
+            count_elements(module),
+            f"model {model.name!r} at input shape {brief(list(shape or ()))}",
+        )
         return fixed, not any(is_lazy(t) for t in _tensors(module))
 
-    def _state_at(self, model: ModelInfo, arch: Architecture,
-                  shape: Sequence[int]) -> ExpectedState:
+    def _state_at(
+        self, model: ModelInfo, arch: Architecture, shape: Sequence[int]
+    ) -> ExpectedState:
         """The state a lazy model has at input ``shape``, from the meta device; a real (and
         bounded) build only when the forward cannot run there before its lazy layers."""
         shape = tuple(int(d) for d in shape)
@@ -201,9 +228,11 @@ class ShapeOracle:
 
 
 def _too_many_elements(what: str, elements: int, limits: Limits, prefix: str = "") -> str:
-    return (f"{what} would materialize {prefix}{elements} parameter and buffer elements, over "
-            f"the limit of {limits.max_init_elements} (raise it with "
-            f"{flag('max_init_elements')})")
+    return (
+        f"{what} would materialize {prefix}{elements} parameter and buffer elements, over "
+        f"the limit of {limits.max_init_elements} (raise it with "
+        f"{flag('max_init_elements')})"
+    )
 
 
 def count_elements(module: nn.Module) -> int:
@@ -218,8 +247,9 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 def _example_shape(arch: Architecture, config: Mapping) -> tuple[int, ...]:
     """The declared input shape, lazy dims at the example's size (nothing allocated)."""
-    return tuple(d if d >= 0 else e for d, e in zip(arch.input_shape(config),
-                                                    arch.example_input_shape))
+    return tuple(
+        d if d >= 0 else e for d, e in zip(arch.input_shape(config), arch.example_input_shape)
+    )
 
 
 def _meta_only(err: BaseException) -> bool:
@@ -227,20 +257,25 @@ def _meta_only(err: BaseException) -> bool:
     return isinstance(err, NotImplementedError) or "meta" in str(err).lower()
 
 
-def _does_not_fit(model: ModelInfo, arch: Architecture, shape: Sequence[int],
-                  err: BaseException) -> InvalidArgument:
+def _does_not_fit(
+    model: ModelInfo, arch: Architecture, shape: Sequence[int], err: BaseException
+) -> InvalidArgument:
     first = (str(err).splitlines() or [""])[0][:200]
-    return InvalidArgument(f"input shape {brief(list(shape))} does not fit model {model.name!r}"
-                           f" (example input shape {list(arch.example_input_shape)}): {first}")
+    return InvalidArgument(
+        f"input shape {brief(list(shape))} does not fit model {model.name!r}"
+        f" (example input shape {list(arch.example_input_shape)}): {first}"
+    )
 
 
-def dry_run(module: nn.Module, arch: Architecture, model: ModelInfo,
-            input_shape: Sequence[int]) -> None:
+def dry_run(
+    module: nn.Module, arch: Architecture, model: ModelInfo, input_shape: Sequence[int]
+) -> None:
     """One forward on zeros: lazy layers take their shapes from it (the guide's apply_init)."""
     shape = tuple(int(d) for d in input_shape)
     if any(d <= 0 for d in shape):
-        raise InvalidArgument(f"input shape {brief(list(shape))} for {model.name!r} must be "
-                              "positive")
+        raise InvalidArgument(
+            f"input shape {brief(list(shape))} for {model.name!r} must be positive"
+        )
     try:
         with torch.no_grad():
             module(torch.zeros(shape, dtype=arch.input_dtype))
@@ -262,9 +297,14 @@ def _materialize_budget(elements: int, name: str, limits: Limits):
         if left is not None:
             wanted = math.prod(int(d) for d in shape)
             if wanted > left:
-                raise ResourceExhausted(_too_many_elements(
-                    f"model {name!r}", limits.max_init_elements - left + wanted, limits,
-                    "at least "))
+                raise ResourceExhausted(
+                    _too_many_elements(
+                        f"model {name!r}",
+                        limits.max_init_elements - left + wanted,
+                        limits,
+                        "at least ",
+                    )
+                )
             _BUDGET.left = left - wanted
         return original(self, shape, device, dtype)
 
@@ -277,8 +317,9 @@ def _materialize_budget(elements: int, name: str, limits: Limits):
         _BUDGET.left = None
 
 
-def _meta_dry_run(module: nn.Module, model: ModelInfo, arch: Architecture,
-                  shape: Sequence[int]) -> None:
+def _meta_dry_run(
+    module: nn.Module, model: ModelInfo, arch: Architecture, shape: Sequence[int]
+) -> None:
     """A forward on the meta device (no memory, no compute) to fix lazy shapes; a forward that
     cannot run there is left to a real, bounded build; one that does not fit is refused."""
     try:

@@ -10,8 +10,8 @@ a dimension is free when it changes between two input shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,8 +34,12 @@ class Signature:
     batchable: bool
 
 
-def output_signature(build: Callable[[str | None], nn.Module], example_shape: Sequence[int],
-                     dtype: torch.dtype, model: str) -> TensorSignature:
+def output_signature(
+    build: Callable[[str | None], nn.Module],
+    example_shape: Sequence[int],
+    dtype: torch.dtype,
+    model: str,
+) -> TensorSignature:
     """The output's dtype and shape, from forwards at batch sizes b and b+1 of the example."""
     shapes = [tuple(example_shape)]
     if shapes[0]:
@@ -49,12 +53,14 @@ def output_signature(build: Callable[[str | None], nn.Module], example_shape: Se
                 raise FailedPrecondition(
                     f"model {model!r} cannot run its example input of shape {list(shapes[0])}:"
                     f" {(str(err).splitlines() or [''])[0][:200]}; check its architecture and "
-                    "config") from err
+                    "config"
+                ) from err
     for out in outputs:
         if not isinstance(out, torch.Tensor):
             raise FailedPrecondition(
                 f"model {model!r} returns {type(out).__name__}; paramserve serves modules whose "
-                "forward returns one tensor")
+                "forward returns one tensor"
+            )
     first = outputs[0].shape
     free = [a if all(o.shape[i] == a for o in outputs) else -1 for i, a in enumerate(first)]
     if any(o.dim() != len(first) for o in outputs):

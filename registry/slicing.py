@@ -43,12 +43,16 @@ def parse_index(text: str | None, limits: Limits = DEFAULT_LIMITS) -> Index:
     if text is None or not text.strip():
         return ()
     if len(text) > limits.max_index_chars:
-        raise InvalidArgument(f"index {brief(text, 40)} is {len(text)} characters, over the "
-                              f"limit of {limits.max_index_chars} ({flag('max_index_chars')})")
+        raise InvalidArgument(
+            f"index {brief(text, 40)} is {len(text)} characters, over the "
+            f"limit of {limits.max_index_chars} ({flag('max_index_chars')})"
+        )
     raw_parts = text.split(",")
     if len(raw_parts) > MAX_RANK:
-        raise InvalidArgument(f"index {brief(text, 40)} has {len(raw_parts)} parts; a tensor "
-                              f"has at most {MAX_RANK} dimensions")
+        raise InvalidArgument(
+            f"index {brief(text, 40)} has {len(raw_parts)} parts; a tensor "
+            f"has at most {MAX_RANK} dimensions"
+        )
     parts: list[object] = []
     for raw in raw_parts:
         part = raw.strip()
@@ -59,9 +63,11 @@ def parse_index(text: str | None, limits: Limits = DEFAULT_LIMITS) -> Index:
             continue
         match = _PART.match(part)
         if not part or not match:
-            raise InvalidArgument(f"cannot parse index {brief(text)}: {brief(part, 30)} is not "
-                                  "an integer (at most 19 digits), a slice like 0:2 or ::2, "
-                                  "or '...'")
+            raise InvalidArgument(
+                f"cannot parse index {brief(text)}: {brief(part, 30)} is not "
+                "an integer (at most 19 digits), a slice like 0:2 or ::2, "
+                "or '...'"
+            )
         start, stop, step = match.groups()
         if ":" not in part:
             parts.append(int(start))
@@ -77,9 +83,11 @@ def select(tensor: torch.Tensor, index: Index, name: str) -> torch.Tensor:
     try:
         return tensor[index] if index else tensor
     except (IndexError, TypeError, RuntimeError, ValueError, OverflowError) as err:
-        raise InvalidArgument(f"index [{brief(format_index(index), 120)}] does not fit "
-                              f"{brief(name)} of shape {list(tensor.shape)}: "
-                              f"{str(err).splitlines()[0][:160]}") from err
+        raise InvalidArgument(
+            f"index [{brief(format_index(index), 120)}] does not fit "
+            f"{brief(name)} of shape {list(tensor.shape)}: "
+            f"{str(err).splitlines()[0][:160]}"
+        ) from err
 
 
 def format_index(index: Index) -> str:
@@ -90,4 +98,5 @@ def format_index(index: Index) -> str:
             text = ":".join("" if v is None else str(v) for v in (part.start, part.stop))
             return text + (f":{part.step}" if part.step is not None else "")
         return str(part)
+
     return ", ".join(one(p) for p in index)

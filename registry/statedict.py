@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, Mapping, Union
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -28,8 +29,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .tensorfile import STORED_BLOB_LIMITS, read_stored_header, stored_blob  # noqa: F401
 from .values import ManifestEntry, TensorSpec
 
-Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO,
-               Mapping[str, torch.Tensor]]
+Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | Mapping[str, torch.Tensor]
 COPY_CHUNK_BYTES = 8 << 20
 
 
@@ -41,7 +41,7 @@ class ExpectedState:
     tied: dict[str, str]
 
     @classmethod
-    def of(cls, module: nn.Module) -> "ExpectedState":
+    def of(cls, module: nn.Module) -> ExpectedState:
         specs: dict[str, TensorSpec] = {}
         tied: dict[str, str] = {}
         first_name: dict[int, str] = {}
@@ -86,8 +86,7 @@ class UploadedState:
 class SafetensorsUpload(UploadedState):
     """A safetensors upload, copied byte for byte: no tensor is ever materialized."""
 
-    def __init__(self, file: BinaryIO, size: int, owns_file: bool,
-                 limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, file: BinaryIO, size: int, owns_file: bool, limits: Limits = DEFAULT_LIMITS):
         self.file, self.owns_file = file, owns_file
         self.header = tensorfile.read_header(file, size, limits=limits)
         super().__init__({n: (e.dtype, e.shape) for n, e in self.header.entries.items()})
@@ -117,12 +116,16 @@ class TensorMappingUpload(UploadedState):
     """A mapping of tensors (given directly, or from ``torch.load(weights_only=True)``)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        bad = [k for k, v in tensors.items() if not isinstance(k, str)
-               or not isinstance(v, torch.Tensor)]
+        bad = [
+            k
+            for k, v in tensors.items()
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+        ]
         if bad:
             raise InvalidArgument(
                 f"a state_dict maps names to tensors; entries {bad[:5]!r} are not tensors "
-                "(a training checkpoint? upload its 'state_dict' / 'model' entry instead)")
+                "(a training checkpoint? upload its 'state_dict' / 'model' entry instead)"
+            )
         self.tensors = dict(tensors)
         super().__init__({n: (t.dtype, tuple(t.shape)) for n, t in self.tensors.items()})
 
@@ -184,8 +187,10 @@ def _torch_load(file: BinaryIO, path: str | None) -> Mapping[str, torch.Tensor]:
             f"tensors ({first_line}); upload safetensors or torch.save(model.state_dict())"
         ) from err
     if not isinstance(loaded, Mapping):
-        raise InvalidArgument(f"torch.save'd upload holds a {type(loaded).__name__}, not a "
-                              "state_dict; save model.state_dict()")
+        raise InvalidArgument(
+            f"torch.save'd upload holds a {type(loaded).__name__}, not a "
+            "state_dict; save model.state_dict()"
+        )
     return loaded
 
 
@@ -207,9 +212,15 @@ def validate(model: str, upload: UploadedState, expected: ExpectedState) -> None
     other = []
     if not (missing or unexpected or mismatched):
         for name, kept in expected.tied.items():
-            if name in given and kept in given and upload.read_bytes(name) != upload.read_bytes(kept):
-                other.append(f"{name!r} and {kept!r} are one tied parameter but hold different "
-                             "values; give them equal values (or leave one out)")
+            if (
+                name in given
+                and kept in given
+                and upload.read_bytes(name) != upload.read_bytes(kept)
+            ):
+                other.append(
+                    f"{name!r} and {kept!r} are one tied parameter but hold different "
+                    "values; give them equal values (or leave one out)"
+                )
     if missing or unexpected or mismatched or other:
         raise InvalidStateDict(model, missing, unexpected, mismatched, other)
 
@@ -231,8 +242,9 @@ class CanonicalPlan:
 
     def manifest_with(self, digests: Mapping[str, str]) -> list[ManifestEntry]:
         """The manifest with each key's stored-bytes sha256 (a tied key: its kept key's)."""
-        return [dataclasses.replace(e, sha256=digests.get(e.tied_to or e.name))
-                for e in self.manifest]
+        return [
+            dataclasses.replace(e, sha256=digests.get(e.tied_to or e.name)) for e in self.manifest
+        ]
 
 
 def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalPlan:
@@ -245,8 +257,9 @@ def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalP
     for name in expected.specs:
         kept = expected.tied.get(name)
         dtype, shape = upload.specs[source[kept or name]]
-        manifest.append(ManifestEntry(name, TensorSpec(tuple(shape), tensorfile.dtype_name(dtype)),
-                                      kept))
+        manifest.append(
+            ManifestEntry(name, TensorSpec(tuple(shape), tensorfile.dtype_name(dtype)), kept)
+        )
     segments, offset = [], len(header)
     for name, dtype, shape in specs:
         nbytes = tensorfile.nbytes_of(dtype, shape)
@@ -292,7 +305,8 @@ def _load_into(module: nn.Module, reader, model: str) -> None:
         raise FailedPrecondition(
             f"the stored version of {model!r} no longer fits its architecture's code "
             f"(missing {sorted(set(state) - stored)}, unexpected {sorted(stored - set(state))}); "
-            "restore the architecture's code or upload a new version")
+            "restore the architecture's code or upload a new version"
+        )
     for entry in header.entries.values():
         if isinstance(state[entry.name], UninitializedParameter):
             state[entry.name].materialize(entry.shape, dtype=entry.dtype)
@@ -304,7 +318,8 @@ def _load_into(module: nn.Module, reader, model: str) -> None:
         if tuple(target.shape) != entry.shape or target.dtype != entry.dtype:
             raise FailedPrecondition(
                 f"stored {entry.name!r} of {model!r} is {entry.dtype}{list(entry.shape)} but the "
-                f"architecture makes {target.dtype}{list(target.shape)}; the code changed")
+                f"architecture makes {target.dtype}{list(target.shape)}; the code changed"
+            )
         data = target.data
         if data.is_contiguous() and data.device.type == "cpu":
             with torch.no_grad():
@@ -347,8 +362,10 @@ def module_upload(module: nn.Module) -> tuple[UploadedState, ExpectedState]:
     expected = ExpectedState.of(module)
     uninitialized = [n for n, s in expected.specs.items() if s.shape is None]
     if uninitialized:
-        raise FailedPrecondition(f"parameters {uninitialized} are not initialized yet; "
-                                 "run a first input through the model")
+        raise FailedPrecondition(
+            f"parameters {uninitialized} are not initialized yet; "
+            "run a first input through the model"
+        )
     return TensorMappingUpload(module.state_dict()), expected
 
 

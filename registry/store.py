@@ -19,8 +19,9 @@ that make versions in ``operations``, read-only queries in ``queries``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,9 +41,20 @@ from .repository import Repository
 from .schemes import parse_scheme
 from .shapes import ShapeOracle
 from .signature import Signature
-from .slicing import parse_index, select as select_index
-from .statedict import (CanonicalPlan, Source, UploadedState, canonical_plan, load_into,
-                        module_upload, open_upload, read_state_dict, validate, write_canonical)
+from .slicing import parse_index
+from .slicing import select as select_index
+from .statedict import (
+    CanonicalPlan,
+    Source,
+    UploadedState,
+    canonical_plan,
+    load_into,
+    module_upload,
+    open_upload,
+    read_state_dict,
+    validate,
+    write_canonical,
+)
 from .uploads import StreamedUpload
 from .values import ManifestEntry, ModelInfo, ParameterInfo, VersionInfo
 
@@ -54,8 +66,12 @@ def default_url(data_dir: str | Path) -> str:
 class Store:
     """Models, versions and aliases in a SQL database; parameters in content-addressed blobs."""
 
-    def __init__(self, url: str | None = None, data_dir: str | Path = "./data",
-                 limits: Limits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        url: str | None = None,
+        data_dir: str | Path = "./data",
+        limits: Limits = DEFAULT_LIMITS,
+    ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.url = url or default_url(self.data_dir)
@@ -72,7 +88,7 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,8 +100,15 @@ class Store:
 
     # ---- models -------------------------------------------------------------------------
 
-    def create_model(self, name: str, architecture: str, config: Mapping[str, Any] | None = None,
-                     init: str = "default", seed: int = 0, description: str = "") -> ModelInfo:
+    def create_model(
+        self,
+        name: str,
+        architecture: str,
+        config: Mapping[str, Any] | None = None,
+        init: str = "default",
+        seed: int = 0,
+        description: str = "",
+    ) -> ModelInfo:
         """Register a model: an architecture, its config, an init policy and a seed."""
         check_name(name)
         check_text(description, "a model's description")
@@ -96,8 +119,9 @@ class Store:
         resolved = arch.resolve_config(config)
         scheme = parse_scheme(init, self.limits)
         self.shapes.check_build(arch, resolved)  # a bad or too big config is refused now (meta)
-        return self.repository.create_model(name, architecture, resolved, str(scheme),
-                                            int(seed), description)
+        return self.repository.create_model(
+            name, architecture, resolved, str(scheme), int(seed), description
+        )
 
     def get_model(self, name: str) -> ModelInfo:
         return self.repository.get_model(name)
@@ -127,11 +151,17 @@ class Store:
             blob = self._write_blob(upload, plan)
         finally:
             upload.close()
-        return self.add_version(name, blob, plan.manifest_with(blob.segment_sha256), "upload",
-                                alias=alias)
+        return self.add_version(
+            name, blob, plan.manifest_with(blob.segment_sha256), "upload", alias=alias
+        )
 
-    def begin_upload(self, name: str, size_bytes: int, alias: str | None = None,
-                     spool_dir: str | Path | None = None) -> StreamedUpload:
+    def begin_upload(
+        self,
+        name: str,
+        size_bytes: int,
+        alias: str | None = None,
+        spool_dir: str | Path | None = None,
+    ) -> StreamedUpload:
         """An upload of ``size_bytes`` that arrives in chunks (a network stream): feed it with
         ``write``, end it with ``finish(sha256)`` → the new version, or ``abort()``.
 
@@ -142,32 +172,66 @@ class Store:
         model = self.get_model(name)
         if alias is not None:
             check_alias(alias)
-        return StreamedUpload(self, model, size_bytes, alias,
-                              Path(spool_dir) if spool_dir else self.data_dir / "spool")
+        return StreamedUpload(
+            self,
+            model,
+            size_bytes,
+            alias,
+            Path(spool_dir) if spool_dir else self.data_dir / "spool",
+        )
 
-    def add_version(self, name: str, blob: HashingWriter, manifest: Sequence[ManifestEntry],
-                    origin: str, parent: int | None = None, alias: str | None = None,
-                    first_only: bool = False) -> VersionInfo:
+    def add_version(
+        self,
+        name: str,
+        blob: HashingWriter,
+        manifest: Sequence[ManifestEntry],
+        origin: str,
+        parent: int | None = None,
+        alias: str | None = None,
+        first_only: bool = False,
+    ) -> VersionInfo:
         """Store a written blob (``blobs.create()``, not yet committed) as the next version.
 
         The blob is held before its file is placed and until its row commits, so no
         concurrent deletion collects it (``gc``). With ``first_only`` an existing version
         wins and is returned (the lazy-init race); the blob is then collected.
         """
+
         def insert(ref, hold_id):
-            return self.repository.insert_version(name, ref.sha256, ref.size_bytes, manifest,
-                                                  origin, parent, alias, hold_id, first_only)
+            return self.repository.insert_version(
+                name,
+                ref.sha256,
+                ref.size_bytes,
+                manifest,
+                origin,
+                parent,
+                alias,
+                hold_id,
+                first_only,
+            )
 
         return self.collector.publish(blob, insert)
 
-    def save_module(self, name: str, module: nn.Module, origin: str,
-                    parent: VersionInfo | None, first_only: bool = False) -> VersionInfo:
+    def save_module(
+        self,
+        name: str,
+        module: nn.Module,
+        origin: str,
+        parent: VersionInfo | None,
+        first_only: bool = False,
+    ) -> VersionInfo:
         """A module's state as the next version (``operations`` make versions this way)."""
         upload, expected = module_upload(module)
         plan = canonical_plan(upload, expected)
         blob = self._write_blob(upload, plan)
-        return self.add_version(name, blob, plan.manifest_with(blob.segment_sha256), origin,
-                                parent.number if parent else None, first_only=first_only)
+        return self.add_version(
+            name,
+            blob,
+            plan.manifest_with(blob.segment_sha256),
+            origin,
+            parent.number if parent else None,
+            first_only=first_only,
+        )
 
     def _write_blob(self, upload: UploadedState, plan: CanonicalPlan) -> HashingWriter:
         writer = self.blobs.create(plan.segments)
@@ -239,8 +303,9 @@ class Store:
         version = self.resolve(name, ref)
         return version, self.blobs.open(version.sha256)
 
-    def parameters(self, name: str, ref: int | str | None = None,
-                   stats: bool = False) -> list[ParameterInfo]:
+    def parameters(
+        self, name: str, ref: int | str | None = None, stats: bool = False
+    ) -> list[ParameterInfo]:
         """Every state_dict entry: spec, kind, requires_grad, ties, lazy state, optional stats.
 
         A stored version is described from its manifest, statistics streamed from its blob.
@@ -253,8 +318,9 @@ class Store:
             return parameter_infos(self.shapes.fresh_module(model), with_stats=stats)
         return parameter_infos_of(model, version, self.blobs, with_stats=stats)
 
-    def tensor(self, name: str, param: str, ref: int | str | None = None,
-               index: str | None = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, param: str, ref: int | str | None = None, index: str | None = None
+    ) -> torch.Tensor:
         """One state_dict entry, or a slice of it (``index="0, :2"``), as a new tensor; only
         that entry's bytes are read."""
         model = self.get_model(name)
@@ -280,13 +346,26 @@ class Store:
     def materialize(self, name: str, input_shape: Sequence[int]) -> VersionInfo:
         return self.operations.materialize(name, input_shape)
 
-    def initialize(self, name: str, scheme: str, ref: int | str | None = None,
-                   module_path: str | None = None, seed: int | None = None,
-                   input_shape: Sequence[int] | None = None) -> VersionInfo:
+    def initialize(
+        self,
+        name: str,
+        scheme: str,
+        ref: int | str | None = None,
+        module_path: str | None = None,
+        seed: int | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> VersionInfo:
         return self.operations.initialize(name, scheme, ref, module_path, seed, input_shape)
 
-    def patch(self, name: str, param: str, value: Any, ref: int | str | None = None,
-              index: str | None = None, op: str = "set") -> VersionInfo:
+    def patch(
+        self,
+        name: str,
+        param: str,
+        value: Any,
+        ref: int | str | None = None,
+        index: str | None = None,
+        op: str = "set",
+    ) -> VersionInfo:
         return self.operations.patch(name, param, value, ref, index, op)
 
     materialize.__doc__ = Operations.materialize.__doc__

@@ -27,8 +27,9 @@ import io
 import struct
 import threading
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 from . import tensorfile, torchsave
 from .blobs import TEMP_SUFFIX, BlobStore
@@ -52,9 +53,16 @@ class UploadTarget(Protocol):
 
     def upload(self, name: str, source: Source, alias: str | None = None) -> VersionInfo: ...
 
-    def add_version(self, name: str, blob: HashingWriter, manifest: Sequence[ManifestEntry],
-                    origin: str, parent: int | None = None, alias: str | None = None,
-                    first_only: bool = False) -> VersionInfo: ...
+    def add_version(
+        self,
+        name: str,
+        blob: HashingWriter,
+        manifest: Sequence[ManifestEntry],
+        origin: str,
+        parent: int | None = None,
+        alias: str | None = None,
+        first_only: bool = False,
+    ) -> VersionInfo: ...
 
 
 class StreamedUpload:
@@ -64,8 +72,9 @@ class StreamedUpload:
     at a time. ``abort`` may come from any thread; it waits for a write in progress.
     """
 
-    def __init__(self, store: UploadTarget, model: ModelInfo, size: int, alias: str | None,
-                 spool_dir: Path):
+    def __init__(
+        self, store: UploadTarget, model: ModelInfo, size: int, alias: str | None, spool_dir: Path
+    ):
         self._store = store
         self.model = model
         self.size = size
@@ -112,17 +121,21 @@ class StreamedUpload:
                 raise FailedPrecondition("this upload has ended; start a new one")
             try:
                 if self.received != self.size:
-                    raise InvalidArgument(f"upload ended after {self.received} of the "
-                                          f"{self.size} bytes its header announced; send the "
-                                          "whole file")
+                    raise InvalidArgument(
+                        f"upload ended after {self.received} of the "
+                        f"{self.size} bytes its header announced; send the "
+                        "whole file"
+                    )
                 if self._file is None:
                     self._choose_path(ended=True)
                 file = self._file
                 assert file is not None  # the whole upload is in: the path is chosen
                 if file.sha256 != sha256.lower():
-                    raise InvalidArgument(f"upload's sha256 is {file.sha256}, the client "
-                                          f"says {sha256}; the bytes were damaged in transit, "
-                                          "send them again")
+                    raise InvalidArgument(
+                        f"upload's sha256 is {file.sha256}, the client "
+                        f"says {sha256}; the bytes were damaged in transit, "
+                        "send them again"
+                    )
                 return self._store_version()
             finally:
                 self._discard()
@@ -147,8 +160,9 @@ class StreamedUpload:
 
     def _count(self, n: int) -> None:
         if self.received + n > self.size:
-            raise InvalidArgument(f"upload sent more than the {self.size} bytes its header "
-                                  "announced")
+            raise InvalidArgument(
+                f"upload sent more than the {self.size} bytes its header announced"
+            )
         self.received += n
 
     def _choose_path(self, ended: bool) -> None:
@@ -191,14 +205,14 @@ class StreamedUpload:
         ``None`` when the upload must be spooled. Raises ``InvalidStateDict`` when it cannot
         fit, as ``Store.upload`` would, but before the rest of the bytes are sent."""
         try:
-            header = tensorfile.read_header(io.BytesIO(head), self.size,
-                                            limits=self._store.limits)
+            header = tensorfile.read_header(io.BytesIO(head), self.size, limits=self._store.limits)
         except InvalidArgument:
             return None  # the spooled path reports it, after the size and sha256 checks
         upload = UploadedState({n: (e.dtype, e.shape) for n, e in header.entries.items()})
         expected = self._store.shapes.expected_state(self.model, upload.specs)
-        if any(name in upload.specs and kept in upload.specs
-               for name, kept in expected.tied.items()):
+        if any(
+            name in upload.specs and kept in upload.specs for name, kept in expected.tied.items()
+        ):
             return None  # tied entries given twice: their values must be compared
         validate(self.model.name, upload, expected)
         plan = canonical_plan(upload, expected)
@@ -211,9 +225,13 @@ class StreamedUpload:
             blob.close()
             return self._store.upload(self.model.name, blob.path, alias=self.alias)
         self._file = None  # add_version owns it now
-        return self._store.add_version(self.model.name, blob,
-                                       self._plan.manifest_with(blob.segment_sha256), "upload",
-                                       alias=self.alias)
+        return self._store.add_version(
+            self.model.name,
+            blob,
+            self._plan.manifest_with(blob.segment_sha256),
+            "upload",
+            alias=self.alias,
+        )
 
     def _discard(self) -> None:
         self._ended = True

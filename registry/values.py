@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # A served model's one input and one output tensor, by name (KServe v2 and the signature).
 INPUT_NAME = "input"

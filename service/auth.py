@@ -16,16 +16,36 @@ import grpc
 
 from paramserve.registry.errors import InvalidArgument
 
-ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-               "/grpc.reflection.v1.ServerReflection/")
+ALWAYS_OPEN = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 READ_ONLY_METHODS = {
-    "/inference.GRPCInferenceService/" + m for m in (
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-        "ModelInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex")
+    "/inference.GRPCInferenceService/" + m
+    for m in (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+    )
 } | {
-    "/paramserve.v1.Registry/" + m for m in (
-        "ListArchitectures", "GetModel", "ListModels", "DownloadVersion", "ListVersions",
-        "ListParameters", "GetTensor", "DescribeModule")
+    "/paramserve.v1.Registry/" + m
+    for m in (
+        "ListArchitectures",
+        "GetModel",
+        "ListModels",
+        "DownloadVersion",
+        "ListVersions",
+        "ListParameters",
+        "GetTensor",
+        "DescribeModule",
+    )
 }
 
 
@@ -35,7 +55,7 @@ class Tokens:
     read_only: tuple[str, ...]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokens":
+    def from_file(cls, path: str | Path) -> Tokens:
         """Read the token file; refuse it (naming the file and line) when a token is not
         printable ASCII, the only thing gRPC metadata can carry."""
         full, read_only = [], []
@@ -48,9 +68,11 @@ class Tokens:
             if not parts or parts[0].startswith(b"#"):
                 continue
             if not all(_printable_ascii(part) for part in parts):
-                raise InvalidArgument(f"--auth-token-file {path}, line {number}: a token must be "
-                                      "printable ASCII (gRPC metadata carries nothing else); "
-                                      "write it with letters, digits and punctuation only")
+                raise InvalidArgument(
+                    f"--auth-token-file {path}, line {number}: a token must be "
+                    "printable ASCII (gRPC metadata carries nothing else); "
+                    "write it with letters, digits and punctuation only"
+                )
             parts = [part.decode("ascii") for part in parts]
             if len(parts) > 2 or (len(parts) == 2 and parts[1] != "read"):
                 raise InvalidArgument(f"{path}:{number}: write TOKEN or 'TOKEN read'")
@@ -89,12 +111,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if role == "full" or (role == "read" and reading):
             return handler
         if role == "read":
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
-                             f"{method.rsplit('/', 1)[-1]} changes the registry; this token is "
-                             "read-only: use a full token")
-        return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
-                         "missing or unknown token: send 'authorization: Bearer <token>' "
-                         "metadata (paramserve --token / PARAMSERVE_TOKEN)")
+            return _refusing(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} changes the registry; this token is "
+                "read-only: use a full token",
+            )
+        return _refusing(
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or unknown token: send 'authorization: Bearer <token>' "
+            "metadata (paramserve --token / PARAMSERVE_TOKEN)",
+        )
 
 
 def _printable_ascii(word: bytes) -> bool:
@@ -104,7 +132,7 @@ def _printable_ascii(word: bytes) -> bool:
 def _bearer(metadata) -> str:
     for key, value in metadata or ():
         if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+            return value[len("Bearer ") :].strip()
     return ""
 
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from paramserve.registry.errors import ParamserveError, ResourceExhausted
 
 from .status import DeadlineExceeded  # noqa: F401  (defined there: the client needs it)
-
 
 # Requests that keep arriving alone skip the queue: after this many one-request batches in a
 # row, a request runs at once on the loop (when the forward runs there), saving the queue's
@@ -44,15 +43,20 @@ class _Pending:
     x: torch.Tensor
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
-    queued_ns: int          # time.perf_counter_ns() when it was queued
+    queued_ns: int  # time.perf_counter_ns() when it was queued
 
 
 class Batcher:
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor],
-                 executor: Executor, max_batch_size: int, max_queue_delay_us: int = 0,
-                 max_queue_size: int = 1024,
-                 on_batch: Callable[[int, int, int, int], None] | None = None,
-                 inline_max_elements: int = 0):
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        executor: Executor,
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 1024,
+        on_batch: Callable[[int, int, int, int], None] | None = None,
+        inline_max_elements: int = 0,
+    ):
         """``forward``: a plain function (it must not hold the batcher's owner, or the two
         would keep each other alive). ``executor``: where forwards run (one thread keeps one
         OpenMP team busy); a batch of at most ``inline_max_elements`` input elements runs on
@@ -66,16 +70,20 @@ class Batcher:
         # (rows, requests, forward ns, queue ns summed over the requests) per executed batch
         self.on_batch = on_batch
         self._queue: deque[_Pending] = deque()
-        self._busy = False       # a batch is running in the executor
+        self._busy = False  # a batch is running in the executor
         self._scheduled = False  # a flush is already on the event loop's schedule
-        self._lonely = 0         # one-request batches in a row
-        self._skipped = 0        # requests run at once since the queue last found company
+        self._lonely = 0  # one-request batches in a row
+        self._skipped = 0  # requests run at once since the queue last found company
 
     def run_alone(self, x: torch.Tensor) -> torch.Tensor | None:
         """The output at once, when requests have been arriving alone and the forward runs
         on the loop; ``None``: use ``submit``."""
-        if (x.numel() > self.inline_max_elements or self._queue or self._scheduled
-                or self._lonely < LONELY_BATCHES):
+        if (
+            x.numel() > self.inline_max_elements
+            or self._queue
+            or self._scheduled
+            or self._lonely < LONELY_BATCHES
+        ):
             return None
         self._skipped += 1
         if self._skipped % PROBE_EVERY == 0:
@@ -88,8 +96,10 @@ class Batcher:
     def submit(self, x: torch.Tensor, timeout_s: float | None = None) -> asyncio.Future:
         """Queue one request; the returned future holds its rows of the batch's output."""
         if len(self._queue) >= self.max_queue_size:
-            raise ResourceExhausted(f"the model's queue is full ({self.max_queue_size} "
-                                    "requests); retry later or add replicas")
+            raise ResourceExhausted(
+                f"the model's queue is full ({self.max_queue_size} "
+                "requests); retry later or add replicas"
+            )
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -130,12 +140,14 @@ class Batcher:
             self._schedule_next()
             return
         self._busy = True
-        running = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_forward,
-                                                             merged)
+        running = asyncio.get_running_loop().run_in_executor(
+            self.executor, self._timed_forward, merged
+        )
         running.add_done_callback(lambda done: self._finished(batch, xs, done, queue_ns))
 
-    def _finished(self, batch: list[_Pending], xs: list[torch.Tensor],
-                  done: asyncio.Future, queue_ns: int) -> None:
+    def _finished(
+        self, batch: list[_Pending], xs: list[torch.Tensor], done: asyncio.Future, queue_ns: int
+    ) -> None:
         self._busy = False
         if done.cancelled():  # the loop is shutting down
             for pending in batch:
@@ -169,7 +181,8 @@ class Batcher:
                     raise BatchingError(
                         f"the model answered {y.shape[0] if y.dim() else 'a scalar'} rows for "
                         f"{sum(rows)} input rows, so its requests cannot be batched; mark its "
-                        "architecture batchable=False")
+                        "architecture batchable=False"
+                    )
                 parts = torch.split(y, rows)
         except Exception as err:
             _fail(batch, err)
@@ -195,11 +208,15 @@ class Batcher:
             if pending.future.done():
                 continue
             if pending.deadline is not None and pending.deadline <= now:
-                pending.future.set_exception(DeadlineExceeded(
-                    "the request's deadline passed while it waited in the model's queue"))
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        "the request's deadline passed while it waited in the model's queue"
+                    )
+                )
                 continue
-            fits = not batch or (pending.x.shape[1:] == batch[0].x.shape[1:]
-                                 and pending.x.dtype == batch[0].x.dtype)
+            fits = not batch or (
+                pending.x.shape[1:] == batch[0].x.shape[1:] and pending.x.dtype == batch[0].x.dtype
+            )
             if fits and (not batch or rows + pending.x.shape[0] <= self.max_batch_size):
                 batch.append(pending)
                 rows += pending.x.shape[0]

@@ -20,16 +20,27 @@ from paramserve.registry.tensorfile import DTYPE_INFO
 
 from .wire import CARRIER, SAFETENSORS_OF, TYPED_FIELD, bits, check_shape, decode_typed
 
-__all__ = ["TORCH_OF", "DATATYPE_OF", "NUMPY_OF", "TYPED_FIELD", "check_shape", "datatype_of",
-           "decode_inputs", "decode_tensor", "encode_output"]
+__all__ = [
+    "TORCH_OF",
+    "DATATYPE_OF",
+    "NUMPY_OF",
+    "TYPED_FIELD",
+    "check_shape",
+    "datatype_of",
+    "decode_inputs",
+    "decode_tensor",
+    "encode_output",
+]
 
 # The datatype tables are wire's (shared with the numpy-only client), given torch dtypes here.
 TORCH_OF: dict[str, torch.dtype] = {
-    kserve: getattr(torch, DTYPE_INFO[st][1]) for kserve, st in SAFETENSORS_OF.items()}
+    kserve: getattr(torch, DTYPE_INFO[st][1]) for kserve, st in SAFETENSORS_OF.items()
+}
 DATATYPE_OF: dict[torch.dtype, str] = {v: k for k, v in TORCH_OF.items()}
 # numpy has no bfloat16: those bytes are read as int16 and reinterpreted by torch.
 NUMPY_OF: dict[torch.dtype, np.dtype] = {
-    dtype: CARRIER[SAFETENSORS_OF[kserve]] for kserve, dtype in TORCH_OF.items()}
+    dtype: CARRIER[SAFETENSORS_OF[kserve]] for kserve, dtype in TORCH_OF.items()
+}
 # Request bytes are read-only and the forward never writes its input: torch's one-time
 # warning about wrapping a read-only array says nothing a server operator can act on.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -47,14 +58,18 @@ def decode_inputs(request, signature: Signature, max_elements: int) -> dict[str,
     expected = {t.name: t for t in signature.inputs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"raw_input_contents holds {len(raw)} buffers for "
-                              f"{len(request.inputs)} inputs; send one per input, in order")
+        raise InvalidArgument(
+            f"raw_input_contents holds {len(raw)} buffers for "
+            f"{len(request.inputs)} inputs; send one per input, in order"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for i, tensor in enumerate(request.inputs):
         spec = expected.get(tensor.name)
         if spec is None:
-            raise InvalidArgument(f"model {request.model_name!r} has no input {tensor.name!r}; "
-                                  f"its inputs: {sorted(expected)}")
+            raise InvalidArgument(
+                f"model {request.model_name!r} has no input {tensor.name!r}; "
+                f"its inputs: {sorted(expected)}"
+            )
         if tensor.name in tensors:
             raise InvalidArgument(f"input {tensor.name!r} is given twice")
         tensors[tensor.name] = decode_tensor(tensor, raw[i] if raw else None, spec, max_elements)
@@ -64,22 +79,27 @@ def decode_inputs(request, signature: Signature, max_elements: int) -> dict[str,
     return tensors
 
 
-def decode_tensor(tensor, raw: bytes | None, spec: TensorSignature,
-                  max_elements: int) -> torch.Tensor:
+def decode_tensor(
+    tensor, raw: bytes | None, spec: TensorSignature, max_elements: int
+) -> torch.Tensor:
     name, datatype = tensor.name, tensor.datatype
     dtype = TORCH_OF.get(datatype)
     if dtype is None:
-        raise InvalidArgument(f"input {name!r} has datatype {datatype!r}; paramserve takes "
-                              f"{sorted(TORCH_OF)}")
+        raise InvalidArgument(
+            f"input {name!r} has datatype {datatype!r}; paramserve takes {sorted(TORCH_OF)}"
+        )
     if dtype != spec.dtype:
-        raise InvalidArgument(f"input {name!r} is {datatype}, the model takes "
-                              f"{datatype_of(spec.dtype)}")
+        raise InvalidArgument(
+            f"input {name!r} is {datatype}, the model takes {datatype_of(spec.dtype)}"
+        )
     shape = tuple(tensor.shape)
     check_shape(name, shape, spec.shape)
     numel = math.prod(shape)  # Python ints: a lying shape cannot overflow into a small number
     if numel > max_elements:
-        raise ResourceExhausted(f"input {name!r} has {numel} elements, over the limit of "
-                                f"{max_elements}; split the request (--max-tensor-elements)")
+        raise ResourceExhausted(
+            f"input {name!r} has {numel} elements, over the limit of "
+            f"{max_elements}; split the request (--max-tensor-elements)"
+        )
     if raw is not None:
         carried = bits(SAFETENSORS_OF[datatype], raw, shape, f"input {name!r}", datatype)
         if not raw:

@@ -17,8 +17,8 @@ import errno
 import inspect
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import grpc
 import torch
@@ -30,8 +30,9 @@ from .status import CORE_STATUS, ERROR_OF, DeadlineExceeded  # noqa: F401  (ERRO
 
 log = logging.getLogger("paramserve")
 
-_OOM = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
-              torch.cuda.OutOfMemoryError})
+_OOM = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
 _CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
 
 STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
@@ -73,13 +74,17 @@ class Edge:
         """Count one RPC in, or refuse it with ResourceExhausted (before it does anything)."""
         limit = self.limits.max_concurrent_rpcs
         if limit and self.in_flight >= limit:
-            raise ResourceExhausted(f"the server is serving {self.in_flight} requests, its "
-                                    f"limit (--max-concurrent-rpcs {limit}); retry later")
+            raise ResourceExhausted(
+                f"the server is serving {self.in_flight} requests, its "
+                f"limit (--max-concurrent-rpcs {limit}); retry later"
+            )
         method_limit, flag = self.limits.per_method.get(method, (0, ""))
         count = self.in_flight_of.get(method, 0)
         if method_limit and count >= method_limit:
-            raise ResourceExhausted(f"{count} {method} streams are open, the server's limit "
-                                    f"({flag} {method_limit}); retry later")
+            raise ResourceExhausted(
+                f"{count} {method} streams are open, the server's limit "
+                f"({flag} {method_limit}); retry later"
+            )
         self.in_flight += 1
         self.in_flight_of[method] = count + 1
 
@@ -91,8 +96,9 @@ class Edge:
 def out_of_memory(error: BaseException) -> bool:
     """Torch's out-of-memory classes, and the CPU allocator's failure: a plain RuntimeError
     that only its message tells apart."""
-    return isinstance(error, _OOM) or (type(error) is RuntimeError
-                                       and any(m in str(error) for m in _CPU_OOM_MESSAGES))
+    return isinstance(error, _OOM) or (
+        type(error) is RuntimeError and any(m in str(error) for m in _CPU_OOM_MESSAGES)
+    )
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
@@ -118,10 +124,14 @@ def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, s
     if isinstance(err, RecursionError):
         return code, f"{method}: the input is nested too deeply to read; flatten it"
     if out_of_memory(err):
-        return code, (f"{method} ran out of memory on the device: send a smaller request, or "
-                      "serve the model on a device with more free memory")
-    return code, (f"{method} failed: {OS_ERRORS[err.errno]} ({errno.errorcode[err.errno]}); "
-                  "nothing was changed: the operator must free space or descriptors")
+        return code, (
+            f"{method} ran out of memory on the device: send a smaller request, or "
+            "serve the model on a device with more free memory"
+        )
+    return code, (
+        f"{method} failed: {OS_ERRORS[err.errno]} ({errno.errorcode[err.errno]}); "
+        "nothing was changed: the operator must free space or descriptors"
+    )
 
 
 _CONTROL = {c: " " for c in [*range(32), 127]}
@@ -136,7 +146,7 @@ def one_line(text: str, max_chars: int = MAX_STATUS_CHARS) -> str:
     if len(text) <= max_chars and len(line) <= max_chars:
         return line
     marker = f" … [cut: {len(text)} characters in all]"
-    return line[:max(0, max_chars - len(marker))] + marker
+    return line[: max(0, max_chars - len(marker))] + marker
 
 
 def guard(servicer, metrics=None, edge: Edge | None = None):
@@ -155,8 +165,11 @@ def guard(servicer, metrics=None, edge: Edge | None = None):
 
 def _rpc_methods(servicer) -> list[str]:
     """The RPCs the generated base class declares (and ``servicer`` implements)."""
-    base = next(c for c in type(servicer).__mro__ if c.__name__.endswith("Servicer")
-                and c.__module__.endswith("_pb2_grpc"))
+    base = next(
+        c
+        for c in type(servicer).__mro__
+        if c.__name__.endswith("Servicer") and c.__module__.endswith("_pb2_grpc")
+    )
     return [name for name in vars(base) if not name.startswith("_")]
 
 
@@ -186,23 +199,26 @@ class _Call:
         self.code, message = _status_and_message(err, self.method)
         try:  # bounded: behind data a client does not read, the status would wait forever
             async with asyncio.timeout(self.edge.limits.stream_idle_timeout_s or None):
-                await context.abort(self.code, one_line(message,
-                                                        self.edge.limits.max_status_chars))
+                await context.abort(self.code, one_line(message, self.edge.limits.max_status_chars))
         except TimeoutError:
             pass  # the call is over for us; gRPC drops it when the client goes
 
     def cancelled(self, context) -> None:
         """The call was cancelled under the handler: by the client, or by its deadline."""
         remaining = context.time_remaining()
-        self.code = (grpc.StatusCode.DEADLINE_EXCEEDED
-                     if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED)
+        self.code = (
+            grpc.StatusCode.DEADLINE_EXCEEDED
+            if remaining is not None and remaining <= 0
+            else grpc.StatusCode.CANCELLED
+        )
 
     def end(self) -> None:
         if self.entered:
             self.edge.leave(self.method)
         if self.metrics is not None:
-            self.metrics.observe_request(self.method, self.code.name,
-                                         time.perf_counter() - self.start)
+            self.metrics.observe_request(
+                self.method, self.code.name, time.perf_counter() - self.start
+            )
 
 
 def _wrap_unary(behavior, method, metrics, edge):
@@ -218,6 +234,7 @@ def _wrap_unary(behavior, method, metrics, edge):
             await call.fail(err, context)
         finally:
             call.end()
+
     return wrapped
 
 
@@ -240,6 +257,7 @@ def _wrap_stream(behavior, method, metrics, edge):
             await call.fail(err, context)
         finally:
             call.end()
+
     return wrapped
 
 
@@ -248,8 +266,10 @@ async def _write(context, message, idle_s: float, method: str) -> None:
         async with asyncio.timeout(idle_s or None):
             await context.write(message)
     except TimeoutError:
-        raise DeadlineExceeded(f"{method}: the client read nothing for {idle_s:g} s "
-                               "(--stream-idle-timeout-s); the stream is closed") from None
+        raise DeadlineExceeded(
+            f"{method}: the client read nothing for {idle_s:g} s "
+            "(--stream-idle-timeout-s); the stream is closed"
+        ) from None
     except (grpc.aio.AbortError, asyncio.CancelledError):
         raise
     except Exception as err:  # grpc's ExecuteBatchError: the call ended under the write

@@ -22,12 +22,14 @@ CONFIG_TYPE = {name: getattr(pb, f"TYPE_{name}") for name in codec.TORCH_OF}
 
 def _tensor_metadata(spec: TensorSignature) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=codec.datatype_of(spec.dtype), shape=list(spec.shape))
+        name=spec.name, datatype=codec.datatype_of(spec.dtype), shape=list(spec.shape)
+    )
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, max_batch_size: int, max_tensor_elements: int,
-                 metrics=None):
+    def __init__(
+        self, manager: ModelManager, max_batch_size: int, max_tensor_elements: int, metrics=None
+    ):
         self.manager = manager
         self.max_batch_size = max_batch_size
         self.max_tensor_elements = max_tensor_elements
@@ -48,44 +50,56 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         if not self.manager.is_available(request.name):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=version is not None or (model.lazy and
-                                                                   not request.version))
+        return pb.ModelReadyResponse(
+            ready=version is not None or (model.lazy and not request.version)
+        )
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                         extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
 
     async def ModelMetadata(self, request, context):
         model, version, signature = await self.manager.signature(request.name, request.version)
         versions = await self.manager.run_blocking(self.manager.store.list_versions, request.name)
         device = await self._device_of(request.name, version)
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[str(v.number) for v in versions], platform=PLATFORM,
+            name=model.name,
+            versions=[str(v.number) for v in versions],
+            platform=PLATFORM,
             inputs=[_tensor_metadata(t) for t in signature.inputs],
             outputs=[_tensor_metadata(t) for t in signature.outputs],
-            parameters={"device": pb.InferParameter(string_param=device)})
+            parameters={"device": pb.InferParameter(string_param=device)},
+        )
 
     async def _device_of(self, name, version) -> str:
         """Where the version runs: its device once loaded, else where placement would put it."""
         for loaded in self.manager.loaded():
             if version is not None and (loaded.model.name, loaded.version.number) == (
-                    name, version.number):
+                name,
+                version.number,
+            ):
                 return str(loaded.device)
         return str(self.manager.placement.choose(version.size_bytes if version else 0))
 
     async def ModelConfig(self, request, context):
         model, version, signature = await self.manager.signature(request.name, request.version)
         batch = self.max_batch_size if signature.batchable else 0
-        config = pb.ModelConfig(name=model.name, platform=PLATFORM, backend="paramserve",
-                                max_batch_size=batch)
+        config = pb.ModelConfig(
+            name=model.name, platform=PLATFORM, backend="paramserve", max_batch_size=batch
+        )
         skip = 1 if batch > 0 else 0  # Triton's dims leave the batch dimension out
         for spec in signature.inputs:
-            config.input.add(name=spec.name, dims=list(spec.shape[skip:]),
-                             data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)])
+            config.input.add(
+                name=spec.name,
+                dims=list(spec.shape[skip:]),
+                data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)],
+            )
         for spec in signature.outputs:
             dims = list(spec.shape[skip:]) if spec.shape else []
-            config.output.add(name=spec.name, dims=dims,
-                              data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)])
+            config.output.add(
+                name=spec.name, dims=dims, data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)]
+            )
         config.parameters["architecture"].string_value = model.architecture
         config.parameters["device"].string_value = await self._device_of(model.name, version)
         return pb.ModelConfigResponse(config=config)
@@ -105,9 +119,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             x = inputs[signature.inputs[0].name]
             y = await loaded.infer(x, context.time_remaining())
             computed = time.perf_counter_ns()
-            response = pb.ModelInferResponse(model_name=loaded.model.name,
-                                             model_version=str(loaded.version.number),
-                                             id=request.id)
+            response = pb.ModelInferResponse(
+                model_name=loaded.model.name,
+                model_version=str(loaded.version.number),
+                id=request.id,
+            )
             for name in requested:
                 codec.encode_output(response, name, y)
         except ParamserveError:
@@ -118,11 +134,14 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if out_of_memory(err):
                 raise  # RESOURCE_EXHAUSTED, by the one table (service/errors.py)
             # torch rejected the input inside the forward (a shape the codec cannot check)
-            raise InvalidArgument(f"model {loaded.model.name!r} cannot run on this input: "
-                                  f"{str(err).splitlines()[0][:300]}") from err
+            raise InvalidArgument(
+                f"model {loaded.model.name!r} cannot run on this input: "
+                f"{str(err).splitlines()[0][:300]}"
+            ) from err
         rows = x.shape[0] if x.dim() and signature.batchable else 1
-        self.manager.record(loaded, True, start, decoded, computed, time.perf_counter_ns(),
-                            rows=rows)
+        self.manager.record(
+            loaded, True, start, decoded, computed, time.perf_counter_ns(), rows=rows
+        )
         if self.metrics is not None:
             self.metrics.bytes_moved("infer_in", x.nbytes)
             self.metrics.bytes_moved("infer_out", y.nbytes)
@@ -146,20 +165,34 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if request.version and request.version != str(number):
                 continue
             entry = response.model_stats.add(
-                name=name, version=str(number), last_inference=stats.last_inference_ms,
-                inference_count=stats.inference_count, execution_count=stats.execution_count)
-            for field in ("success", "fail", "queue", "compute_input", "compute_infer",
-                          "compute_output"):
+                name=name,
+                version=str(number),
+                last_inference=stats.last_inference_ms,
+                inference_count=stats.inference_count,
+                execution_count=stats.execution_count,
+            )
+            for field in (
+                "success",
+                "fail",
+                "queue",
+                "compute_input",
+                "compute_infer",
+                "compute_output",
+            ):
                 duration = getattr(stats, field)
                 getattr(entry.inference_stats, field).CopyFrom(
-                    pb.StatisticDuration(count=duration.count, ns=duration.ns))
+                    pb.StatisticDuration(count=duration.count, ns=duration.ns)
+                )
             for rows, forwards in sorted(stats.batch_rows.items()):
-                entry.batch_stats.add(batch_size=rows, compute_infer=pb.StatisticDuration(
-                    count=forwards.count, ns=forwards.ns))
+                entry.batch_stats.add(
+                    batch_size=rows,
+                    compute_infer=pb.StatisticDuration(count=forwards.count, ns=forwards.ns),
+                )
         if request.name and not response.model_stats:
             model, version, _ = await self.manager.signature(request.name, request.version)
-            response.model_stats.add(name=model.name,
-                                     version=str(version.number) if version else "")
+            response.model_stats.add(
+                name=model.name, version=str(version.number) if version else ""
+            )
         return response
 
     async def RepositoryIndex(self, request, context):
@@ -177,8 +210,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 reason = "unloaded: load it with RepositoryModelLoad"
             else:
                 reason = "loaded" if model.name in loaded else ""
-            response.models.add(name=model.name, version=str(model.latest_version or ""),
-                                state="READY" if ready else "UNAVAILABLE", reason=reason)
+            response.models.add(
+                name=model.name,
+                version=str(model.latest_version or ""),
+                state="READY" if ready else "UNAVAILABLE",
+                reason=reason,
+            )
         return response
 
     async def RepositoryModelLoad(self, request, context):
@@ -199,6 +236,7 @@ def _requested_outputs(request, signature: Signature) -> list[str]:
     names = [o.name for o in request.outputs]
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise InvalidArgument(f"model {request.model_name!r} has no output(s) {unknown}; "
-                              f"its outputs: {known}")
+        raise InvalidArgument(
+            f"model {request.model_name!r} has no output(s) {unknown}; its outputs: {known}"
+        )
     return names

@@ -86,7 +86,7 @@ class LoadedModel:
     signature: Signature
     size_bytes: int
     runner: Executor | None = None  # the device's compute thread
-    inline: bool = False            # small inputs run on the event loop (timed at load)
+    inline: bool = False  # small inputs run on the event loop (timed at load)
     forward_s: float = float("inf")  # median forward on the example input, timed at load
     batcher: Batcher | None = None
     queue_time: Duration | None = None  # this version's statistics of unbatched queueing
@@ -126,19 +126,27 @@ class LoadedModel:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             queued_ns = time.perf_counter_ns()
             return await asyncio.get_running_loop().run_in_executor(
-                self.runner, _forward_before, self.forward_tensor, x, deadline, queued_ns,
-                None if self.queue_time is None else self.queue_time.add)
+                self.runner,
+                _forward_before,
+                self.forward_tensor,
+                x,
+                deadline,
+                queued_ns,
+                None if self.queue_time is None else self.queue_time.add,
+            )
         finally:
             self.inflight -= 1
 
 
-def _forward_before(forward, x: torch.Tensor, deadline: float | None, queued_ns: int,
-                    on_queue_ns) -> torch.Tensor:
+def _forward_before(
+    forward, x: torch.Tensor, deadline: float | None, queued_ns: int, on_queue_ns
+) -> torch.Tensor:
     if on_queue_ns is not None:
         on_queue_ns(time.perf_counter_ns() - queued_ns)
     if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded("the request's deadline passed while it waited for the model; "
-                               "it never ran")
+        raise DeadlineExceeded(
+            "the request's deadline passed while it waited for the model; it never ran"
+        )
     return forward(x)
 
 
@@ -185,8 +193,9 @@ class LoadedModels:
         # On the module, which the batcher's forward also holds: it goes when the last holder
         # does. Weakref callbacks run before the module's tensors are cleared, so the release
         # itself runs on the loop's next turn.
-        weakref.finalize(loaded.module, _release_soon, asyncio.get_running_loop(),
-                         loaded.device.type)
+        weakref.finalize(
+            loaded.module, _release_soon, asyncio.get_running_loop(), loaded.device.type
+        )
         self._evict_over_budget(loaded)
 
     def all(self) -> list[LoadedModel]:
@@ -219,16 +228,19 @@ class LoadedModels:
     def _evict_over_budget(self, newest: LoadedModel) -> None:
         if not self.budget_bytes:
             return
-        on_device = sorted((m for m in self._entries.values() if m.device == newest.device),
-                           key=lambda m: (m.inflight > 0, m.last_use))
+        on_device = sorted(
+            (m for m in self._entries.values() if m.device == newest.device),
+            key=lambda m: (m.inflight > 0, m.last_use),
+        )
         used = sum(m.size_bytes for m in on_device)
         for loaded in on_device:
             if used <= self.budget_bytes:
                 break
             if loaded is newest:
                 continue  # never the one just loaded: its request is waiting for it
-            self.retire(loaded, f"least recently used over the {self.budget_bytes >> 20} MiB "
-                                "budget")
+            self.retire(
+                loaded, f"least recently used over the {self.budget_bytes >> 20} MiB budget"
+            )
             used -= loaded.size_bytes
 
 

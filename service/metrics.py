@@ -8,14 +8,30 @@ Counter and Histogram take a lock per update, which cost several µs on every in
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                     0.25, 0.5, 1, 2.5, 5, 10, 30)
+LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 
 
 class _Latency:
@@ -34,7 +50,7 @@ class Metrics:
         self.loaded_models = loaded_models
         self.requests: dict[tuple[str, str], int] = {}  # (method, code) → count
         self.latency: dict[str, _Latency] = {}
-        self.bytes: dict[str, int] = {}                 # direction → bytes
+        self.bytes: dict[str, int] = {}  # direction → bytes
         self.registry.register(self)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
@@ -51,13 +67,15 @@ class Metrics:
 
     def collect(self):
         """Called by prometheus_client on each scrape (from its HTTP thread)."""
-        requests = CounterMetricFamily("paramserve_requests", "gRPC requests by method and "
-                                       "status", labels=["method", "code"])
+        requests = CounterMetricFamily(
+            "paramserve_requests", "gRPC requests by method and status", labels=["method", "code"]
+        )
         for (method, code), count in list(self.requests.items()):
             requests.add_metric([method, code], count)
         yield requests
-        latency = HistogramMetricFamily("paramserve_request_seconds", "gRPC request latency",
-                                        labels=["method"])
+        latency = HistogramMetricFamily(
+            "paramserve_request_seconds", "gRPC request latency", labels=["method"]
+        )
         for method, histogram in list(self.latency.items()):
             counts, running, buckets = list(histogram.counts), 0, []
             for bound, count in zip([*map(_bound, LATENCY_BUCKETS_S), "+Inf"], counts):
@@ -65,13 +83,17 @@ class Metrics:
                 buckets.append((bound, running))
             latency.add_metric([method], buckets, histogram.total_s)
         yield latency
-        moved = CounterMetricFamily("paramserve_bytes", "tensor and parameter bytes moved",
-                                    labels=["direction"])
+        moved = CounterMetricFamily(
+            "paramserve_bytes", "tensor and parameter bytes moved", labels=["direction"]
+        )
         for direction, count in list(self.bytes.items()):
             moved.add_metric([direction], count)
         yield moved
-        yield GaugeMetricFamily("paramserve_loaded_models", "model versions loaded in memory",
-                                value=self.loaded_models())
+        yield GaugeMetricFamily(
+            "paramserve_loaded_models",
+            "model versions loaded in memory",
+            value=self.loaded_models(),
+        )
 
     def serve(self, host: str, port: int):
         """Start the HTTP endpoint; returns ``(http_server, bound_port)``."""

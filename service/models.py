@@ -15,9 +15,10 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,8 +30,14 @@ from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
 from .batcher import Batcher
-from .loaded import (INLINE_FORWARD_S, INLINE_MAX_ELEMENTS, LoadedModel, LoadedModels,
-                     ModelUnavailable, key_of)
+from .loaded import (
+    INLINE_FORWARD_S,
+    INLINE_MAX_ELEMENTS,
+    LoadedModel,
+    LoadedModels,
+    ModelUnavailable,
+    key_of,
+)
 from .placement import Placement, module_bytes
 from .stats import Statistics
 
@@ -40,12 +47,19 @@ CONTROL_MODES = ("on-demand", "explicit")
 
 
 class ModelManager:
-    def __init__(self, store: Store, placement: Placement, executor: Executor,
-                 memory_budget_bytes: int = 0, batching: BatchingPolicy | None = None,
-                 control_mode: str = "on-demand"):
+    def __init__(
+        self,
+        store: Store,
+        placement: Placement,
+        executor: Executor,
+        memory_budget_bytes: int = 0,
+        batching: BatchingPolicy | None = None,
+        control_mode: str = "on-demand",
+    ):
         if control_mode not in CONTROL_MODES:
-            raise InvalidArgument(f"--model-control-mode {control_mode!r}: use one of "
-                                  f"{', '.join(CONTROL_MODES)}")
+            raise InvalidArgument(
+                f"--model-control-mode {control_mode!r}: use one of {', '.join(CONTROL_MODES)}"
+            )
         self.store = store
         self.batching = batching or BatchingPolicy()
         self.placement = placement
@@ -79,16 +93,16 @@ class ModelManager:
         the model's versions and aliases however many spellings clients send."""
         key = (name, parse_ref(ref))
         if key not in self._resolved:
-            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name,
-                                                          key[1])
+            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name, key[1])
         return self._resolved[key]
 
     def hot(self, name: str, ref: str) -> LoadedModel | None:
         """The model serving (name, ref) if it is loaded and nothing changed since: no await."""
         return self.cache.hot(name, ref)
 
-    async def get(self, name: str, ref: str,
-                  input_shape: Sequence[int] | None = None) -> LoadedModel:
+    async def get(
+        self, name: str, ref: str, input_shape: Sequence[int] | None = None
+    ) -> LoadedModel:
         hot = self.cache.hot(name, ref)
         if hot is not None:
             return hot
@@ -110,8 +124,10 @@ class ModelManager:
 
     def _check_available(self, name: str) -> None:
         if not self.is_available(name):
-            raise ModelUnavailable(f"model {name!r} is not loaded (explicit model control); "
-                                   "load it with RepositoryModelLoad")
+            raise ModelUnavailable(
+                f"model {name!r} is not loaded (explicit model control); "
+                "load it with RepositoryModelLoad"
+            )
 
     def is_available(self, name: str) -> bool:
         return self.control_mode != "explicit" or name in self._explicitly_loaded
@@ -125,7 +141,8 @@ class ModelManager:
         pending = self._loading.get(key)
         if pending is None:
             pending = self._loading[key] = asyncio.ensure_future(
-                self.run_blocking(self._load_blocking, model, version))
+                self.run_blocking(self._load_blocking, model, version)
+            )
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         loaded = await asyncio.shield(pending)
         if self.cache.get(key) is None:
@@ -139,9 +156,15 @@ class ModelManager:
         max_batch, delay_us = self.batching_for(loaded.model.name)
         if not loaded.signature.batchable or max_batch <= 1:
             return  # never merge requests for a forward that mixes rows
-        loaded.batcher = Batcher(loaded.forward_fn(), loaded.runner, max_batch, delay_us,
-                                 self.batching.max_queue_size, on_batch=stats.count_batch,
-                                 inline_max_elements=INLINE_MAX_ELEMENTS if loaded.inline else 0)
+        loaded.batcher = Batcher(
+            loaded.forward_fn(),
+            loaded.runner,
+            max_batch,
+            delay_us,
+            self.batching.max_queue_size,
+            on_batch=stats.count_batch,
+            inline_max_elements=INLINE_MAX_ELEMENTS if loaded.inline else 0,
+        )
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
         module = self.store.load_version(model, version)
@@ -149,14 +172,17 @@ class ModelManager:
         device = self.placement.choose(size)
         module.to(device)
         signature = self.store.signature(model, version)
-        loaded = LoadedModel(model, version, module, device, signature, size,
-                             runner=self.compute_thread(device))
+        loaded = LoadedModel(
+            model, version, module, device, signature, size, runner=self.compute_thread(device)
+        )
         loaded.forward_s = _forward_s(loaded)
         loaded.inline = device.type == "cpu" and loaded.forward_s < INLINE_FORWARD_S
         if signature.batchable and not _rows_independent(loaded):
-            log.warning("model %r: its outputs do not follow its input rows one for one, so its "
-                        "requests are never batched; declare its architecture batchable=False",
-                        model.name)
+            log.warning(
+                "model %r: its outputs do not follow its input rows one for one, so its "
+                "requests are never batched; declare its architecture batchable=False",
+                model.name,
+            )
             loaded.signature = dataclasses.replace(signature, batchable=False)
         return loaded
 
@@ -174,8 +200,9 @@ class ModelManager:
         for executor in self._compute.values():
             executor.shutdown(wait=True)
 
-    async def signature(self, name: str, ref: str) -> tuple[ModelInfo, VersionInfo | None,
-                                                            Signature]:
+    async def signature(
+        self, name: str, ref: str
+    ) -> tuple[ModelInfo, VersionInfo | None, Signature]:
         model = await self.model(name)
         version = await self.resolve(name, ref)
         loaded = self.cache.get(key_of(model, version)) if version else None
@@ -251,8 +278,9 @@ class ModelManager:
         self._explicitly_loaded.discard(name)
         return self.cache.retire_model(name, "unloaded by request")
 
-    async def load_for_repository(self, name: str,
-                                  parameters: Mapping[str, str] | None = None) -> None:
+    async def load_for_repository(
+        self, name: str, parameters: Mapping[str, str] | None = None
+    ) -> None:
         """RepositoryModelLoad: apply its config overrides, load the latest version (a lazy
         model with none stays ready for its first request) and, under explicit control,
         make the model available."""
@@ -274,45 +302,64 @@ class ModelManager:
         return self._batching_overrides.get(name) or self.batching.for_model(name)
 
     # ---- statistics --------------------------------------------------------------------
-    def record(self, loaded: LoadedModel, ok: bool, start_ns: int, decoded_ns: int,
-               computed_ns: int, end_ns: int, rows: int = 1) -> None:
+    def record(
+        self,
+        loaded: LoadedModel,
+        ok: bool,
+        start_ns: int,
+        decoded_ns: int,
+        computed_ns: int,
+        end_ns: int,
+        rows: int = 1,
+    ) -> None:
         """Per-request counters; batched executions are counted by the batcher, queue time
         where the request waited (``LoadedModel.infer``)."""
         stats = self.stats.of(loaded.model.name, loaded.version.number, loaded.model.created_at)
-        stats.count_request(ok, start_ns, decoded_ns, computed_ns, end_ns, rows,
-                            batched=loaded.batcher is not None)
+        stats.count_request(
+            ok, start_ns, decoded_ns, computed_ns, end_ns, rows, batched=loaded.batcher is not None
+        )
 
 
 def _nothing_to_serve(name: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"model {name!r} has no version to serve yet; upload parameters (`paramserve upload "
-        f"{name} FILE`) or initialize it (`paramserve init {name} SCHEME`)")
+        f"{name} FILE`) or initialize it (`paramserve init {name} SCHEME`)"
+    )
 
 
-def batching_override(parameters: Mapping[str, str], name: str,
-                      limits: Limits = DEFAULT_LIMITS) -> tuple[int, int] | None:
+def batching_override(
+    parameters: Mapping[str, str], name: str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[int, int] | None:
     """RepositoryModelLoad's ``config`` parameter (Triton's model config as JSON): the batching
     fields are applied; anything else is refused rather than silently ignored."""
     unknown = sorted(set(parameters) - {"config"})
     if unknown:
-        raise InvalidArgument(f"RepositoryModelLoad parameters {unknown[:5]} are not supported; "
-                              "only 'config' (batching fields) is")
+        raise InvalidArgument(
+            f"RepositoryModelLoad parameters {unknown[:5]} are not supported; "
+            "only 'config' (batching fields) is"
+        )
     if "config" not in parameters:
         return None
     config = load_config_json(parameters["config"], limits)
     supported = {"name", "max_batch_size", "dynamic_batching"}
     extra = sorted(set(config) - supported)
     if extra:
-        raise InvalidArgument(f"model config fields {extra[:5]} cannot be changed here; "
-                              f"supported: {sorted(supported)}")
+        raise InvalidArgument(
+            f"model config fields {extra[:5]} cannot be changed here; "
+            f"supported: {sorted(supported)}"
+        )
     if config.get("name", name) != name:
         raise InvalidArgument(f"config name {str(config['name'])[:80]!r} is not {name!r}")
     dynamic = config.get("dynamic_batching", {})
     if not isinstance(dynamic, dict) or set(dynamic) - {"max_queue_delay_microseconds"}:
         raise InvalidArgument("dynamic_batching supports only max_queue_delay_microseconds")
     max_batch = _bounded_int(config.get("max_batch_size", 64), "max_batch_size", 0, 1 << 16)
-    delay_us = _bounded_int(dynamic.get("max_queue_delay_microseconds", 0),
-                            "max_queue_delay_microseconds", 0, 10_000_000)
+    delay_us = _bounded_int(
+        dynamic.get("max_queue_delay_microseconds", 0),
+        "max_queue_delay_microseconds",
+        0,
+        10_000_000,
+    )
     return max(1, max_batch), delay_us
 
 
@@ -352,7 +399,7 @@ def _rows_independent(loaded: LoadedModel) -> bool:
     x = _example_input(loaded, 2, seed=1)
     try:
         together = loaded.forward_tensor(x)
-        alone = [loaded.forward_tensor(x[i:i + 1]) for i in range(2)]
+        alone = [loaded.forward_tensor(x[i : i + 1]) for i in range(2)]
     except Exception:
         return True
     if not isinstance(together, torch.Tensor) or together.dim() == 0 or together.shape[0] != 2:

@@ -25,12 +25,14 @@ class Placement:
         if not spec.startswith("cuda"):
             raise InvalidArgument(f"--device {spec!r}: use auto, cpu or cuda:N")
         if not torch.cuda.is_available():
-            raise InvalidArgument(f"--device {spec}: no CUDA device is available here; "
-                                  "use --device auto or cpu")
+            raise InvalidArgument(
+                f"--device {spec}: no CUDA device is available here; use --device auto or cpu"
+            )
         index = torch.device(spec).index or 0
         if index >= torch.cuda.device_count():
-            raise InvalidArgument(f"--device {spec}: only {torch.cuda.device_count()} CUDA "
-                                  "device(s) here")
+            raise InvalidArgument(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
 
     def choose(self, size_bytes: int) -> torch.device:
         """The device for a model whose parameters take ``size_bytes``."""

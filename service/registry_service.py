@@ -24,8 +24,14 @@ MAX_DOWNLOAD_CHUNK_BYTES = 16 << 20
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, manager: ModelManager, spool_dir: str, max_upload_bytes: int,
-                 metrics=None, stream_idle_timeout_s: float = 0.0):
+    def __init__(
+        self,
+        manager: ModelManager,
+        spool_dir: str,
+        max_upload_bytes: int,
+        metrics=None,
+        stream_idle_timeout_s: float = 0.0,
+    ):
         self.manager = manager
         self.store = manager.store
         self.spool_dir = spool_dir
@@ -39,16 +45,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def ListArchitectures(self, request, context):
         return pb.ListArchitecturesResponse(
-            architectures=[convert.architecture_to_proto(a) for a in all_architectures()])
+            architectures=[convert.architecture_to_proto(a) for a in all_architectures()]
+        )
 
     async def CreateModel(self, request, context):
         # size and depth are checked before parsing: deep nesting never reaches json's recursion
-        config = (load_config_json(request.config_json, self.store.limits)
-                  if request.config_json else {})
-        info = await self.run_blocking(self.store.create_model, request.name,
-                                       request.architecture, config,
-                                       init=request.init or "default", seed=request.seed,
-                                       description=request.description)
+        config = (
+            load_config_json(request.config_json, self.store.limits) if request.config_json else {}
+        )
+        info = await self.run_blocking(
+            self.store.create_model,
+            request.name,
+            request.architecture,
+            config,
+            init=request.init or "default",
+            seed=request.seed,
+            description=request.description,
+        )
         self.manager.forget(request.name)
         return convert.model_to_proto(info)
 
@@ -65,8 +78,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.DeleteModelResponse()
 
     async def UploadVersion(self, request_iterator, context):
-        version, size = await receive_upload(request_iterator, self.store, self.run_blocking,
-                                             self.spool_dir, self.max_upload_bytes, self.idle_s)
+        version, size = await receive_upload(
+            request_iterator,
+            self.store,
+            self.run_blocking,
+            self.spool_dir,
+            self.max_upload_bytes,
+            self.idle_s,
+        )
         if self.metrics is not None:
             self.metrics.bytes_moved("upload", size)
         self.manager.forget(version.model)
@@ -78,9 +97,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             raise InvalidArgument(f"chunk_bytes must be 1..{MAX_DOWNLOAD_CHUNK_BYTES}")
         version, reader = await self.run_blocking(self.store.open_blob, request.model, request.ref)
         try:
-            yield pb.DownloadChunk(header=pb.DownloadHeader(
-                version=convert.version_to_proto(version), sha256=version.sha256,
-                size_bytes=reader.size_bytes))
+            yield pb.DownloadChunk(
+                header=pb.DownloadHeader(
+                    version=convert.version_to_proto(version),
+                    sha256=version.sha256,
+                    size_bytes=reader.size_bytes,
+                )
+            )
             while True:
                 data = await self.run_blocking(reader.read, chunk_bytes)
                 if not data:
@@ -97,14 +120,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.ListVersionsResponse(versions=[convert.version_to_proto(v) for v in versions])
 
     async def DeleteVersion(self, request, context):
-        removed = await self.run_blocking(self.store.delete_version, request.model,
-                                          request.number, force=request.force)
+        removed = await self.run_blocking(
+            self.store.delete_version, request.model, request.number, force=request.force
+        )
         self.manager.forget(request.model, unload=True)
         return pb.DeleteVersionResponse(removed_aliases=removed)
 
     async def SetAlias(self, request, context):
-        version = await self.run_blocking(self.store.set_alias, request.model, request.alias,
-                                  request.number)
+        version = await self.run_blocking(
+            self.store.set_alias, request.model, request.alias, request.number
+        )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
 
@@ -114,31 +139,40 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return pb.DeleteAliasResponse()
 
     async def ListParameters(self, request, context):
-        version = await self.run_blocking(self.store.version_or_none, request.model,
-                                          request.ref)
-        infos = await self.run_blocking(self.store.parameters, request.model, request.ref or None,
-                                stats=request.stats)
+        version = await self.run_blocking(self.store.version_or_none, request.model, request.ref)
+        infos = await self.run_blocking(
+            self.store.parameters, request.model, request.ref or None, stats=request.stats
+        )
         return pb.ListParametersResponse(
             version=version.number if version else 0,
-            parameters=[convert.parameter_to_proto(p) for p in infos])
+            parameters=[convert.parameter_to_proto(p) for p in infos],
+        )
 
     async def GetTensor(self, request, context):
-        tensor = await self.run_blocking(self.store.tensor, request.model, request.name,
-                                 request.ref or None, index=request.index or None)
+        tensor = await self.run_blocking(
+            self.store.tensor,
+            request.model,
+            request.name,
+            request.ref or None,
+            index=request.index or None,
+        )
         return convert.tensor_to_proto(request.name, tensor)
 
     async def DescribeModule(self, request, context):
-        version = await self.run_blocking(self.store.version_or_none, request.model,
-                                          request.ref)
+        version = await self.run_blocking(self.store.version_or_none, request.model, request.ref)
         tree = await self.run_blocking(self.store.module_tree, request.model, request.ref or None)
         return pb.DescribeModuleResponse(version=version.number if version else 0, tree=tree)
 
     async def Initialize(self, request, context):
         version = await self.run_blocking(
-            self.store.initialize, request.model, request.scheme, ref=request.ref or None,
+            self.store.initialize,
+            request.model,
+            request.scheme,
+            ref=request.ref or None,
             module_path=request.module_path or None,
             seed=request.seed if request.HasField("seed") else None,
-            input_shape=tuple(request.input_shape) or None)
+            input_shape=tuple(request.input_shape) or None,
+        )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
 
@@ -147,9 +181,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if kind is None:
             raise InvalidArgument("patch needs a value: a scalar or an array")
         value = request.scalar if kind == "scalar" else convert.tensor_from_proto(request.array)
-        version = await self.run_blocking(self.store.patch, request.model, request.param, value,
-                                  ref=request.ref or None, index=request.index or None,
-                                  op=request.op or "set")
+        version = await self.run_blocking(
+            self.store.patch,
+            request.model,
+            request.param,
+            value,
+            ref=request.ref or None,
+            index=request.index or None,
+            op=request.op or "set",
+        )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
-

@@ -15,19 +15,32 @@ from pathlib import Path
 import grpc
 import torch
 
-from paramserve.protos import (health_pb2, health_pb2_grpc, inference_pb2, inference_pb2_grpc,
-                               reflection_v1_pb2, reflection_v1_pb2_grpc, reflection_v1alpha_pb2,
-                               reflection_v1alpha_pb2_grpc, registry_pb2, registry_pb2_grpc)
+from paramserve.protos import (
+    health_pb2,
+    health_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    reflection_v1_pb2,
+    reflection_v1_pb2_grpc,
+    reflection_v1alpha_pb2,
+    reflection_v1alpha_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
 
-from .config import (ServerConfig, join_address, parse_model_batching, split_address,
-                     torch_threads_for)
 from .auth import AuthInterceptor, Tokens
+from .config import (
+    ServerConfig,
+    join_address,
+    parse_model_batching,
+    split_address,
+    torch_threads_for,
+)
 from .errors import Edge, EdgeLimits, guard
 from .health import HealthServicer
-from .workers import refuse_if_taken
 from .inference import InferenceServicer
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
@@ -35,6 +48,7 @@ from .placement import Placement
 from .reflection import SERVICE_NAMES as REFLECTION_SERVICES
 from .reflection import ReflectionServicer
 from .registry_service import RegistryServicer
+from .workers import refuse_if_taken
 
 log = logging.getLogger("paramserve")
 
@@ -81,44 +95,78 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
     try:
         store = Store(config.registry_url, data_dir=config.data_dir, limits=config.limits)
         opened.append(store.close)
-        executor = ThreadPoolExecutor(max_workers=config.worker_threads,
-                                      thread_name_prefix="paramserve")
+        executor = ThreadPoolExecutor(
+            max_workers=config.worker_threads, thread_name_prefix="paramserve"
+        )
         opened.append(lambda: executor.shutdown(wait=True))
-        batching = BatchingPolicy(config.max_batch_size, config.max_queue_delay_us,
-                                  config.max_queue_size,
-                                  parse_model_batching(config.model_batching))
-        manager = ModelManager(store, placement, executor, config.memory_budget_mb << 20,
-                               batching, config.model_control_mode)
+        batching = BatchingPolicy(
+            config.max_batch_size,
+            config.max_queue_delay_us,
+            config.max_queue_size,
+            parse_model_batching(config.model_batching),
+        )
+        manager = ModelManager(
+            store,
+            placement,
+            executor,
+            config.memory_budget_mb << 20,
+            batching,
+            config.model_control_mode,
+        )
         opened.append(manager.shutdown)
         metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
         server = _grpc_server(config, tokens, reuse_port)
         edge = Edge(edge_limits(config), metrics)
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(guard(
-            InferenceServicer(manager, config.max_batch_size, config.max_tensor_elements,
-                              metrics), metrics, edge), server)
-        registry_pb2_grpc.add_RegistryServicer_to_server(guard(
-            RegistryServicer(manager, str(Path(config.data_dir) / "spool"),
-                             config.max_upload_mb << 20, metrics, config.stream_idle_timeout_s),
-            metrics, edge), server)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            guard(
+                InferenceServicer(
+                    manager, config.max_batch_size, config.max_tensor_elements, metrics
+                ),
+                metrics,
+                edge,
+            ),
+            server,
+        )
+        registry_pb2_grpc.add_RegistryServicer_to_server(
+            guard(
+                RegistryServicer(
+                    manager,
+                    str(Path(config.data_dir) / "spool"),
+                    config.max_upload_mb << 20,
+                    metrics,
+                    config.stream_idle_timeout_s,
+                ),
+                metrics,
+                edge,
+            ),
+            server,
+        )
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        services = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                    registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    *REFLECTION_SERVICES]
-        for module, messages in ((reflection_v1_pb2_grpc, reflection_v1_pb2),
-                                 (reflection_v1alpha_pb2_grpc, reflection_v1alpha_pb2)):
+        services = [
+            inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            *REFLECTION_SERVICES,
+        ]
+        for module, messages in (
+            (reflection_v1_pb2_grpc, reflection_v1_pb2),
+            (reflection_v1alpha_pb2_grpc, reflection_v1alpha_pb2),
+        ):
             module.add_ServerReflectionServicer_to_server(
-                ReflectionServicer(services, messages), server)
+                ReflectionServicer(services, messages), server
+            )
         bound = _bind(server, config, credentials, reuse_port)
         metrics_http, metrics_port = None, None
         if config.metrics_listen != "off":
             try:
                 metrics_http, metrics_port = metrics.serve(*split_address(config.metrics_listen))
             except OSError as err:
-                raise OSError(f"cannot serve metrics on {config.metrics_listen}: "
-                              f"{err.strerror or err} (pick another with --metrics-listen, "
-                              "or 'off')") from None
+                raise OSError(
+                    f"cannot serve metrics on {config.metrics_listen}: "
+                    f"{err.strerror or err} (pick another with --metrics-listen, "
+                    "or 'off')"
+                ) from None
             opened.append(metrics_http.shutdown)
         await server.start()
     except BaseException:
@@ -132,8 +180,17 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
     watcher = None
     if config.sync_interval_s > 0:
         watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
-    return RunningServer(server, bound, metrics_port, store, executor, manager, health_servicer,
-                         metrics_http, watcher)
+    return RunningServer(
+        server,
+        bound,
+        metrics_port,
+        store,
+        executor,
+        manager,
+        health_servicer,
+        metrics_http,
+        watcher,
+    )
 
 
 def edge_limits(config: ServerConfig) -> EdgeLimits:
@@ -142,12 +199,13 @@ def edge_limits(config: ServerConfig) -> EdgeLimits:
     the probes out."""
     return EdgeLimits(
         max_concurrent_rpcs=config.max_concurrent_rpcs,
-        per_method={"UploadVersion": (config.max_concurrent_uploads,
-                                      "--max-concurrent-uploads"),
-                    "DownloadVersion": (config.max_concurrent_downloads,
-                                        "--max-concurrent-downloads")},
+        per_method={
+            "UploadVersion": (config.max_concurrent_uploads, "--max-concurrent-uploads"),
+            "DownloadVersion": (config.max_concurrent_downloads, "--max-concurrent-downloads"),
+        },
         stream_idle_timeout_s=config.stream_idle_timeout_s,
-        max_status_chars=config.max_status_chars)
+        max_status_chars=config.max_status_chars,
+    )
 
 
 def _grpc_server(config: ServerConfig, tokens: Tokens | None, reuse_port: bool):
@@ -161,9 +219,12 @@ def _grpc_server(config: ServerConfig, tokens: Tokens | None, reuse_port: bool):
         interceptors.append(AuthInterceptor(tokens, config.auth_open_reads))
     return grpc.aio.server(
         interceptors=interceptors or None,
-        options=[("grpc.max_receive_message_length", message_bytes),
-                 ("grpc.max_send_message_length", message_bytes),
-                 ("grpc.so_reuseport", 1 if reuse_port else 0)])
+        options=[
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
+    )
 
 
 def _bind(server, config: ServerConfig, credentials, reuse_port: bool) -> int:
@@ -174,13 +235,18 @@ def _bind(server, config: ServerConfig, credentials, reuse_port: bool) -> int:
         refuse_if_taken(host, port, config.listen)
     address = join_address(host, port)
     try:
-        bound = (server.add_secure_port(address, credentials) if credentials
-                 else server.add_insecure_port(address))
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials
+            else server.add_insecure_port(address)
+        )
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {config.listen}: the port is taken or the address "
-                      "is not on this machine (pick another with --listen)")
+        raise OSError(
+            f"cannot listen on {config.listen}: the port is taken or the address "
+            "is not on this machine (pick another with --listen)"
+        )
     return bound
 
 
@@ -195,7 +261,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     ca = _flag_file("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(_flag_file("--tls-key", config.tls_key), _flag_file("--tls-cert", config.tls_cert))],
-        root_certificates=ca, require_client_auth=ca is not None)
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def _flag_file(flag: str, path: str) -> bytes:
@@ -215,11 +283,14 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
     else:
         line = listening_line(config, running.port, running.metrics_port)
         print(f"paramserve listening on {line}", flush=True)
-    log.info("serving on %s: data dir %s, registry %s, device %s, metrics %s",
-             join_address(split_address(config.listen)[0], running.port),
-             Path(config.data_dir).resolve(),
-             running.store.engine.url.render_as_string(hide_password=True),
-             device_label(config.device), metrics_label(config, running.metrics_port))
+    log.info(
+        "serving on %s: data dir %s, registry %s, device %s, metrics %s",
+        join_address(split_address(config.listen)[0], running.port),
+        Path(config.data_dir).resolve(),
+        running.store.engine.url.render_as_string(hide_password=True),
+        device_label(config.device),
+        metrics_label(config, running.metrics_port),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,11 +311,14 @@ def device_label(spec: str) -> str:
     return f"auto ({count} CUDA device(s), else CPU)" if count else "auto (CPU: no CUDA device)"
 
 
-def listening_line(config: ServerConfig, port: int, metrics_port: int | None,
-                   workers: str = "") -> str:
+def listening_line(
+    config: ServerConfig, port: int, metrics_port: int | None, workers: str = ""
+) -> str:
     host = split_address(config.listen)[0]
-    return (f"{host}:{port} (metrics {metrics_label(config, metrics_port)}, data "
-            f"{Path(config.data_dir).resolve()}, device {config.device}{workers})")
+    return (
+        f"{host}:{port} (metrics {metrics_label(config, metrics_port)}, data "
+        f"{Path(config.data_dir).resolve()}, device {config.device}{workers})"
+    )
 
 
 def metrics_label(config: ServerConfig, metrics_port: int | None) -> str:
@@ -258,5 +332,8 @@ def configure_logging(label: str = "", config: ServerConfig | None = None) -> No
     from .logs import configure_logging as configure
 
     settings = config.log if config is not None else None
-    configure(settings.log_level if settings else "info",
-              settings.log_format if settings else "text", label)
+    configure(
+        settings.log_level if settings else "info",
+        settings.log_format if settings else "text",
+        label,
+    )

@@ -47,8 +47,16 @@ class ModelStats:
             per_size = self.batch_rows[rows] = Duration()
         per_size.add(forward_ns)
 
-    def count_request(self, ok: bool, start_ns: int, decoded_ns: int, computed_ns: int,
-                      end_ns: int, rows: int, batched: bool) -> None:
+    def count_request(
+        self,
+        ok: bool,
+        start_ns: int,
+        decoded_ns: int,
+        computed_ns: int,
+        end_ns: int,
+        rows: int,
+        batched: bool,
+    ) -> None:
         (self.success if ok else self.fail).add(end_ns - start_ns)
         if ok:
             self.inference_count += rows
@@ -78,5 +86,8 @@ class Statistics:
 
     def items(self, name: str = "", created_at: dt.datetime | None = None):
         """Sorted (key, stats) pairs, for one model's incarnation when ``name`` is given."""
-        return sorted((k, s) for k, s in self._by_key.items()
-                      if not name or (k[0] == name and s.created_at == created_at))
+        return sorted(
+            (k, s)
+            for k, s in self._by_key.items()
+            if not name or (k[0] == name and s.created_at == created_at)
+        )

@@ -14,7 +14,7 @@ passed, not a cancellation the client asked for.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from paramserve.protos import registry_pb2 as pb
 from paramserve.registry import Store
@@ -32,8 +32,14 @@ class StreamIdle(DeadlineExceeded):
     """The client sent nothing for ``--stream-idle-timeout-s``."""
 
 
-async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_dir: str,
-                         max_upload_bytes: int, idle_s: float = 0.0) -> tuple[VersionInfo, int]:
+async def receive_upload(
+    chunks,
+    store: Store,
+    run_blocking: RunBlocking,
+    spool_dir: str,
+    max_upload_bytes: int,
+    idle_s: float = 0.0,
+) -> tuple[VersionInfo, int]:
     """Read the stream and store it as a version; returns it and the bytes received.
 
     Any error (a lie in the stream, a bad state_dict, a cancelled call, ``idle_s`` seconds
@@ -47,19 +53,27 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
             kind = chunk.WhichOneof("kind")
             if kind == "header":
                 if header is not None:
-                    raise InvalidArgument("upload stream has two headers; send one header, then "
-                                          "data chunks")
+                    raise InvalidArgument(
+                        "upload stream has two headers; send one header, then data chunks"
+                    )
                 header, sha256 = chunk.header, chunk.header.sha256.lower()
                 _check_header(header, max_upload_bytes)
-                upload = await run_blocking(store.begin_upload, header.model, header.size_bytes,
-                                            header.alias or None, spool_dir)
+                upload = await run_blocking(
+                    store.begin_upload,
+                    header.model,
+                    header.size_bytes,
+                    header.alias or None,
+                    spool_dir,
+                )
                 batches = _Batches(run_blocking, upload.write)
             elif header is None:
-                raise InvalidArgument("upload stream must start with a header naming the model "
-                                      "and the size")
+                raise InvalidArgument(
+                    "upload stream must start with a header naming the model and the size"
+                )
             elif trailer_seen:
-                raise InvalidArgument("upload stream goes on after its trailer; the trailer "
-                                      "comes last")
+                raise InvalidArgument(
+                    "upload stream goes on after its trailer; the trailer comes last"
+                )
             elif kind == "trailer":
                 trailer_seen = True
                 sha256 = _trailer_sha256(chunk.trailer, sha256)
@@ -75,8 +89,10 @@ async def receive_upload(chunks, store: Store, run_blocking: RunBlocking, spool_
         assert upload is not None and batches is not None  # set with the header
         await batches.flush()
         if not sha256:
-            raise InvalidArgument("upload stream has no sha256: put it in the header, or send "
-                                  "a trailer after the last data chunk")
+            raise InvalidArgument(
+                "upload stream has no sha256: put it in the header, or send "
+                "a trailer after the last data chunk"
+            )
         version = await run_blocking(upload.finish, sha256)
         upload = None
         return version, header.size_bytes
@@ -96,18 +112,24 @@ async def _until_idle(chunks, idle_s: float):
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise StreamIdle(f"upload stream sent nothing for {idle_s:g} s, the server's limit "
-                             "(--stream-idle-timeout-s); nothing was stored") from None
+            raise StreamIdle(
+                f"upload stream sent nothing for {idle_s:g} s, the server's limit "
+                "(--stream-idle-timeout-s); nothing was stored"
+            ) from None
         yield chunk
 
 
 def _check_header(header: pb.UploadHeader, max_upload_bytes: int) -> None:
     if header.size_bytes < 0 or (header.sha256 and not _is_sha256(header.sha256)):
-        raise InvalidArgument("upload header needs size_bytes >= 0 and either a "
-                              "64-hex-digit sha256 or none (then send it in a trailer)")
+        raise InvalidArgument(
+            "upload header needs size_bytes >= 0 and either a "
+            "64-hex-digit sha256 or none (then send it in a trailer)"
+        )
     if max_upload_bytes and header.size_bytes > max_upload_bytes:
-        raise ResourceExhausted(f"upload of {header.size_bytes} bytes is over the server's "
-                                f"limit of {max_upload_bytes} (--max-upload-mb)")
+        raise ResourceExhausted(
+            f"upload of {header.size_bytes} bytes is over the server's "
+            f"limit of {max_upload_bytes} (--max-upload-mb)"
+        )
 
 
 def _trailer_sha256(trailer: pb.UploadTrailer, from_header: str) -> str:
@@ -115,8 +137,10 @@ def _trailer_sha256(trailer: pb.UploadTrailer, from_header: str) -> str:
     if not _is_sha256(given):
         raise InvalidArgument("upload trailer needs a 64-hex-digit sha256")
     if from_header and given != from_header:
-        raise InvalidArgument(f"upload trailer's sha256 {given} differs from the header's "
-                              f"{from_header}; send one of them")
+        raise InvalidArgument(
+            f"upload trailer's sha256 {given} differs from the header's "
+            f"{from_header}; send one of them"
+        )
     return given
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from .config import ServerConfig, join_address, split_address
 
-RESTART_DELAY_S = 1.0        # after a first crash; doubled for each further one in a row
+RESTART_DELAY_S = 1.0  # after a first crash; doubled for each further one in a row
 MAX_RESTART_DELAY_S = 60.0
-STEADY_S = 60.0              # a worker that dies after serving this long starts a new count
+STEADY_S = 60.0  # a worker that dies after serving this long starts a new count
 START_TIMEOUT_S = 300.0
 POLL_S = 0.2
 
@@ -56,8 +56,10 @@ def refuse_if_taken(host: str, port: int, listen: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise OSError(f"cannot listen on {listen}: {err.strerror} (another server? pick "
-                          "another port with --listen)") from None
+            raise OSError(
+                f"cannot listen on {listen}: {err.strerror} (another server? pick "
+                "another port with --listen)"
+            ) from None
 
 
 def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
@@ -102,10 +104,10 @@ class _Worker:
 
     index: int
     process: multiprocessing.Process | None = None
-    ready: object | None = None         # the pipe end it announces itself on, until it serves
+    ready: object | None = None  # the pipe end it announces itself on, until it serves
     started_at: float = 0.0
-    crashes: int = 0                    # in a row, each within STEADY_S of starting
-    restart_at: float | None = None     # when to start it again after a crash
+    crashes: int = 0  # in a row, each within STEADY_S of starting
+    restart_at: float | None = None  # when to start it again after a crash
     metrics_port: int | None = None
 
 
@@ -127,8 +129,11 @@ class Supervisor:
         """Start ``worker``'s process; it reports on its pipe once it serves."""
         receive, send = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=_worker_main, name=f"paramserve-worker-{worker.index}", daemon=False,
-            args=(worker_config(self.config, worker.index, self.port), worker.index, send))
+            target=_worker_main,
+            name=f"paramserve-worker-{worker.index}",
+            daemon=False,
+            args=(worker_config(self.config, worker.index, self.port), worker.index, send),
+        )
         process.start()
         send.close()
         worker.process, worker.ready = process, receive
@@ -147,13 +152,18 @@ class Supervisor:
                     worker.metrics_port = receive.recv()
                 except EOFError:
                     process.join(2)  # it is exiting: the pipe closed with it
-                    return (f"worker {worker.index} exited with code {process.exitcode} before "
-                            "serving; its error is above")
+                    return (
+                        f"worker {worker.index} exited with code {process.exitcode} before "
+                        "serving; its error is above"
+                    )
                 finally:
                     receive.close()
-                print(f"paramserve: worker {worker.index} (pid {process.pid}) serving; metrics "
-                      f"{metrics_label(self.config, worker.metrics_port)}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"paramserve: worker {worker.index} (pid {process.pid}) serving; metrics "
+                    f"{metrics_label(self.config, worker.metrics_port)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return None
             if now - worker.started_at > START_TIMEOUT_S:
                 process.kill()
@@ -173,9 +183,11 @@ class Supervisor:
         worker.metrics_port = None
         limit = self.config.worker_restart_limit
         if limit and worker.crashes >= limit:
-            return (f"{why}; it crashed {worker.crashes} times in a row, each within "
-                    f"{STEADY_S:g} s of starting: giving up (--worker-restart-limit {limit}); "
-                    "fix the cause and start again")
+            return (
+                f"{why}; it crashed {worker.crashes} times in a row, each within "
+                f"{STEADY_S:g} s of starting: giving up (--worker-restart-limit {limit}); "
+                "fix the cause and start again"
+            )
         delay_s = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (worker.crashes - 1))
         worker.restart_at = now + delay_s
         print(f"paramserve: {why}; restarting it in {delay_s:g} s", file=sys.stderr, flush=True)
@@ -195,8 +207,12 @@ class Supervisor:
             self._stop_all()
             return 1
         if not self.stopping:
-            line = listening_line(self.config, self.port, self.workers[0].metrics_port,
-                                  f", {self.config.workers} workers")
+            line = listening_line(
+                self.config,
+                self.port,
+                self.workers[0].metrics_port,
+                f", {self.config.workers} workers",
+            )
             print(f"paramserve listening on {line}", flush=True)
         gave_up = self._supervise()
         self._stop_all()

@@ -4,6 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-23
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -39,8 +40,9 @@ def upgrade() -> None:
         sa.Column("origin", sa.String(20), nullable=False),
         sa.Column("parent", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["model_id"], ["models.id"], ondelete="CASCADE",
-                                name="fk_versions_model_id_models"),
+        sa.ForeignKeyConstraint(
+            ["model_id"], ["models.id"], ondelete="CASCADE", name="fk_versions_model_id_models"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_versions"),
         sa.UniqueConstraint("model_id", "number", name="uq_versions_model_number"),
     )
@@ -52,10 +54,15 @@ def upgrade() -> None:
         sa.Column("model_id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("version_id", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(["model_id"], ["models.id"], ondelete="CASCADE",
-                                name="fk_aliases_model_id_models"),
-        sa.ForeignKeyConstraint(["version_id"], ["versions.id"], ondelete="CASCADE",
-                                name="fk_aliases_version_id_versions"),
+        sa.ForeignKeyConstraint(
+            ["model_id"], ["models.id"], ondelete="CASCADE", name="fk_aliases_model_id_models"
+        ),
+        sa.ForeignKeyConstraint(
+            ["version_id"],
+            ["versions.id"],
+            ondelete="CASCADE",
+            name="fk_aliases_version_id_versions",
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_aliases"),
         sa.UniqueConstraint("model_id", "name", name="uq_aliases_model_name"),
     )
