@@ -51,8 +51,11 @@ log "$install_cmd"
 $install_cmd >"$WORK/install.log" 2>&1 || { tail -30 "$WORK/install.log"; exit 1; }
 log "$triton_cmd"
 eval "$triton_cmd" >"$WORK/triton.log" 2>&1 || { tail -30 "$WORK/triton.log"; exit 1; }
-pip install pytest hypothesis >"$WORK/pytest-install.log" 2>&1 \
-  || { tail -30 "$WORK/pytest-install.log"; exit 1; }
+# The test tools (and the reference health/reflection clients the tests call the server with),
+# constrained to what the user's two commands installed, so they change none of it.
+pip freeze --exclude-editable | grep -v ' @ ' >"$WORK/user-stack.txt"
+pip install -c "$WORK/user-stack.txt" pytest hypothesis grpcio-health-checking grpcio-reflection \
+  >"$WORK/pytest-install.log" 2>&1 || { tail -30 "$WORK/pytest-install.log"; exit 1; }
 pip list 2>/dev/null | grep -iE '^(tritonclient|protobuf|grpcio[a-z-]*|numpy|torch) ' \
   | tr -s ' ' | sed 's/^/    /'
 # A conflict fails the check, after the tests have said what it breaks.
