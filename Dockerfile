@@ -36,11 +36,8 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch=
  && mkdir -p /data && chown paramserve:paramserve /data
 
 COPY pyproject.toml /tmp/paramserve-deps/pyproject.toml
-# tomllib is Python 3.11+; pip vendors tomli for 3.10.
-RUN python -c "import sys; \
-from importlib import import_module as i; \
-t = i('tomllib') if sys.version_info >= (3, 11) else i('pip._vendor.tomli'); \
-print('\n'.join(t.load(open('/tmp/paramserve-deps/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; \
+print('\n'.join(tomllib.load(open('/tmp/paramserve-deps/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/paramserve-deps/requirements.txt \
  && pip install -r /tmp/paramserve-deps/requirements.txt \
  && rm -rf /tmp/paramserve-deps /root/.cache
