@@ -86,7 +86,7 @@ def _messages_module(module_name: str, proto: str) -> types.ModuleType:
 
     file = pool().FindFileByName(f"{IMPORT_PATH}/{proto}")
     module = types.ModuleType(module_name, f"Messages of {proto}, built from the descriptor set.")
-    module.DESCRIPTOR = file
+    setattr(module, "DESCRIPTOR", file)  # noqa: B010  (ModuleType declares no DESCRIPTOR)
     classes = message_factory.GetMessageClassesForFiles([file.name], pool())
     for name, message in file.message_types_by_name.items():
         setattr(module, name, classes[message.full_name])

@@ -58,7 +58,8 @@ class Tokens:
     def from_file(cls, path: str | Path) -> Tokens:
         """Read the token file; refuse it (naming the file and line) when a token is not
         printable ASCII, the only thing gRPC metadata can carry."""
-        full, read_only = [], []
+        full: list[str] = []
+        read_only: list[str] = []
         try:
             lines = Path(path).read_bytes().splitlines()
         except OSError as err:
@@ -73,10 +74,10 @@ class Tokens:
                     "printable ASCII (gRPC metadata carries nothing else); "
                     "write it with letters, digits and punctuation only"
                 )
-            parts = [part.decode("ascii") for part in parts]
-            if len(parts) > 2 or (len(parts) == 2 and parts[1] != "read"):
+            words = [part.decode("ascii") for part in parts]
+            if len(words) > 2 or (len(words) == 2 and words[1] != "read"):
                 raise InvalidArgument(f"{path}:{number}: write TOKEN or 'TOKEN read'")
-            (read_only if len(parts) == 2 else full).append(parts[0])
+            (read_only if len(words) == 2 else full).append(words[0])
         if not full and not read_only:
             raise InvalidArgument(f"--auth-token-file {path} holds no token")
         return cls(tuple(full), tuple(read_only))

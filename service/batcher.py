@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -50,7 +50,7 @@ class Batcher:
     def __init__(
         self,
         forward: Callable[[torch.Tensor], torch.Tensor],
-        executor: Executor,
+        executor: Executor | None,
         max_batch_size: int,
         max_queue_delay_us: int = 0,
         max_queue_size: int = 1024,
@@ -59,8 +59,9 @@ class Batcher:
     ):
         """``forward``: a plain function (it must not hold the batcher's owner, or the two
         would keep each other alive). ``executor``: where forwards run (one thread keeps one
-        OpenMP team busy); a batch of at most ``inline_max_elements`` input elements runs on
-        the event loop instead, for forwards shorter than a thread hop (0: never)."""
+        OpenMP team busy; None: the loop's default executor); a batch of at most
+        ``inline_max_elements`` input elements runs on the event loop instead, for forwards
+        shorter than a thread hop (0: never)."""
         self.forward = forward
         self.executor = executor
         self.inline_max_elements = inline_max_elements
@@ -174,7 +175,7 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(y.shape[0] if y.dim() else 1, len(batch), forward_ns, queue_ns)
             if len(xs) == 1:
-                parts = [y]
+                parts: Sequence[torch.Tensor] = [y]
             else:
                 rows = [x.shape[0] for x in xs]
                 if not y.dim() or y.shape[0] != sum(rows):
@@ -202,7 +203,8 @@ class Batcher:
         up to max_batch_size rows; expired or cancelled ones are dropped."""
         now = time.monotonic()
         batch: list[_Pending] = []
-        rows, kept = 0, deque()
+        rows = 0
+        kept: deque[_Pending] = deque()
         while self._queue:
             pending = self._queue.popleft()
             if pending.future.done():

@@ -128,6 +128,8 @@ def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, s
             f"{method} ran out of memory on the device: send a smaller request, or "
             "serve the model on a device with more free memory"
         )
+    # status_of's last non-INTERNAL case: an OSError whose errno is in OS_ERRORS
+    assert isinstance(err, OSError) and err.errno is not None
     return code, (
         f"{method} failed: {OS_ERRORS[err.errno]} ({errno.errorcode[err.errno]}); "
         "nothing was changed: the operator must free space or descriptors"

@@ -251,7 +251,7 @@ def _release_soon(loop: asyncio.AbstractEventLoop, device_type: str) -> None:
         loop.call_soon_threadsafe(release_freed_memory, device_type)
 
 
-_libc = None
+_libc: ctypes.CDLL | bool | None = None  # False: no C library found
 
 
 def release_freed_memory(device_type: str = "cpu") -> None:
@@ -263,5 +263,5 @@ def release_freed_memory(device_type: str = "cpu") -> None:
     if _libc is None:
         name = ctypes.util.find_library("c")
         _libc = ctypes.CDLL(name) if name else False
-    if _libc and hasattr(_libc, "malloc_trim"):
+    if isinstance(_libc, ctypes.CDLL) and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)

@@ -68,7 +68,7 @@ class ModelManager:
         self.cache = LoadedModels(memory_budget_bytes)
         self.stats = Statistics()
         self._compute: dict[str, ThreadPoolExecutor] = {}
-        self._loading: dict[tuple, asyncio.Future] = {}
+        self._loading: dict[tuple, asyncio.Future[LoadedModel]] = {}
         self._generation: int | None = None
         self._resolved: dict[tuple[str, Any], VersionInfo | None] = {}
         self._models: dict[str, ModelInfo] = {}

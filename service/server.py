@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socketserver
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class RunningServer:
     executor: ThreadPoolExecutor
     manager: ModelManager
     health: HealthServicer
-    metrics_http: object | None
+    metrics_http: socketserver.BaseServer | None  # prometheus_client's WSGIServer
     watcher: asyncio.Task | None
 
     async def stop(self, grace_s: float) -> None:

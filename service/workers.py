@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import signal
 import socket
 import sys
@@ -103,8 +105,9 @@ class _Worker:
     """One worker slot: its process while it runs, and its record of crashes."""
 
     index: int
-    process: multiprocessing.Process | None = None
-    ready: object | None = None  # the pipe end it announces itself on, until it serves
+    process: multiprocessing.process.BaseProcess | None = None
+    # the pipe end it announces itself on, until it serves
+    ready: multiprocessing.connection.Connection | None = None
     started_at: float = 0.0
     crashes: int = 0  # in a row, each within STEADY_S of starting
     restart_at: float | None = None  # when to start it again after a crash
@@ -145,6 +148,7 @@ class Supervisor:
         from .server import metrics_label
 
         process = worker.process
+        assert process is not None  # only launched workers are checked
         if worker.ready is not None:
             if worker.ready.poll(0):  # a message, or the end of the pipe: it died
                 receive, worker.ready = worker.ready, None
