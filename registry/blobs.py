@@ -17,12 +17,12 @@ ordered with uploads through the database.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from .errors import DataLoss
 from .fileio import HashingWriter, disk_full_is_resource_exhausted
@@ -96,7 +96,7 @@ class BlobStore:
         """Open a blob for one sequential read; call ``finish()`` after the last byte."""
         return VerifyingReader(self.open_raw(sha256), sha256, self.path(sha256))
 
-    def open_raw(self, sha256: str) -> BinaryIO:
+    def open_raw(self, sha256: str) -> io.BufferedReader:
         """Open a blob for ranged reads (nothing is verified: check what you read)."""
         path = self.path(sha256)
         try:
@@ -121,7 +121,7 @@ class BlobStore:
 class VerifyingReader:
     """A read-only file that hashes what passes through it and checks the digest at the end."""
 
-    def __init__(self, file: BinaryIO, sha256: str, path: Path):
+    def __init__(self, file: io.BufferedReader, sha256: str, path: Path):
         self._file = file
         self._digest = hashlib.sha256()
         self.sha256 = sha256

@@ -116,6 +116,10 @@ class LazyMyLinear(LazyModuleMixin, MyLinear):
     """``MyLinear`` whose ``in_units`` is taken from the first input, as ``LazyLinear`` does."""
 
     cls_to_become = MyLinear
+    # Uninitialized until the first input, as in torch's own LazyLinear. The ignores: torch's
+    # parameter.pyi makes UninitializedParameter a Tensor, not the Parameter subclass it is.
+    weight: UninitializedParameter  # type: ignore[assignment]
+    bias: UninitializedParameter  # type: ignore[assignment]
 
     def __init__(self, units: int):
         super().__init__(0, 0)  # LazyModuleMixin registers its hooks; real shapes come later

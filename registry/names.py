@@ -8,6 +8,7 @@ would, so a malformed name is ``InvalidArgument`` wherever it is given.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from .errors import InvalidArgument
 
@@ -16,7 +17,7 @@ LATEST = "latest"
 MAX_NAME_CHARS = 128
 
 
-def is_valid_name(name: object) -> bool:
+def is_valid_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and NAME_PATTERN.match(name) is not None
 
 
@@ -33,7 +34,7 @@ def check_name(name: object, what: str = "model name") -> str:
 
 def check_alias(alias: object) -> str:
     """A valid alias: a name that is neither ``latest`` nor all digits (those name versions)."""
-    check_name(alias, "alias")
+    alias = check_name(alias, "alias")
     if alias == LATEST or alias.isdigit():
         raise InvalidArgument(
             f"alias {alias!r} is reserved: 'latest' and numbers already "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -139,8 +139,13 @@ class Operations:
             )
         target = select_index(state[param].data, parse_index(index, store.limits), param)
         update = _as_value(value, target, param)
+        apply: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "set": target.copy_,
+            "add": target.add_,
+            "mul": target.mul_,
+        }
         with torch.no_grad():
-            {"set": target.copy_, "add": target.add_, "mul": target.mul_}[op](update)
+            apply[op](update)
         return store.save_module(name, module, "patch", base)
 
 

@@ -46,6 +46,7 @@ def meta_module(model: ModelInfo, version: VersionInfo) -> nn.Module:
     for name, tensor in state.items():
         if isinstance(tensor, UninitializedParameter):
             spec = manifest[name].spec
+            assert spec.shape is not None  # a stored version's entries have the blob's shapes
             tensor.materialize(spec.shape, dtype=tensorfile.DTYPES[spec.dtype])
     finish_lazy_modules(module)
     return module
@@ -174,7 +175,7 @@ def read_tensor(
 
 def _read_tensor_sequentially(blobs: BlobStore, sha256: str, stored: str) -> torch.Tensor:
     """The whole blob read and hashed, only ``stored`` kept (a version with no digests)."""
-    found = None
+    found: torch.Tensor | None = None
     with blobs.open(sha256) as reader, stored_blob(reader.path):
         header = read_stored_header(reader, reader.size_bytes)
         if stored not in header.entries:
@@ -186,6 +187,7 @@ def _read_tensor_sequentially(blobs: BlobStore, sha256: str, stored: str) -> tor
             else:
                 _skip(reader, entry.nbytes)
         reader.finish()
+    assert found is not None  # ``stored`` is among the header's entries, checked above
     return found
 
 

@@ -41,7 +41,11 @@ class Repository:
     def generation(self) -> int:
         """A number that grows with every change to the registry (by any process)."""
         with self.engine.connect() as connection:
-            return connection.scalar(select(RegistryState.generation).where(RegistryState.id == 1))
+            generation = connection.scalar(
+                select(RegistryState.generation).where(RegistryState.id == 1)
+            )
+        assert generation is not None  # migration 0002 inserts the one row, never deleted
+        return generation
 
     # ---- models -------------------------------------------------------------------------
 
@@ -257,8 +261,8 @@ class Repository:
         ``model@alias`` of aliases whose version is gone."""
         with self.tx() as session:
             rows = [
-                tuple(r)
-                for r in session.execute(
+                (model, number, sha256)
+                for model, number, sha256 in session.execute(
                     select(ModelRow.name, VersionRow.number, VersionRow.sha256)
                     .join(VersionRow, VersionRow.model_id == ModelRow.id)
                     .order_by(ModelRow.name, VersionRow.number)

@@ -40,7 +40,7 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 @dataclass(frozen=True)
 class SchemeDef:
     params: tuple[tuple[str, float | None], ...]  # (name, default or None when required)
-    weight: Callable[..., None]
+    weight: Callable[..., object]  # called for its effect on the weight; what it returns is unused
     zero_bias: bool
     doc: str
 
@@ -179,8 +179,10 @@ def _number(node: ast.AST, scheme: str, key: str) -> float:
         raise InvalidArgument(
             f"argument {key!r} of scheme {scheme!r} must be a number like 0.01 or -2"
         )
+    number = node.value
+    assert isinstance(number, (int, float))  # its type() was checked just above
     try:
-        value = sign * float(node.value)
+        value = sign * float(number)
     except OverflowError:  # an integer literal beyond any float
         value = math.inf
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:

@@ -21,7 +21,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.nn.parameter import UninitializedTensorMixin, is_lazy
+
+# torch's parameter.pyi omits the mixin that the lazy parameters and buffers share
+from torch.nn.parameter import UninitializedTensorMixin, is_lazy  # type: ignore[attr-defined]
 
 from . import architectures
 from .architectures import Architecture, seeded
@@ -30,7 +32,7 @@ from .limits import DEFAULT_LIMITS, Limits, brief, flag, over
 from .schemes import apply_scheme, parse_scheme
 from .signature import INPUT_NAME, Signature, TensorSignature, output_signature
 from .statedict import ExpectedState
-from .values import ModelInfo, VersionInfo
+from .values import ModelInfo, TensorSpec, VersionInfo
 
 # What a forward that cannot run on the meta device raises: a kernel with no meta version, or
 # data-dependent control flow (``Tensor.item()``). Other errors mean the input does not fit.
@@ -116,7 +118,7 @@ class ShapeOracle:
             self._free_dims[key] = [
                 (name, dim)
                 for name, spec in at_width.items()
-                for dim, (a, b) in enumerate(zip(spec.shape, wider[name].shape))
+                for dim, (a, b) in enumerate(zip(_fixed(spec), _fixed(wider[name])))
                 if a != b
             ]
         widths = {
@@ -225,6 +227,12 @@ class ShapeOracle:
     def _check_elements(self, elements: int, what: str) -> None:
         if elements > self.limits.max_init_elements:
             raise ResourceExhausted(_too_many_elements(what, elements, self.limits))
+
+
+def _fixed(spec: TensorSpec) -> tuple[int, ...]:
+    """The shape of an entry of ``_state_at``'s state, which a dry run left with no lazy tensor."""
+    assert spec.shape is not None
+    return spec.shape
 
 
 def _too_many_elements(what: str, elements: int, limits: Limits, prefix: str = "") -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+from types import EllipsisType
 from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 _INT = r"-?[0-9]{1,19}"
 _PART = re.compile(rf"\s*({_INT})?\s*(?::\s*({_INT})?\s*(?::\s*({_INT})?\s*)?)?\Z")
 
-Index = tuple[object, ...]
+Index = tuple[int | slice | EllipsisType, ...]
 
 
 def split_param(text: str) -> tuple[str, str | None]:
@@ -53,7 +54,7 @@ def parse_index(text: str | None, limits: Limits = DEFAULT_LIMITS) -> Index:
             f"index {brief(text, 40)} has {len(raw_parts)} parts; a tensor "
             f"has at most {MAX_RANK} dimensions"
         )
-    parts: list[object] = []
+    parts: list[int | slice | EllipsisType] = []
     for raw in raw_parts:
         part = raw.strip()
         if part == "...":

@@ -17,7 +17,7 @@ import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,13 @@ from .errors import DataLoss, FailedPrecondition, InvalidArgument, InvalidStateD
 from .limits import DEFAULT_LIMITS, Limits
 from .tensorfile import STORED_BLOB_LIMITS, read_stored_header, stored_blob  # noqa: F401
 from .values import ManifestEntry, TensorSpec
+
+
+class ByteSink(Protocol):
+    """Where a blob's bytes go (``HashingWriter``, or any binary file)."""
+
+    def write(self, data: bytes | memoryview, /) -> int: ...
+
 
 Source = bytes | bytearray | memoryview | str | os.PathLike | BinaryIO | Mapping[str, torch.Tensor]
 COPY_CHUNK_BYTES = 8 << 20
@@ -72,7 +79,7 @@ class UploadedState:
     def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.specs = specs
 
-    def copy_to(self, name: str, out: BinaryIO) -> None:
+    def copy_to(self, name: str, out: ByteSink) -> None:
         """Write the entry's bytes to ``out``."""
         raise NotImplementedError
 
@@ -268,7 +275,7 @@ def canonical_plan(upload: UploadedState, expected: ExpectedState) -> CanonicalP
     return CanonicalPlan(header, [(n, source[n]) for n in order], manifest, tuple(segments))
 
 
-def write_canonical(out: BinaryIO, upload: UploadedState, plan: CanonicalPlan) -> None:
+def write_canonical(out: ByteSink, upload: UploadedState, plan: CanonicalPlan) -> None:
     """Write the planned blob to ``out`` (a ``HashingWriter``, which hashes what it is given)."""
     out.write(plan.header)
     for _, name in plan.sources:

@@ -14,7 +14,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    url = config.get_main_option("sqlalchemy.url")
+    assert url is not None  # database.alembic_config always sets it
+    engine = create_engine(url)
     with engine.begin() as connection:
         _run(connection)
 
