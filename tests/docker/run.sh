@@ -70,10 +70,16 @@ if podman image exists "$GPU_BASE"; then
   log "building the GPU recipe on $GPU_BASE"
   build "$WORK/gpu-build.log" --build-arg BASE_IMAGE="$GPU_BASE" --build-arg TORCH_INDEX_URL= \
     -t "$IMAGE-gpu" .
-  podman run --rm --entrypoint python "$IMAGE-gpu" -c \
-    'import torch, paramserve.service.server; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
-    2>>"$WORK/podman.log"
+  torch_of() { podman run --rm --entrypoint python "$1" -c \
+    'import torch; print(torch.__version__, torch.version.cuda)' 2>>"$WORK/podman.log"; }
+  base_torch=$(torch_of "$GPU_BASE")
+  podman run --rm --entrypoint python "$IMAGE-gpu" -c 'import paramserve.service.server' \
+    2>>"$WORK/podman.log" || { echo "the GPU image cannot import the server"; exit 1; }
+  gpu_torch=$(torch_of "$IMAGE-gpu")
   podman rmi "$IMAGE-gpu" >/dev/null
+  [ "$gpu_torch" = "$base_torch" ] \
+    || { echo "the GPU build replaced the base's torch ($base_torch) with $gpu_torch"; exit 1; }
+  log "GPU recipe built; the base's torch kept (torch, cuda: $gpu_torch)"
 else
   log "GPU recipe not built: $GPU_BASE is not present locally (untested here)"
 fi
