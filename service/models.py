@@ -17,18 +17,17 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from paramserve.registry import Store
 from paramserve.registry.errors import FailedPrecondition, InvalidArgument, NotFound
-from paramserve.registry.limits import DEFAULT_LIMITS, Limits, load_config_json
 from paramserve.registry.refs import parse_ref
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
+from .batch_policy import BatchingPolicy, batching_override
 from .batcher import Batcher
 from .loaded import (
     INLINE_FORWARD_S,
@@ -327,50 +326,6 @@ def _nothing_to_serve(name: str) -> FailedPrecondition:
     )
 
 
-def batching_override(
-    parameters: Mapping[str, str], name: str, limits: Limits = DEFAULT_LIMITS
-) -> tuple[int, int] | None:
-    """RepositoryModelLoad's ``config`` parameter (Triton's model config as JSON): the batching
-    fields are applied; anything else is refused rather than silently ignored."""
-    unknown = sorted(set(parameters) - {"config"})
-    if unknown:
-        raise InvalidArgument(
-            f"RepositoryModelLoad parameters {unknown[:5]} are not supported; "
-            "only 'config' (batching fields) is"
-        )
-    if "config" not in parameters:
-        return None
-    config = load_config_json(parameters["config"], limits)
-    supported = {"name", "max_batch_size", "dynamic_batching"}
-    extra = sorted(set(config) - supported)
-    if extra:
-        raise InvalidArgument(
-            f"model config fields {extra[:5]} cannot be changed here; "
-            f"supported: {sorted(supported)}"
-        )
-    if config.get("name", name) != name:
-        raise InvalidArgument(f"config name {str(config['name'])[:80]!r} is not {name!r}")
-    dynamic = config.get("dynamic_batching", {})
-    if not isinstance(dynamic, dict) or set(dynamic) - {"max_queue_delay_microseconds"}:
-        raise InvalidArgument("dynamic_batching supports only max_queue_delay_microseconds")
-    max_batch = _bounded_int(config.get("max_batch_size", 64), "max_batch_size", 0, 1 << 16)
-    delay_us = _bounded_int(
-        dynamic.get("max_queue_delay_microseconds", 0),
-        "max_queue_delay_microseconds",
-        0,
-        10_000_000,
-    )
-    return max(1, max_batch), delay_us
-
-
-def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
-        value = int(value)  # Triton's JSON writes int64 fields as strings
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidArgument(f"{what} must be an integer in {low}..{high}")
-    return value
-
-
 def _example_input(loaded: LoadedModel, rows: int, seed: int = 0) -> torch.Tensor:
     spec = loaded.signature.inputs[0]
     shape = [rows] + [d if d >= 0 else 1 for d in spec.shape[1:]]
@@ -407,19 +362,3 @@ def _rows_independent(loaded: LoadedModel) -> bool:
     if any(a.shape[0] != 1 for a in alone):
         return False
     return torch.allclose(torch.cat(alone).float(), together.float(), rtol=1e-3, atol=1e-5)
-
-
-@dataclass(frozen=True)
-class BatchingPolicy:
-    """Server-wide batching defaults with per-model overrides (name → (max rows, delay µs))."""
-
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 0
-    max_queue_size: int = 1024
-    per_model: tuple[tuple[str, int, int], ...] = ()
-
-    def for_model(self, name: str) -> tuple[int, int]:
-        for model, max_batch, delay_us in self.per_model:
-            if model == name:
-                return max_batch, delay_us
-        return self.max_batch_size, self.max_queue_delay_us
