@@ -46,7 +46,7 @@ def test_models_run_on_the_gpu_with_cpu_outputs(tmp_path, device):
 
 @needs_gpu
 def test_gpu_forwards_copy_through_pinned_buffers_and_match_the_cpu():
-    from paramserve.service.models import _forward_on_gpu
+    from paramserve.service.loaded import _forward_on_gpu
 
     module = reference_module("sequential_mlp", False)
     x = torch.rand(32, 20)
