@@ -115,11 +115,20 @@ class ModelManager:
             self.forget(name)
             model = await self.model(name)
         loaded = await self.load(model, version)
-        canonical = parse_ref(ref)
-        loaded.refs.add(canonical)  # rechecked on every change, so always safe to note
-        if (name, canonical) in self._resolved:  # nothing changed while it loaded
-            self.cache.serve(name, ref, canonical, loaded)
+        self._serve(name, ref, model, loaded)
         return loaded
+
+    def _serve(self, name: str, ref: str, model: ModelInfo, loaded: LoadedModel) -> None:
+        """Note that ``loaded`` serves ``ref``; make it hot if ref still names it. A change
+        that came while it loaded rechecked only what was loaded then, so this one is
+        rechecked now (else a version no ref names could stay loaded until the next change)."""
+        canonical = parse_ref(ref)
+        loaded.refs.add(canonical)
+        current = self._resolved.get((name, canonical))
+        if current is not None and key_of(model, current) == loaded.key:
+            self.cache.serve(name, ref, canonical, loaded)
+        else:
+            self._recheck_later(name, [loaded])
 
     def _check_available(self, name: str) -> None:
         if not self.is_available(name):
@@ -245,9 +254,12 @@ class ModelManager:
             return
         loaded = self.cache.of_model(name)
         if loaded:
-            task = asyncio.ensure_future(self._recheck(name, loaded))
-            self._rechecks.add(task)
-            task.add_done_callback(self._rechecks.discard)
+            self._recheck_later(name, loaded)
+
+    def _recheck_later(self, name: str, loaded: list[LoadedModel]) -> None:
+        task = asyncio.ensure_future(self._recheck(name, loaded))
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
 
     async def _recheck(self, name: str, loaded: list[LoadedModel]) -> None:
         try:
@@ -292,9 +304,7 @@ class ModelManager:
         if version is None and not model.lazy:
             raise _nothing_to_serve(name)
         if version is not None:
-            loaded = await self.load(model, version)
-            loaded.refs.add(None)
-            self.cache.serve(name, "", None, loaded)
+            self._serve(name, "", model, await self.load(model, version))
         self._explicitly_loaded.add(name)
 
     def batching_for(self, name: str) -> tuple[int, int]:

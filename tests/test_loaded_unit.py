@@ -124,3 +124,33 @@ def test_refs_are_cached_by_their_canonical_form(manager):
     resolved, hot = run(main())
     assert resolved == {("m", 2), ("m", None)}
     assert hot == 3  # "2", "latest" and "": canonical spellings only
+
+
+def test_a_version_whose_alias_moved_while_it_loaded_is_retired_once_loaded(manager):
+    """The change's recheck ran before the load finished; the load's own recheck retires it."""
+    manager.store.set_alias("m", "production", 1)
+    release = threading.Event()
+    load_blocking = manager._load_blocking
+
+    def slow_load(model, version):
+        release.wait(10)
+        return load_blocking(model, version)
+
+    manager._load_blocking = slow_load
+
+    async def main():
+        request = asyncio.ensure_future(manager.get("m", "production"))
+        await asyncio.sleep(0.2)  # resolved to version 1, now loading
+        manager.store.set_alias("m", "production", 2)
+        manager.forget("m")  # what the Registry servicer does after SetAlias
+        release.set()
+        first = await request
+        for _ in range(100):
+            if not manager._rechecks:
+                break
+            await asyncio.sleep(0.01)
+        return first.version.number, [e.version.number for e in manager.loaded()]
+
+    served, loaded = run(main())
+    assert served == 1  # the request that raced the move is answered by what it resolved
+    assert loaded == []  # and that version, which no ref names now, is not kept
