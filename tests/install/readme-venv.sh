@@ -2,7 +2,8 @@
 # The README's install commands as a new user types them, in a fresh venv on a fresh copy of
 # the sources: `pip install -e .`, then `pip install 'tritonclient[grpc]'` after it (which
 # takes the newest tritonclient and its protobuf), then the tests that drive a real server
-# through tritonclient and paramserve's client in that venv.
+# through tritonclient and paramserve's client in that venv; then tritonclient 2.51 over it
+# (protobuf 4.x) and the contract's and inference tests again.
 #
 # The commands are read from README.md, so the README and this check cannot drift apart.
 # Leaves the checkout untouched (the editable install's build outputs go to the copy).
@@ -66,4 +67,16 @@ paramserve --help >/dev/null
 log "client tests in the venv: ${TESTS[*]}"
 python -m pytest -p no:cacheprovider -q "${TESTS[@]}"
 [ "$check_rc" = 0 ] || { echo "pip check: the venv's requirements conflict (above)"; exit 1; }
+
+# The oldest tritonclient paramserve supports, installed after it: protobuf goes down to 4.x
+# and numpy below 2 under an installed paramserve, which must keep working unrebuilt.
+# (The reference health/reflection clients leave first: their gencode pins the newer protobuf.)
+old_triton="pip install 'tritonclient[grpc]==2.51.0'"
+log "$old_triton (after paramserve)"
+pip uninstall -y grpcio-health-checking grpcio-reflection >/dev/null
+eval "$old_triton" >"$WORK/triton-old.log" 2>&1 || { tail -30 "$WORK/triton-old.log"; exit 1; }
+pip list 2>/dev/null | grep -iE '^(tritonclient|protobuf|numpy) ' | tr -s ' ' | sed 's/^/    /'
+pip check
+python -m pytest -p no:cacheprovider -q tests/test_protos.py tests/test_service_inference.py \
+  tests/test_lean_import.py
 log "passed in $(( $(date +%s) - started )) s"
