@@ -4,8 +4,8 @@
 install:
 	pip install -e '.[test]'
 
-protos:  ## recompile protos/*.proto into protos/generated/ (pip install -e . does it too)
-	python -m paramserve.protos
+protos:  ## recompile protos/*.proto into protos/generated/ (the build step of the install)
+	pip install -e . --no-deps
 
 test:
 	python -m pytest
