@@ -4,7 +4,8 @@
 # nobody (65534) starts `paramserve serve` on a free loopback port over a data dir nobody owns
 # and runs `paramserve health`, `create` and `models`; stops the server by its PID (SIGTERM,
 # exit 0). Nothing may be written into site-packages at run time, and `pip uninstall -y
-# paramserve` must leave no paramserve file behind. Needs root (it switches users).
+# paramserve` must leave no paramserve file behind. Also: a data dir the user may not write is
+# one line naming it. Needs root (it switches users).
 # Environment: PYTHON (default: python3 when the user can run it, else /usr/bin/python3; a
 # venv runs its base interpreter, and one under /root is out of an unprivileged user's reach),
 # KEEP_WORK=1.
@@ -84,6 +85,18 @@ rc=0; wait "$server_pid" || rc=$?
 server_pid=
 [ "$rc" = 0 ] || { tail -20 "$WORK/serve.err"; echo "server exited $rc on SIGTERM"; exit 1; }
 log "server stopped by PID (exit 0)"
+
+# A data dir the user may not write (root's): one line naming it, exit 1. Checked here, not in
+# pytest: root writes anywhere, and this user cannot run the developer's interpreter.
+mkdir "$WORK/readonly"
+rc=0
+as_user timeout 60 paramserve serve --data-dir "$WORK/readonly" --listen 127.0.0.1:0 \
+  --metrics-listen off >"$WORK/readonly.out" 2>"$WORK/readonly.err" || rc=$?
+if [ "$rc" != 1 ] || [ "$(wc -l <"$WORK/readonly.err")" != 1 ] \
+    || ! grep -qF "$WORK/readonly" "$WORK/readonly.err" || grep -q Traceback "$WORK/readonly.err"; then
+  cat "$WORK/readonly.err"; echo "an unwritable data dir: exit $rc, not one line naming it"; exit 1
+fi
+log "an unwritable data dir: exit 1, $(cat "$WORK/readonly.err")"
 
 find "$site" -printf '%p %s %T@\n' | sort >"$WORK/site-after.txt"
 diff "$WORK/site-before.txt" "$WORK/site-after.txt" \
