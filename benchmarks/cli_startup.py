@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import MET
+from table import format_table as table_text
+
 HERE = Path(__file__).resolve().parent
 TARGETS_S = {"health": 0.3, "models": 0.5}
 
@@ -105,10 +108,8 @@ def format_table(rows: list[dict]) -> str:
               "target", "met"]
     table = [[r["command"], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['max_s']:.3f}",
               f"{r['over_floor_s']:.3f}", f"{r['cpu_median_s']:.3f}", r["target"] or "-",
-              {True: "yes", False: "NO", None: "-"}[r["met"]]] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
-                     for line in [header, ["-" * w for w in widths], *table]) + "\n"
+              MET[r["met"]]] for r in rows]
+    return table_text(header, table)
 
 
 def main() -> int:

@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_analyzer.py, plot.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_analyzer.py, plot.py, table.py
+from table import MET  # noqa: E402
+from table import format_table as table_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -427,10 +429,8 @@ def format_table(rows) -> str:
     header = ["benchmark", "figure", "floor", "ratio", "target", "met"]
     table = [[r["benchmark"], f"{r['figure']} {r['unit']}".strip(), str(r["floor"]),
               "-" if r["ratio"] is None else str(r["ratio"]), r["target"],
-              {True: "yes", False: "NO", None: "-"}[r["met"]]] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
-                     for line in [header, ["-" * w for w in widths], *table]) + "\n"
+              MET[r["met"]]] for r in rows]
+    return table_text(header, table)
 
 
 def main() -> int:

@@ -1,0 +1,13 @@
+"""The plain-text table every benchmark prints (and saves beside its JSON). Standard library
+only: cli_startup.py, which must import nothing heavy, uses it too."""
+
+from __future__ import annotations
+
+MET = {True: "yes", False: "NO", None: "-"}
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns left-aligned to their widest cell, a rule under the header."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
+                     for line in [header, ["-" * w for w in widths], *rows]) + "\n"
