@@ -120,8 +120,12 @@ def check(
     now = time.time()
     for folder in (store.blobs.tmp_dir, store.data_dir / "spool"):
         for path in sorted(Path(folder).glob(f"*{TEMP_SUFFIX}")) if folder.is_dir() else []:
+            try:
+                age_s = now - path.stat().st_mtime
+            except FileNotFoundError:  # an upload finished (or its writer cleaned up) since
+                continue
             report.temp_files.append(str(path))
-            if repair and now - path.stat().st_mtime >= min_age_s:
+            if repair and age_s >= min_age_s:
                 path.unlink(missing_ok=True)
                 report.removed.append(str(path))
     return report
