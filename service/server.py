@@ -43,6 +43,7 @@ from .config import (
 from .errors import Edge, EdgeLimits, guard
 from .health import HealthServicer
 from .inference import InferenceServicer
+from .inference_core import InferenceCore
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
 from .placement import Placement
@@ -62,6 +63,7 @@ class RunningServer:
     store: Store
     executor: ThreadPoolExecutor
     manager: ModelManager
+    inference: InferenceCore  # what the gRPC and HTTP front ends call
     health: HealthServicer
     metrics_http: socketserver.BaseServer | None  # prometheus_client's WSGIServer
     watcher: asyncio.Task | None
@@ -118,15 +120,11 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
         server = _grpc_server(config, tokens, reuse_port)
         edge = Edge(edge_limits(config), metrics)
+        inference = InferenceCore(
+            manager, config.max_batch_size, config.max_tensor_elements, metrics
+        )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            guard(
-                InferenceServicer(
-                    manager, config.max_batch_size, config.max_tensor_elements, metrics
-                ),
-                metrics,
-                edge,
-            ),
-            server,
+            guard(InferenceServicer(inference), metrics, edge), server
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(
             guard(
@@ -188,6 +186,7 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         store,
         executor,
         manager,
+        inference,
         health_servicer,
         metrics_http,
         watcher,

@@ -1,0 +1,255 @@
+"""The KServe v2 operations, transport-neutral: every front end (gRPC unary and stream, HTTP/REST)
+calls these with the protocol's request messages and sends back the response messages, so a
+request means the same thing whichever way it came in. Errors are raised as ``ParamserveError``
+and mapped to a status code by each front end in one place (gRPC: service/errors.py)."""
+
+from __future__ import annotations
+
+import time
+
+from paramserve.protos import inference_pb2 as pb
+from paramserve.registry.errors import InvalidArgument, NotFound, ParamserveError
+from paramserve.registry.signature import Signature, TensorSignature
+
+from . import codec
+from .errors import out_of_memory
+from .models import ModelManager
+
+SERVER_NAME = "paramserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
+PLATFORM = "pytorch"
+CONFIG_TYPE = {name: getattr(pb, f"TYPE_{name}") for name in codec.TORCH_OF}
+
+
+def _tensor_metadata(spec: TensorSignature) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=codec.datatype_of(spec.dtype), shape=list(spec.shape)
+    )
+
+
+class InferenceCore:
+    """The server's inference operations over one model manager.
+
+    ``shared_memory``: the registered system shared memory regions (service/shared_memory.py),
+    or None when the extension is off."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_batch_size: int,
+        max_tensor_elements: int,
+        metrics=None,
+        shared_memory=None,
+    ):
+        self.manager = manager
+        self.shared_memory = shared_memory
+        self.max_batch_size = max_batch_size
+        self.max_tensor_elements = max_tensor_elements
+        self.metrics = metrics
+
+    async def server_live(self, request):
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def model_ready(self, request):
+        """Ready when it can answer now: a stored version, or a lazy model's first request."""
+        try:
+            model = await self.manager.model(request.name)
+            version = await self.manager.resolve(request.name, request.version)
+        except (NotFound, InvalidArgument):
+            return pb.ModelReadyResponse(ready=False)
+        if not self.manager.is_available(request.name):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(
+            ready=version is not None or (model.lazy and not request.version)
+        )
+
+    async def server_metadata(self, request):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
+
+    async def model_metadata(self, request):
+        model, version, signature = await self.manager.signature(request.name, request.version)
+        versions = await self.manager.run_blocking(self.manager.store.list_versions, request.name)
+        device = await self._device_of(request.name, version)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v.number) for v in versions],
+            platform=PLATFORM,
+            inputs=[_tensor_metadata(t) for t in signature.inputs],
+            outputs=[_tensor_metadata(t) for t in signature.outputs],
+            parameters={"device": pb.InferParameter(string_param=device)},
+        )
+
+    async def _device_of(self, name, version) -> str:
+        """Where the version runs: its device once loaded, else where placement would put it."""
+        for loaded in self.manager.loaded():
+            if version is not None and (loaded.model.name, loaded.version.number) == (
+                name,
+                version.number,
+            ):
+                return str(loaded.device)
+        return str(self.manager.placement.choose(version.size_bytes if version else 0))
+
+    async def model_config(self, request):
+        model, version, signature = await self.manager.signature(request.name, request.version)
+        batch = self.max_batch_size if signature.batchable else 0
+        config = pb.ModelConfig(
+            name=model.name, platform=PLATFORM, backend="paramserve", max_batch_size=batch
+        )
+        skip = 1 if batch > 0 else 0  # Triton's dims leave the batch dimension out
+        for spec in signature.inputs:
+            config.input.add(
+                name=spec.name,
+                dims=list(spec.shape[skip:]),
+                data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)],
+            )
+        for spec in signature.outputs:
+            dims = list(spec.shape[skip:]) if spec.shape else []
+            config.output.add(
+                name=spec.name, dims=dims, data_type=CONFIG_TYPE[codec.datatype_of(spec.dtype)]
+            )
+        config.parameters["architecture"].string_value = model.architecture
+        config.parameters["device"].string_value = await self._device_of(model.name, version)
+        return pb.ModelConfigResponse(config=config)
+
+    async def infer(self, request, time_remaining: float | None = None):
+        """The hot path: one dict lookup, a zero-copy decode, the forward (batched or not),
+        raw bytes out. SQL and the store are touched only the first time (``_load_for``)."""
+        start = time.perf_counter_ns()
+        loaded = self.manager.hot(request.model_name, request.model_version)
+        if loaded is None:
+            loaded = await self._load_for(request)
+        signature = loaded.signature
+        try:
+            inputs = codec.decode_inputs(request, signature, self.max_tensor_elements)
+            requested = _requested_outputs(request, signature)
+            decoded = time.perf_counter_ns()
+            x = inputs[signature.inputs[0].name]
+            y = await loaded.infer(x, time_remaining)
+            computed = time.perf_counter_ns()
+            response = pb.ModelInferResponse(
+                model_name=loaded.model.name,
+                model_version=str(loaded.version.number),
+                id=request.id,
+            )
+            for name in requested:
+                codec.encode_output(response, name, y)
+        except ParamserveError:
+            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            raise
+        except RuntimeError as err:
+            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
+            if out_of_memory(err):
+                raise  # RESOURCE_EXHAUSTED, by the one table (service/errors.py)
+            # torch rejected the input inside the forward (a shape the codec cannot check)
+            raise InvalidArgument(
+                f"model {loaded.model.name!r} cannot run on this input: "
+                f"{str(err).splitlines()[0][:300]}"
+            ) from err
+        rows = x.shape[0] if x.dim() and signature.batchable else 1
+        self.manager.record(
+            loaded, True, start, decoded, computed, time.perf_counter_ns(), rows=rows
+        )
+        if self.metrics is not None:
+            self.metrics.bytes_moved("infer_in", x.nbytes)
+            self.metrics.bytes_moved("infer_out", y.nbytes)
+        return response
+
+    async def _load_for(self, request):
+        """The slow path: resolve, maybe create a lazy model's first version, load."""
+        input_shape = tuple(request.inputs[0].shape) if request.inputs else None
+        version = await self.manager.resolve(request.model_name, request.model_version)
+        if version is None:  # a lazy model's first request: check it before it makes a version
+            _, _, signature = await self.manager.signature(request.model_name, "")
+            codec.decode_inputs(request, signature, self.max_tensor_elements)
+        return await self.manager.get(request.model_name, request.model_version, input_shape)
+
+    async def model_statistics(self, request):
+        created_at = None
+        if request.name:
+            created_at = (await self.manager.model(request.name)).created_at  # NOT_FOUND
+        response = pb.ModelStatisticsResponse()
+        for (name, number), stats in self.manager.stats.items(request.name, created_at):
+            if request.version and request.version != str(number):
+                continue
+            entry = response.model_stats.add(
+                name=name,
+                version=str(number),
+                last_inference=stats.last_inference_ms,
+                inference_count=stats.inference_count,
+                execution_count=stats.execution_count,
+            )
+            for field in (
+                "success",
+                "fail",
+                "queue",
+                "compute_input",
+                "compute_infer",
+                "compute_output",
+            ):
+                duration = getattr(stats, field)
+                getattr(entry.inference_stats, field).CopyFrom(
+                    pb.StatisticDuration(count=duration.count, ns=duration.ns)
+                )
+            for rows, forwards in sorted(stats.batch_rows.items()):
+                entry.batch_stats.add(
+                    batch_size=rows,
+                    compute_infer=pb.StatisticDuration(count=forwards.count, ns=forwards.ns),
+                )
+        if request.name and not response.model_stats:
+            model, version, _ = await self.manager.signature(request.name, request.version)
+            response.model_stats.add(
+                name=model.name, version=str(version.number) if version else ""
+            )
+        return response
+
+    async def repository_index(self, request):
+        models = await self.manager.run_blocking(self.manager.store.list_models)
+        response = pb.RepositoryIndexResponse()
+        loaded = {m.model.name for m in self.manager.loaded()}
+        for model in models:
+            servable = model.latest_version is not None or model.lazy
+            ready = servable and self.manager.is_available(model.name)
+            if request.ready and not ready:
+                continue
+            if not servable:
+                reason = "no version yet: upload or init one"
+            elif not ready:
+                reason = "unloaded: load it with RepositoryModelLoad"
+            else:
+                reason = "loaded" if model.name in loaded else ""
+            response.models.add(
+                name=model.name,
+                version=str(model.latest_version or ""),
+                state="READY" if ready else "UNAVAILABLE",
+                reason=reason,
+            )
+        return response
+
+    async def repository_model_load(self, request):
+        parameters = {key: value.string_param for key, value in request.parameters.items()}
+        await self.manager.load_for_repository(request.model_name, parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request):
+        await self.manager.model(request.model_name)
+        self.manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _requested_outputs(request, signature: Signature) -> list[str]:
+    known = [t.name for t in signature.outputs]  # one output today: its name
+    if not request.outputs:
+        return known
+    names = [o.name for o in request.outputs]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise InvalidArgument(
+            f"model {request.model_name!r} has no output(s) {unknown}; its outputs: {known}"
+        )
+    return names
