@@ -1,4 +1,7 @@
-"""Prometheus metrics on their own HTTP address: requests, latencies, loaded models, bytes.
+"""Prometheus metrics on their own HTTP address (service/metrics_serve.py, ``/metrics`` only):
+paramserve's families (requests by method and status, latencies, loaded models, bytes), Triton's
+per-model ``nv_inference_*`` (service/metrics_triton.py) and prometheus_client's process,
+platform and GC collectors.
 
 The request path only adds to plain Python numbers (it runs on the one event-loop thread);
 a collector turns them into metric families when Prometheus scrapes. prometheus_client's own
@@ -10,8 +13,17 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from . import metrics_serve
+from .metrics_triton import TritonFamilies
 
 LATENCY_BUCKETS_S = (
     0.0001,
@@ -32,6 +44,10 @@ LATENCY_BUCKETS_S = (
     10,
     30,
 )
+# Distinct (method, code) series kept; past it, new ones are counted under method OTHER (a
+# front end that passed client text as the method could otherwise grow the scrape unbounded).
+MAX_REQUEST_SERIES = 1000
+OTHER = "other"
 
 
 class _Latency:
@@ -45,18 +61,32 @@ class _Latency:
 
 
 class Metrics:
-    def __init__(self, loaded_models: Callable[[], int] = lambda: 0):
+    """``triton``: the ``nv_inference_*`` families (None: not exposed, e.g. in unit tests)."""
+
+    def __init__(
+        self,
+        loaded_models: Callable[[], int] = lambda: 0,
+        triton: TritonFamilies | None = None,
+    ):
         self.registry = CollectorRegistry()
         self.loaded_models = loaded_models
+        self.triton = triton
         self.requests: dict[tuple[str, str], int] = {}  # (method, code) → count
         self.latency: dict[str, _Latency] = {}
         self.bytes: dict[str, int] = {}  # direction → bytes
         self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        latency = self.latency.get(method)
+        count = self.requests.get(key)
+        if count is None and len(self.requests) >= MAX_REQUEST_SERIES:
+            method, key = OTHER, (OTHER, code)
+            count = self.requests.get(key, 0)
+        self.requests[key] = (count or 0) + 1
+        latency = self.latency.get(method)  # methods are bounded by the series above
         if latency is None:
             latency = self.latency[method] = _Latency()
         latency.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
@@ -95,10 +125,16 @@ class Metrics:
             value=self.loaded_models(),
         )
 
+    def exposition(self) -> bytes:
+        """What a scrape of ``/metrics`` answers: the text format 0.0.4, as Triton's."""
+        text = generate_latest(self.registry)
+        if self.triton is not None:
+            text += self.triton.render().encode()
+        return text
+
     def serve(self, host: str, port: int):
         """Start the HTTP endpoint; returns ``(http_server, bound_port)``."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, server.server_port
+        return metrics_serve.serve(host, port, self.exposition)
 
 
 def _bound(seconds: float) -> str:

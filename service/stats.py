@@ -84,6 +84,12 @@ class Statistics:
         for key in [k for k in self._by_key if k[0] == name]:
             del self._by_key[key]
 
+    def snapshot(self) -> list[tuple[tuple[str, int], ModelStats]]:
+        """Every current (key, stats) pair, safe to call from another thread (the metrics
+        scrape): the dict is copied in one step, so a model loaded meanwhile cannot break the
+        iteration. Bounded by what exists: versions loaded since their model was created."""
+        return sorted(list(self._by_key.items()), key=lambda entry: entry[0])
+
     def items(self, name: str = "", created_at: dt.datetime | None = None):
         """Sorted (key, stats) pairs, for one model's incarnation when ``name`` is given."""
         return sorted(
