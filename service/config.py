@@ -122,6 +122,12 @@ class ServerConfig:
         "removed; 0 = wait forever",
         minimum=0,
     )
+    max_stream_in_flight: int = option(
+        64,
+        "ModelStreamInfer: messages of one stream served at once; "
+        "beyond them the stream is not read until one is answered",
+        minimum=1,
+    )
     max_status_chars: int = option(
         1000, "longest error message sent to a client; longer ones are cut with a marker", minimum=1
     )

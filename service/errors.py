@@ -136,6 +136,12 @@ def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, s
     )
 
 
+def client_message(err: Exception, method: str, max_chars: int = MAX_STATUS_CHARS) -> str:
+    """What a client is told of ``err`` where it gets no status of its own (a message of a
+    ModelStreamInfer stream): the status message, one line of at most ``max_chars``."""
+    return one_line(_status_and_message(err, method)[1], max_chars)
+
+
 _CONTROL = {c: " " for c in [*range(32), 127]}
 
 
@@ -241,8 +247,11 @@ def _wrap_unary(behavior, method, metrics, edge):
 
 
 def _wrap_stream(behavior, method, metrics, edge):
-    """A server stream: written here with ``context.write``, each write bounded by the idle
-    timeout, so a client that stops reading frees the call (and its open blob) in time."""
+    """A server or bidirectional stream (an async generator, given the request or, for a bidi
+    method, the request iterator): written here with ``context.write``, each write bounded by
+    the idle timeout, so a client that stops reading frees the call (and what it holds: an
+    open blob, requests in flight) in time. A bidi call counts as one RPC, whatever it
+    carries; reading its requests, and the idle limit on them, is the method's."""
     idle_s = edge.limits.stream_idle_timeout_s
 
     async def wrapped(request, context):

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from paramserve.protos import inference_pb2_grpc
 
 from .inference_core import EXTENSIONS, PLATFORM, SERVER_NAME, SERVER_VERSION, InferenceCore
+from .inference_stream import StreamLimits, stream_infer
 
 __all__ = ["EXTENSIONS", "PLATFORM", "SERVER_NAME", "SERVER_VERSION", "InferenceServicer"]
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, stream_limits: StreamLimits | None = None):
         self.core = core
+        self.stream_limits = stream_limits or StreamLimits()
 
     async def ServerLive(self, request, context):
         return await self.core.server_live(request)
@@ -33,6 +37,13 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         return await self.core.infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each message a ModelInfer, served concurrently (service/inference_stream.py)."""
+        responses = stream_infer(self.core, self.stream_limits, request_iterator, context)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
+                yield response
 
     async def ModelStatistics(self, request, context):
         return await self.core.model_statistics(request)

@@ -44,6 +44,7 @@ from .errors import Edge, EdgeLimits, guard
 from .health import HealthServicer
 from .inference import InferenceServicer
 from .inference_core import InferenceCore
+from .inference_stream import StreamLimits
 from .metrics import Metrics
 from .models import BatchingPolicy, ModelManager
 from .placement import Placement
@@ -124,7 +125,7 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
             manager, config.max_batch_size, config.max_tensor_elements, metrics
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            guard(InferenceServicer(inference), metrics, edge), server
+            guard(InferenceServicer(inference, StreamLimits.of(config)), metrics, edge), server
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(
             guard(

@@ -1,0 +1,336 @@
+"""ModelStreamInfer against a real server: tritonclient's stream API and grpc.aio directly; many
+messages matched by id with outputs equal to the in-process forward, several streams at once,
+errors answered per message while the stream goes on, the in-flight bound (seen in the batch
+sizes of a slow model), the idle limit, cancellation, and the counts in ModelStatistics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import ServerProcess, metrics_text, reference_module, wait_for
+
+from paramserve.protos import inference_pb2 as pb
+from paramserve.protos import inference_pb2_grpc
+from paramserve.service.client import Client
+
+TOLERANCE = 1e-6
+MAX_IN_FLIGHT = 4
+SLOW_S = 0.3
+
+# A forward that takes SLOW_S: requests pile up behind it, so batch sizes show how many
+# messages of a stream the server held at once.
+SLOW_ARCHITECTURES = f'''
+import time
+from torch import nn
+from paramserve.registry import architecture
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        time.sleep({SLOW_S})
+        return self.lin(x)
+
+
+@architecture("test_slow", example_input_shape=(1, 4))
+def slow():
+    return Slow()
+'''
+
+
+SLOW_STATE = {"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros(3)}
+
+
+def create_slow(client: Client, name: str = "slow") -> None:
+    client.create_model(name, "test_slow")
+    client.upload(name, SLOW_STATE)
+
+
+def server_with_slow_model(root, *flags: str) -> ServerProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stream_archs.py").write_text(SLOW_ARCHITECTURES)
+    path = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return ServerProcess(root / "data", "--architectures", "stream_archs", *flags,
+                         env={"PYTHONPATH": path})
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    server = server_with_slow_model(tmp_path_factory.mktemp("stream"),
+                                    "--max-stream-in-flight", str(MAX_IN_FLIGHT))
+    with Client(server.address) as client:
+        client.create_model("mlp", "sequential_mlp")
+        client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    """One RPC at a time, streams idle for 2 s closed."""
+    server = server_with_slow_model(tmp_path_factory.mktemp("limited"), "--max-concurrent-rpcs",
+                                    "1", "--stream-idle-timeout-s", "2")
+    with Client(server.address) as client:
+        client.create_model("mlp", "sequential_mlp")
+        client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
+        create_slow(client)
+    yield server
+    server.stop()
+
+
+def request(model: str, x: np.ndarray, request_id: str = "") -> pb.ModelInferRequest:
+    msg = pb.ModelInferRequest(model_name=model, id=request_id)
+    msg.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    msg.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return msg
+
+
+def output_of(response: pb.ModelInferResponse) -> np.ndarray:
+    shape = list(response.outputs[0].shape)
+    return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(shape)
+
+
+def inputs(count: int, seed: int = 0, features: int = 20) -> list[np.ndarray]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1 + i % 3, features, generator=generator).numpy() for i in range(count)]
+
+
+def expected_of(xs: list[np.ndarray]) -> list[np.ndarray]:
+    module = reference_module("sequential_mlp", False)
+    with torch.no_grad():
+        return [module(torch.from_numpy(x)).numpy() for x in xs]
+
+
+def statistics(server: ServerProcess, model: str) -> pb.ModelStatisticsResponse.ModelStatistics:
+    with Client(server.address) as client:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(client.channel)
+        answer = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30)
+        return answer.model_stats[0]
+
+
+def request_count(server: ServerProcess, method: str, code: str) -> int:
+    found = re.search(
+        rf'paramserve_requests_total\{{code="{code}",method="{method}"\}} (\S+)',
+        metrics_text(server.metrics_port))
+    return int(float(found.group(1))) if found else 0
+
+
+async def stream_all(address: str, messages, timeout: float = 60) -> list:
+    """Send every message on one stream (without waiting for answers), read every answer."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter(messages), timeout=timeout)
+        return [response async for response in call]
+
+
+def test_tritonclient_stream_matches_the_in_process_forward_by_id(srv):
+    import tritonclient.grpc as grpcclient
+
+    xs = inputs(60, seed=1)
+    expected = expected_of(xs)
+    before = statistics(srv, "mlp").inference_count
+    done: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=srv.address)
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
+    for i, x in enumerate(xs):
+        infer_input = grpcclient.InferInput("input", list(x.shape), "FP32")
+        infer_input.set_data_from_numpy(x)
+        client.async_stream_infer("mlp", [infer_input], request_id=f"r{i}")
+    answers = [done.get(timeout=60) for _ in xs]
+    client.stop_stream()
+    client.close()
+    assert [error for _, error in answers if error is not None] == []
+    by_id = {result.get_response().id: result.as_numpy("output") for result, _ in answers}
+    assert sorted(by_id) == sorted(f"r{i}" for i in range(len(xs)))
+    for i, want in enumerate(expected):
+        assert np.abs(by_id[f"r{i}"] - want).max() <= TOLERANCE, i
+    stats = statistics(srv, "mlp")
+    assert stats.inference_count - before == sum(x.shape[0] for x in xs)
+    assert wait_for(lambda: request_count(srv, "ModelStreamInfer", "OK") >= 1)
+
+
+def test_tritonclient_stream_reports_a_failed_message_and_serves_on(srv):
+    import tritonclient.grpc as grpcclient
+
+    done: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=srv.address)
+    client.start_stream(callback=lambda result, error: done.put((result, error)))
+    x = inputs(1, seed=2)[0]
+    good = grpcclient.InferInput("input", list(x.shape), "FP32")
+    good.set_data_from_numpy(x)
+    client.async_stream_infer("no-such-model", [good], request_id="missing")
+    answer, error = done.get(timeout=60)
+    assert answer is None and "no-such-model" in str(error)
+    client.async_stream_infer("mlp", [good], request_id="after")
+    answer, error = done.get(timeout=60)
+    client.stop_stream()
+    client.close()
+    assert error is None and answer.get_response().id == "after"
+    assert np.abs(answer.as_numpy("output") - expected_of([x])[0]).max() <= TOLERANCE
+
+
+def test_errors_are_answered_per_message_with_their_id_and_the_stream_goes_on(srv):
+    xs = inputs(6, seed=3)
+    bad_shape = request("mlp", np.zeros((2, 7), np.float32), "bad-shape")
+    no_data = pb.ModelInferRequest(model_name="mlp", id="no-data")
+    no_data.inputs.add(name="input", datatype="FP32", shape=[1, 20])
+    long_name = request("x" * 5000, xs[0], "long-name")
+    messages = [request("mlp", xs[0], "ok-0"), request("missing", xs[1], "missing"), bad_shape,
+                no_data, long_name, *(request("mlp", x, f"ok-{i}") for i, x in enumerate(xs))]
+    responses = asyncio.run(stream_all(srv.address, messages))
+    by_id = {r.infer_response.id: r for r in responses}
+    assert len(responses) == len(messages) and len(by_id) == len(messages) - 1  # "ok-0" twice
+    for name in ("missing", "bad-shape", "no-data", "long-name"):
+        message = by_id[name].error_message
+        assert message and "\n" not in message and len(message) <= 1000, (name, message)
+        assert not by_id[name].infer_response.outputs
+    assert "missing" in by_id["missing"].error_message
+    assert len(by_id["long-name"].error_message) < 300  # the 5000 characters are not echoed
+    expected = expected_of(xs)
+    for i, want in enumerate(expected):
+        answer = by_id[f"ok-{i}"]
+        assert answer.error_message == ""
+        assert answer.infer_response.model_name == "mlp"
+        assert np.abs(output_of(answer.infer_response) - want).max() <= TOLERANCE
+
+
+def test_several_streams_and_unary_calls_at_once(srv):
+    async def scenario():
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one_stream(seed):
+                xs = inputs(30, seed=seed)
+                call = stub.ModelStreamInfer(
+                    iter([request("mlp", x, f"{seed}-{i}") for i, x in enumerate(xs)]),
+                    timeout=60)
+                return xs, [r async for r in call]
+
+            async def unary(seed):
+                x = inputs(1, seed=seed)[0]
+                return x, await stub.ModelInfer(request("mlp", x, f"u{seed}"), timeout=60)
+
+            return await asyncio.gather(*(one_stream(s) for s in range(10, 15)),
+                                        *(unary(s) for s in range(20, 30)))
+
+    results = asyncio.run(scenario())
+    for xs, responses in results[:5]:
+        assert [r.error_message for r in responses] == [""] * len(xs)
+        seed = responses[0].infer_response.id.split("-")[0]
+        by_id = {r.infer_response.id: output_of(r.infer_response) for r in responses}
+        for i, want in enumerate(expected_of(xs)):
+            assert np.abs(by_id[f"{seed}-{i}"] - want).max() <= TOLERANCE
+    for x, response in results[5:]:
+        assert np.abs(output_of(response) - expected_of([x])[0]).max() <= TOLERANCE
+
+
+def test_messages_in_flight_are_batched_and_bounded_per_stream(srv):
+    """16 messages sent at once to a model whose forward takes SLOW_S: the server holds at
+    most MAX_IN_FLIGHT of them, so no batch is larger, and those it holds share batches."""
+    with Client(srv.address) as client:
+        create_slow(client)
+    xs = inputs(16, seed=4, features=4)
+    xs = [x[:1] for x in xs]  # one row each: a batch's size is its number of messages
+    responses = asyncio.run(stream_all(srv.address, [request("slow", x, str(i))
+                                                     for i, x in enumerate(xs)]))
+    assert sorted(int(r.infer_response.id) for r in responses) == list(range(16))
+    assert all(r.error_message == "" for r in responses)
+    stats = statistics(srv, "slow")
+    sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+    assert stats.inference_count == 16 and stats.inference_stats.success.count == 16
+    assert max(sizes) <= MAX_IN_FLIGHT, sizes  # the bound
+    assert max(sizes) >= 2, sizes  # messages of one stream joined a batch
+    assert stats.execution_count < 16
+
+
+def test_a_stream_is_one_rpc_and_an_idle_one_is_closed(limited):
+    async def scenario():
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer(timeout=60)
+            await call.write(request("mlp", inputs(1)[0], "first"))
+            first = await call.read()
+            try:  # the stream holds the one slot of --max-concurrent-rpcs 1, answered or not
+                await stub.ModelInfer(request("mlp", inputs(1)[0]), timeout=10)
+                refused = None
+            except grpc.aio.AioRpcError as err:
+                refused = err.code(), err.details()
+            started = asyncio.get_running_loop().time()
+            code = await asyncio.wait_for(call.code(), 30)  # nothing sent: closed after 2 s
+            waited = asyncio.get_running_loop().time() - started
+            return first, refused, code, await call.details(), waited
+
+    first, refused, code, details, waited = asyncio.run(scenario())
+    assert first.infer_response.id == "first" and first.error_message == ""
+    assert refused is not None and refused[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "--max-concurrent-rpcs 1" in refused[1]
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "--stream-idle-timeout-s" in details and "\n" not in details
+    assert 1 <= waited <= 20
+    with Client(limited.address) as client:  # the slot is free again
+        assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
+    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == 1)
+
+
+def test_a_stream_with_work_in_flight_is_not_idle(limited):
+    """Messages that take longer than the idle limit (2 s) in all do not close the stream."""
+    xs = [x[:1] for x in inputs(12, seed=5, features=4)]  # 12 × SLOW_S, 4 at a time: > 2 s
+    responses = asyncio.run(stream_all(limited.address, [request("slow", x, str(i))
+                                                         for i, x in enumerate(xs)]))
+    assert sorted(int(r.infer_response.id) for r in responses) == list(range(12))
+
+
+def test_cancelling_the_call_mid_stream_frees_it(limited):
+    before = statistics(limited, "slow").inference_count
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                timeout=60)
+            for i in range(40):
+                await call.write(request("slow", np.zeros((1, 4), np.float32), str(i)))
+            first = await call.read()
+            call.cancel()
+            return first
+
+    first = asyncio.run(scenario())
+    assert first.error_message == ""
+    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "CANCELLED") == 1)
+    with Client(limited.address) as client:  # the one RPC slot is back: nothing left in flight
+        assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
+    # the work in flight was dropped, not run to the end: far fewer than 40 forwards
+    done = statistics(limited, "slow").inference_count - before
+    assert 1 <= done < 40, done
+
+
+def test_the_calls_deadline_applies_to_its_messages(limited):
+    """Messages sent one after another, each SLOW_S: the call's 1.5 s end all of them."""
+    async def scenario():
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                timeout=1.5)
+            answered = []
+            try:
+                for i in range(30):
+                    await call.write(request("slow", np.zeros((1, 4), np.float32), str(i)))
+                    answered.append(await call.read())
+            except grpc.aio.AioRpcError as err:
+                return answered, err.code()
+            return answered, await call.code()
+
+    answered, code = asyncio.run(scenario())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1 <= len(answered) < 30 and all(r.error_message == "" for r in answered)
+    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == 2)
+    with Client(limited.address) as client:
+        assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
