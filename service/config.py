@@ -134,6 +134,15 @@ class ServerConfig:
     max_tensor_elements: int = option(
         1 << 28, "largest input tensor, in elements", minimum=1, shown="2^28"
     )
+    max_shm_regions: int = option(
+        64,
+        "system shared memory regions registered at once; more are answered "
+        "RESOURCE_EXHAUSTED; 0 turns the extension off",
+        minimum=0,
+    )
+    max_shm_mb: int = option(
+        16384, "total size of the registered shared memory regions in MiB", minimum=1
+    )
     max_batch_size: int = option(
         64,
         "dynamic batching: most rows merged into one forward of a "

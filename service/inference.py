@@ -56,3 +56,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request, context):
         return await self.core.repository_model_unload(request)
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        return await self.core.system_shared_memory_status(request)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        return await self.core.system_shared_memory_register(request)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        return await self.core.system_shared_memory_unregister(request)

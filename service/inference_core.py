@@ -8,7 +8,12 @@ from __future__ import annotations
 import time
 
 from paramserve.protos import inference_pb2 as pb
-from paramserve.registry.errors import InvalidArgument, NotFound, ParamserveError
+from paramserve.registry.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ParamserveError,
+)
 from paramserve.registry.signature import Signature, TensorSignature
 
 from . import codec
@@ -18,6 +23,8 @@ from .models import ModelManager
 SERVER_NAME = "paramserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
+SHM = "system_shared_memory"  # listed only where --max-shm-regions is not 0
+EXTENSIONS.append(SHM)
 PLATFORM = "pytorch"
 CONFIG_TYPE = {name: getattr(pb, f"TYPE_{name}") for name in codec.TORCH_OF}
 
@@ -68,8 +75,9 @@ class InferenceCore:
         )
 
     async def server_metadata(self, request):
+        extensions = [e for e in EXTENSIONS if e != SHM or self.shared_memory is not None]
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions
         )
 
     async def model_metadata(self, request):
@@ -121,6 +129,8 @@ class InferenceCore:
         """The hot path: one dict lookup, a zero-copy decode, the forward (batched or not),
         raw bytes out. SQL and the store are touched only the first time (``_load_for``)."""
         start = time.perf_counter_ns()
+        if self.shared_memory is not None:
+            request = self.shared_memory.read_inputs(request)
         loaded = self.manager.hot(request.model_name, request.model_version)
         if loaded is None:
             loaded = await self._load_for(request)
@@ -139,6 +149,8 @@ class InferenceCore:
             )
             for name in requested:
                 codec.encode_output(response, name, y)
+            if self.shared_memory is not None:
+                self.shared_memory.write_outputs(request, response)
         except ParamserveError:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise
@@ -240,6 +252,26 @@ class InferenceCore:
         await self.manager.model(request.model_name)
         self.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # Triton's system shared memory extension (service/shared_memory.py)
+    async def system_shared_memory_register(self, request):
+        regions = self._shared_memory()
+        regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def system_shared_memory_status(self, request):
+        return self._shared_memory().status(request.name)
+
+    async def system_shared_memory_unregister(self, request):
+        self._shared_memory().unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    def _shared_memory(self):
+        if self.shared_memory is None:
+            raise FailedPrecondition(
+                "system shared memory is off on this server (--max-shm-regions 0)"
+            )
+        return self.shared_memory
 
 
 def _requested_outputs(request, signature: Signature) -> list[str]:

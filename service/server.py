@@ -51,6 +51,7 @@ from .placement import Placement
 from .reflection import SERVICE_NAMES as REFLECTION_SERVICES
 from .reflection import ReflectionServicer
 from .registry_service import RegistryServicer
+from .shared_memory import SharedMemoryRegions
 from .workers import refuse_if_taken
 
 log = logging.getLogger("paramserve")
@@ -76,6 +77,8 @@ class RunningServer:
             self.watcher.cancel()
         self.executor.shutdown(wait=True)
         self.manager.shutdown()
+        if self.inference.shared_memory is not None:
+            self.inference.shared_memory.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
         self.store.close()
@@ -121,8 +124,15 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
         server = _grpc_server(config, tokens, reuse_port)
         edge = Edge(edge_limits(config), metrics)
+        shared_memory = shared_memory_of(config)
+        if shared_memory is not None:
+            opened.append(shared_memory.close)
         inference = InferenceCore(
-            manager, config.max_batch_size, config.max_tensor_elements, metrics
+            manager,
+            config.max_batch_size,
+            config.max_tensor_elements,
+            metrics,
+            shared_memory=shared_memory,
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             guard(InferenceServicer(inference, StreamLimits.of(config)), metrics, edge), server
@@ -191,6 +201,15 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         health_servicer,
         metrics_http,
         watcher,
+    )
+
+
+def shared_memory_of(config: ServerConfig) -> SharedMemoryRegions | None:
+    """The system shared memory regions, or None: the extension is off."""
+    if config.max_shm_regions == 0:
+        return None
+    return SharedMemoryRegions(
+        config.max_shm_regions, config.max_shm_mb << 20, config.max_tensor_elements
     )
 
 
