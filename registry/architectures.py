@@ -13,6 +13,18 @@ Register one with the decorator; the name is what models refer to::
 Convention: a config key ``in_features`` sets the last input dimension, and ``None`` there
 selects the lazy variant (shapes inferred from the first input).
 
+Several inputs are declared by name, dtype, shape (-1: free) and batch dimension; the forward
+takes them positionally in that order and may return a tensor, a tuple or a dict::
+
+    @architecture("pair", inputs=[Input("a", torch.float32, (-1, 4)),
+                                  Input("b", torch.float32, (-1, 4))],
+                  outputs=["sum", "max"])
+    def pair():
+        return PairModule()  # forward(a, b) -> (a + b, torch.maximum(a, b))
+
+Outputs are named by ``outputs``; undeclared, a dict's keys name them, a tuple's are
+``OUTPUT0``, ``OUTPUT1``, … and a lone tensor is ``output``.
+
 Users add architectures from a module (``load_module("mypkg.models")``), whose import runs its
 decorators, or from installed packages that declare an entry point in the group
 ``paramserve.architectures``.
@@ -23,7 +35,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -44,6 +56,55 @@ _RNG_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
+class Input:
+    """One declared input: ``shape`` holds -1 where a size is free; ``batch_dim`` is the
+    dimension along which requests are merged (its size is always free); ``example`` is the
+    concrete shape dry runs use (default: free sizes at 2)."""
+
+    name: str
+    dtype: torch.dtype = torch.float32
+    shape: tuple[int, ...] = (-1,)
+    batch_dim: int = 0
+    example: tuple[int, ...] | None = None
+
+    def example_shape(self) -> tuple[int, ...]:
+        if self.example is not None:
+            return tuple(self.example)
+        return tuple(2 if d < 0 else d for d in self.shape)
+
+
+def _checked_inputs(name: str, inputs) -> tuple[Input, ...]:
+    """Declared inputs, refused at registration when they could not be served."""
+    checked = tuple(inputs)
+    names = [i.name for i in checked if isinstance(i, Input)]
+    if len(names) != len(checked) or not checked:
+        raise InvalidArgument(f"architecture {name!r}: inputs must be a non-empty list of Input")
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidArgument(f"architecture {name!r}: input names must be distinct: {names}")
+    for spec in checked:
+        shape = tuple(spec.shape)
+        if not isinstance(spec.dtype, torch.dtype) or not all(
+            type(d) is int and d >= -1 and d != 0 for d in shape
+        ):
+            raise InvalidArgument(
+                f"architecture {name!r}: input {spec.name!r} needs a torch dtype and a shape of "
+                "positive sizes or -1 (free)"
+            )
+        if not 0 <= spec.batch_dim < max(1, len(shape)) or not shape:
+            raise InvalidArgument(
+                f"architecture {name!r}: input {spec.name!r} has batch_dim {spec.batch_dim} "
+                f"outside its shape {list(shape)}"
+            )
+        example = spec.example_shape()
+        if len(example) != len(shape) or any(d > 0 and e != d for d, e in zip(shape, example)):
+            raise InvalidArgument(
+                f"architecture {name!r}: input {spec.name!r} example {list(example)} does not "
+                f"fit its shape {list(shape)}"
+            )
+    return checked
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A registered builder and what a server needs to know about it."""
 
@@ -57,6 +118,10 @@ class Architecture:
     # Inclusive ranges of integer config values: a value out of range is refused before any
     # build (``{"blocks": 8000}`` would tie a worker up building 32,000 modules).
     bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # Declared inputs (several, named); empty: one input ``input`` of example_input_shape.
+    inputs: tuple[Input, ...] = ()
+    # Declared output names, in the order the forward returns them (a tuple) or by key (dict).
+    outputs: tuple[str, ...] = ()
     _frozen_defaults: str = field(default="", repr=False, compare=False)
 
     def resolve_config(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -187,11 +252,13 @@ def architecture(
     *,
     defaults: Mapping[str, Any] | None = None,
     doc: str = "",
-    example_input_shape: tuple[int, ...],
+    example_input_shape: tuple[int, ...] | None = None,
     batchable: bool = True,
     input_dtype: torch.dtype = torch.float32,
     replace: bool = False,
     bounds: Mapping[str, tuple[int, int]] | None = None,
+    inputs: Sequence[Input] | None = None,
+    outputs: Sequence[str] | None = None,
 ):
     """Decorator registering ``builder(**config) -> nn.Module`` under ``name``.
 
@@ -200,8 +267,22 @@ def architecture(
     ``bounds={"blocks": (1, 64)}``: inclusive ranges of integer config values, checked before
     any build. Keys without a range only have to fit in 64 bits; the parameters a config
     makes are bounded separately (``Limits.max_init_elements``, counted on the meta device).
+    ``inputs``/``outputs``: several named tensors (see the module docstring); then the first
+    input gives ``example_input_shape`` and ``input_dtype``.
     """
     bounds = dict(bounds or {})
+    declared = _checked_inputs(name, inputs) if inputs is not None else ()
+    names_out = tuple(outputs or ())
+    if len(set(names_out)) != len(names_out) or not all(
+        isinstance(n, str) and n for n in names_out
+    ):
+        raise InvalidArgument(f"architecture {name!r}: output names must be distinct strings")
+    if declared:
+        example_input_shape = declared[0].example_shape()
+        input_dtype = declared[0].dtype
+    if example_input_shape is None:
+        raise InvalidArgument(f"architecture {name!r} needs example_input_shape or inputs")
+    example = tuple(example_input_shape)
     unknown = sorted(set(bounds) - set(defaults or {}))
     if unknown:
         raise InvalidArgument(
@@ -219,10 +300,12 @@ def architecture(
             builder=builder,
             defaults=dict(defaults or {}),
             doc=doc or _first_line(builder.__doc__),
-            example_input_shape=tuple(example_input_shape),
+            example_input_shape=example,
             batchable=batchable,
             input_dtype=input_dtype,
             bounds=bounds,
+            inputs=declared,
+            outputs=names_out,
         )
         return builder
 

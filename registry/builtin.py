@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from .architectures import architecture
+from .architectures import Input, architecture
 
 
 def linear(in_features: int | None, out_features: int) -> nn.Module:
@@ -329,3 +329,24 @@ def centered_mlp(in_features, out_features):
 )
 def my_linear_net(in_features):
     return nn.Sequential(my_linear(in_features, 8), my_linear(_next(in_features, 8), 1))
+
+
+class AddSub(nn.Module):
+    """Triton's ``simple`` example model: the sum and the difference of two tensors."""
+
+    def forward(self, INPUT0, INPUT1):  # noqa: N803  (Triton's names, positional)
+        return INPUT0 + INPUT1, INPUT0 - INPUT1
+
+
+@architecture(
+    "simple",
+    defaults={},
+    doc="Triton's simple example: INT32 INPUT0, INPUT1 [-1, 16] -> OUTPUT0 sum, OUTPUT1 diff",
+    inputs=[
+        Input("INPUT0", torch.int32, (-1, 16)),
+        Input("INPUT1", torch.int32, (-1, 16)),
+    ],
+    outputs=["OUTPUT0", "OUTPUT1"],
+)
+def simple():
+    return AddSub()

@@ -30,7 +30,7 @@ from .architectures import Architecture, seeded
 from .errors import InvalidArgument, ResourceExhausted
 from .limits import DEFAULT_LIMITS, Limits, brief, flag, over
 from .schemes import apply_scheme, parse_scheme
-from .signature import INPUT_NAME, Signature, TensorSignature, output_signature
+from .signature import INPUT_NAME, Signature, TensorSignature, output_signatures
 from .statedict import ExpectedState
 from .values import ModelInfo, TensorSpec, VersionInfo
 
@@ -150,12 +150,22 @@ class ShapeOracle:
                 return arch.build(model.config, device="meta")
             return self.fresh_module(model)
 
-        output = output_signature(build, example, arch.input_dtype, model.name)
-        return Signature(
-            inputs=(TensorSignature(INPUT_NAME, arch.input_dtype, tuple(input_shape)),),
-            outputs=(output,),
-            batchable=arch.batchable,
-        )
+        if arch.inputs:  # declared: their shapes, the batch dim free
+            inputs = tuple(
+                TensorSignature(
+                    i.name,
+                    i.dtype,
+                    tuple(-1 if d == i.batch_dim else s for d, s in enumerate(i.shape)),
+                    i.batch_dim,
+                )
+                for i in arch.inputs
+            )
+            examples = [i.example_shape() for i in arch.inputs]
+        else:
+            inputs = (TensorSignature(INPUT_NAME, arch.input_dtype, tuple(input_shape)),)
+            examples = [example]
+        outputs = output_signatures(build, inputs, examples, arch.outputs, model.name)
+        return Signature(inputs=inputs, outputs=outputs, batchable=arch.batchable)
 
     def check_input_shape(self, model: ModelInfo, input_shape: Sequence[int]) -> tuple[int, ...]:
         """A dry run's input shape: at most ``max_input_rank`` positive dimensions whose

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from . import architectures
-from .blobs import BlobStore
+from .blobstore import Blobs, BlobWriter, open_blob_store
 from .database import ensure_schema, make_engine
-from .fileio import HashingWriter
 from .gc import BlobCollector
 from .inspect import parameter_infos
 from .limits import DEFAULT_LIMITS, Limits, check_config, check_description
@@ -71,7 +70,11 @@ class Store:
         url: str | None = None,
         data_dir: str | Path = "./data",
         limits: Limits = DEFAULT_LIMITS,
+        blob_url: str | None = None,
+        s3_endpoint_url: str | None = None,
     ):
+        """``blob_url``: where blobs live, ``s3://BUCKET/PREFIX`` or a directory (default
+        ``<data_dir>/blobs``); ``s3_endpoint_url`` for an object store other than AWS."""
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.url = url or default_url(self.data_dir)
@@ -80,12 +83,17 @@ class Store:
         ensure_schema(self.engine, self.url)
         self.repository = Repository(self.engine)
         self.tx = self.repository.tx
-        self.blobs = BlobStore(self.data_dir / "blobs")
+        try:
+            self.blobs: Blobs = open_blob_store(blob_url, self.data_dir / "blobs", s3_endpoint_url)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.collector = BlobCollector(self.repository, self.blobs)
         self.shapes = ShapeOracle(limits)
         self.operations = Operations(self)
 
     def close(self) -> None:
+        self.blobs.close()
         self.engine.dispose()
 
     def __enter__(self) -> Store:
@@ -118,10 +126,16 @@ class Store:
         arch = architectures.get(architecture)
         resolved = arch.resolve_config(config)
         scheme = parse_scheme(init, self.limits)
-        self.shapes.check_build(arch, resolved)  # a bad or too big config is refused now (meta)
-        return self.repository.create_model(
+        meta = self.shapes.check_build(arch, resolved)  # a bad or too big config: refused now
+        info = self.repository.create_model(
             name, architecture, resolved, str(scheme), int(seed), description
         )
+        if not arch.is_lazy(resolved) and not meta.state_dict():
+            # Nothing to upload (Triton's ``simple``, CenteredLayer): version 1 is made now,
+            # so the model is servable at once.
+            self.save_module(name, self.shapes.fresh_module(info), "init", None, first_only=True)
+            info = self.get_model(name)
+        return info
 
     def get_model(self, name: str) -> ModelInfo:
         return self.repository.get_model(name)
@@ -183,7 +197,7 @@ class Store:
     def add_version(
         self,
         name: str,
-        blob: HashingWriter,
+        blob: BlobWriter,
         manifest: Sequence[ManifestEntry],
         origin: str,
         parent: int | None = None,
@@ -233,7 +247,7 @@ class Store:
             first_only=first_only,
         )
 
-    def _write_blob(self, upload: UploadedState, plan: CanonicalPlan) -> HashingWriter:
+    def _write_blob(self, upload: UploadedState, plan: CanonicalPlan) -> BlobWriter:
         writer = self.blobs.create(plan.segments)
         try:
             write_canonical(writer, upload, plan)

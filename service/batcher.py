@@ -1,12 +1,14 @@
 """Dynamic batching for one loaded model whose forward treats rows independently.
 
 Requests arriving while a batch runs wait in a queue; when the model is free, everything
-queued (up to ``max_batch_size`` rows, same trailing shape and dtype) is concatenated into one
-forward and the output split back by rows. An idle model runs a lone request at once (on the
-next turn of the event loop, so requests that arrived together share it), so batching adds no
-latency at low load; ``max_queue_delay_us`` > 0 additionally waits that long for company.
-A full queue is refused at once (RESOURCE_EXHAUSTED); a request whose deadline passed while
-queued is dropped before it runs.
+queued (up to ``max_batch_size`` rows, same other dims and dtype) is concatenated into one
+forward and the output split back by rows. A request is one tensor or a tuple of them (a
+model with several inputs): each input is concatenated along its batch dim (``input_dims``)
+and each output split along its own (``output_dims``). An idle model runs a lone request at
+once (on the next turn of the event loop, so requests that arrived together share it), so
+batching adds no latency at low load; ``max_queue_delay_us`` > 0 additionally waits that long
+for company. A full queue is refused at once (RESOURCE_EXHAUSTED); a request whose deadline
+passed while queued is dropped before it runs.
 
 The batcher is driven by event-loop callbacks, not a task: a request costs one future and no
 task switch beyond the caller's own, which matters when the forward itself takes 20 µs.
@@ -38,9 +40,12 @@ class BatchingError(ParamserveError):
     """A batched forward's output did not split back into its requests' rows."""
 
 
+Parts = torch.Tensor | tuple[torch.Tensor, ...]  # one request's inputs, or a forward's outputs
+
+
 @dataclass
 class _Pending:
-    x: torch.Tensor
+    x: Parts
     future: asyncio.Future
     deadline: float | None  # time.monotonic() seconds
     queued_ns: int  # time.perf_counter_ns() when it was queued
@@ -49,20 +54,25 @@ class _Pending:
 class Batcher:
     def __init__(
         self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
+        forward: Callable[[Parts], Parts],
         executor: Executor | None,
         max_batch_size: int,
         max_queue_delay_us: int = 0,
         max_queue_size: int = 1024,
         on_batch: Callable[[int, int, int, int], None] | None = None,
         inline_max_elements: int = 0,
+        input_dims: Sequence[int] = (0,),
+        output_dims: Sequence[int] = (0,),
     ):
         """``forward``: a plain function (it must not hold the batcher's owner, or the two
         would keep each other alive). ``executor``: where forwards run (one thread keeps one
         OpenMP team busy; None: the loop's default executor); a batch of at most
         ``inline_max_elements`` input elements runs on the event loop instead, for forwards
-        shorter than a thread hop (0: never)."""
+        shorter than a thread hop (0: never). ``input_dims``/``output_dims``: the batch dim of
+        each input and output, in order."""
         self.forward = forward
+        self.input_dims = tuple(input_dims)
+        self.output_dims = tuple(output_dims)
         self.executor = executor
         self.inline_max_elements = inline_max_elements
         self.max_batch_size = max(1, max_batch_size)
@@ -76,11 +86,11 @@ class Batcher:
         self._lonely = 0  # one-request batches in a row
         self._skipped = 0  # requests run at once since the queue last found company
 
-    def run_alone(self, x: torch.Tensor) -> torch.Tensor | None:
+    def run_alone(self, x: Parts) -> Parts | None:
         """The output at once, when requests have been arriving alone and the forward runs
         on the loop; ``None``: use ``submit``."""
         if (
-            x.numel() > self.inline_max_elements
+            _numel(x) > self.inline_max_elements
             or self._queue
             or self._scheduled
             or self._lonely < LONELY_BATCHES
@@ -91,10 +101,10 @@ class Batcher:
             return None
         y, forward_ns = self._timed_forward(x)
         if self.on_batch:
-            self.on_batch(y.shape[0] if y.dim() else 1, 1, forward_ns, 0)
+            self.on_batch(self._out_rows(y), 1, forward_ns, 0)
         return y
 
-    def submit(self, x: torch.Tensor, timeout_s: float | None = None) -> asyncio.Future:
+    def submit(self, x: Parts, timeout_s: float | None = None) -> asyncio.Future:
         """Queue one request; the returned future holds its rows of the batch's output."""
         if len(self._queue) >= self.max_queue_size:
             raise ResourceExhausted(
@@ -126,12 +136,12 @@ class Batcher:
         queue_ns = sum(started_ns - p.queued_ns for p in batch)
         xs = [p.x for p in batch]
         try:
-            merged = xs[0] if len(xs) == 1 else torch.cat(xs)
+            merged = xs[0] if len(xs) == 1 else self._cat(xs)
         except Exception as err:  # every request of the batch hears why; none hangs
             _fail(batch, err)
             self._schedule_next()
             return
-        if merged.numel() <= self.inline_max_elements:
+        if _numel(merged) <= self.inline_max_elements:
             try:
                 result = self._timed_forward(merged)
             except Exception as err:
@@ -147,7 +157,7 @@ class Batcher:
         running.add_done_callback(lambda done: self._finished(batch, xs, done, queue_ns))
 
     def _finished(
-        self, batch: list[_Pending], xs: list[torch.Tensor], done: asyncio.Future, queue_ns: int
+        self, batch: list[_Pending], xs: list[Parts], done: asyncio.Future, queue_ns: int
     ) -> None:
         self._busy = False
         if done.cancelled():  # the loop is shutting down
@@ -162,35 +172,65 @@ class Batcher:
         if self._queue and not self._scheduled:
             self._flush()  # now, not after the woken requests have sent their replies
 
-    def _timed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _timed_forward(self, x: Parts) -> tuple[Parts, int]:
         start = time.perf_counter_ns()
         y = self.forward(x)
         return y, time.perf_counter_ns() - start
 
-    def _deliver(self, batch, xs, result: tuple[torch.Tensor, int], queue_ns: int) -> None:
+    def _deliver(self, batch, xs, result: tuple[Parts, int], queue_ns: int) -> None:
         """Each request gets its rows; an output that does not split by the inputs' rows
         fails every request of the batch (nothing is left waiting)."""
         y, forward_ns = result
         try:
             if self.on_batch:
-                self.on_batch(y.shape[0] if y.dim() else 1, len(batch), forward_ns, queue_ns)
+                self.on_batch(self._out_rows(y), len(batch), forward_ns, queue_ns)
             if len(xs) == 1:
-                parts: Sequence[torch.Tensor] = [y]
+                parts: Sequence[Parts] = [y]
             else:
-                rows = [x.shape[0] for x in xs]
-                if not y.dim() or y.shape[0] != sum(rows):
-                    raise BatchingError(
-                        f"the model answered {y.shape[0] if y.dim() else 'a scalar'} rows for "
-                        f"{sum(rows)} input rows, so its requests cannot be batched; mark its "
-                        "architecture batchable=False"
-                    )
-                parts = torch.split(y, rows)
+                parts = self._split(y, [self._in_rows(x) for x in xs])
         except Exception as err:
             _fail(batch, err)
             return
         for pending, part in zip(batch, parts):
             if not pending.future.done():
                 pending.future.set_result(part)
+
+    # ---- one tensor or several, along their batch dims --------------------------------
+    def _in_rows(self, x: Parts) -> int:
+        first = x if isinstance(x, torch.Tensor) else x[0]
+        return first.shape[self.input_dims[0]] if first.dim() else 1
+
+    def _out_rows(self, y: Parts) -> int:
+        first = y if isinstance(y, torch.Tensor) else y[0]
+        return first.shape[self.output_dims[0]] if first.dim() else 1
+
+    def _cat(self, xs: list[Parts]) -> Parts:
+        if isinstance(xs[0], torch.Tensor):
+            return torch.cat(xs, self.input_dims[0])  # type: ignore[arg-type]
+        return tuple(
+            torch.cat([x[i] for x in xs], self._in_dim(i))  # type: ignore[index]
+            for i in range(len(xs[0]))
+        )
+
+    def _in_dim(self, i: int) -> int:
+        return self.input_dims[i] if i < len(self.input_dims) else 0
+
+    def _split(self, y: Parts, rows: list[int]) -> list[Parts]:
+        outputs = (y,) if isinstance(y, torch.Tensor) else y
+        pieces = []
+        for i, out in enumerate(outputs):
+            dim = self.output_dims[i] if i < len(self.output_dims) else 0
+            got = out.shape[dim] if out.dim() > dim else None
+            if got != sum(rows):
+                raise BatchingError(
+                    f"the model answered {'a scalar' if got is None else got} rows for "
+                    f"{sum(rows)} input rows, so its requests cannot be batched; mark its "
+                    "architecture batchable=False"
+                )
+            pieces.append(torch.split(out, rows, dim))
+        if isinstance(y, torch.Tensor):
+            return list(pieces[0])
+        return [tuple(p[i] for p in pieces) for i in range(len(rows))]
 
     def _schedule_next(self) -> None:
         """What queued while the batch ran goes next, on the following turn of the loop."""
@@ -216,16 +256,36 @@ class Batcher:
                     )
                 )
                 continue
-            fits = not batch or (
-                pending.x.shape[1:] == batch[0].x.shape[1:] and pending.x.dtype == batch[0].x.dtype
-            )
-            if fits and (not batch or rows + pending.x.shape[0] <= self.max_batch_size):
+            fits = not batch or self._fits(pending.x, batch[0].x)
+            if fits and (not batch or rows + self._in_rows(pending.x) <= self.max_batch_size):
                 batch.append(pending)
-                rows += pending.x.shape[0]
+                rows += self._in_rows(pending.x)
             else:
                 kept.append(pending)
         self._queue = kept
         return batch
+
+    def _fits(self, x: Parts, first: Parts) -> bool:
+        """Same dtype and the same sizes off the batch dim, input by input."""
+        if isinstance(x, torch.Tensor):
+            return _same(x, first, self.input_dims[0])  # type: ignore[arg-type]
+        return len(x) == len(first) and all(  # type: ignore[arg-type]
+            _same(a, b, self._in_dim(i))
+            for i, (a, b) in enumerate(zip(x, first))  # type: ignore[arg-type]
+        )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.dim() == b.dim()
+        and a.shape[:dim] == b.shape[:dim]
+        and a.shape[dim + 1 :] == b.shape[dim + 1 :]
+    )
+
+
+def _numel(x: Parts) -> int:
+    return x.numel() if isinstance(x, torch.Tensor) else sum(t.numel() for t in x)
 
 
 def _fail(batch: list[_Pending], err: BaseException) -> None:

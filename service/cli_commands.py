@@ -191,7 +191,9 @@ def cmd_download(args) -> int:
     progress, close = _progress_bar(f"download {args.ref}", args.quiet)
     try:
         with _client(args) as client:
-            version = client.download(name, ref, args.output, progress=progress)
+            version = client.download(
+                name, ref, args.output, progress=progress, as_stored=args.as_stored
+            )
     finally:
         close()
     print(f"saved {name} version {version.number} to {args.output}")
@@ -215,27 +217,29 @@ def cmd_params(args) -> int:
     from paramserve.registry.slicing import split_param
 
     name, ref = _split_ref(args.ref)
+    param, index = split_param(args.param) if args.param else (None, None)
     with _client(args) as client:
-        if args.param and args.values:
-            param, index = split_param(args.param)
-            tensor = client.tensor(name, param, ref, index=index)
-            if args.json:
-                _print_json(
-                    {
-                        "name": param,
-                        "shape": list(tensor.shape),
-                        "dtype": str(tensor.dtype),
-                        "values": tensor.tolist(),
-                    }
-                )
+        if param and args.values:
+            # a tensor (or its slice), or a submodule's entries as net[2].state_dict() has them
+            if index is not None:
+                tensors = {param: client.tensor(name, param, ref, index=index)}
             else:
-                print(tensor)
+                tensors = client.module_state(name, param, ref)
+            described = [
+                {"name": k, "shape": list(t.shape), "dtype": str(t.dtype), "values": t.tolist()}
+                for k, t in tensors.items()
+            ]
+            one = list(tensors) == [param]
+            if args.json:
+                _print_json(described[0] if one else described)
+            elif one:
+                print(tensors[param])
+            else:
+                for key, tensor in tensors.items():
+                    print(f"{key}:\n{tensor}")
             return 0
-        infos = client.parameters(name, ref, stats=args.stats)
-    if args.param:
-        infos = [p for p in infos if p.name == split_param(args.param)[0]]
-        if not infos:
-            raise ValueError(f"model {name!r} has no parameter {args.param!r}")
+        # PARAM: that entry, or the entries of a submodule path (names relative to it)
+        infos = client.parameters(name, ref, stats=args.stats, path=param)
     if args.json:
         _print_json([asdict(p) for p in infos])
         return 0
@@ -297,16 +301,45 @@ def cmd_infer(args) -> int:
     import numpy as np
 
     name, ref = _split_ref(args.ref)
-    x = np.load(args.input, allow_pickle=False)
+    inputs = _named_files(args.input, "--input")
+    x = {k: np.load(v, allow_pickle=False) for k, v in inputs.items()}
     with _client(args) as client:
-        y = np.asarray(client.infer(name, x, ref))
-    if args.output:
-        with open(args.output, "wb") as file:  # the name as given: np.save would add .npy
-            np.save(file, y, allow_pickle=False)
-        print(f"saved output {list(y.shape)} {y.dtype} to {args.output}")
-    else:
-        print(json.dumps({"shape": list(y.shape), "dtype": str(y.dtype), "data": y.tolist()}))
+        y = client.infer(name, x[""] if list(x) == [""] else x, ref)
+    outputs = (
+        {k: np.asarray(v) for k, v in y.items()} if isinstance(y, dict) else {"": np.asarray(y)}
+    )
+    saves = _named_files(args.output or [], "--output")
+    for key, path in saves.items():
+        if key not in outputs and not (key == "" and len(outputs) == 1):
+            raise ValueError(f"--output {key}=...: the model's outputs are {sorted(outputs)}")
+        array = outputs.get(key, next(iter(outputs.values())))
+        with open(path, "wb") as file:  # the name as given: np.save would add .npy
+            np.save(file, array, allow_pickle=array.dtype == object)
+        print(f"saved output {key + ' ' if key else ''}{list(array.shape)} {array.dtype} to {path}")
+    if not saves:
+        shown = {k: _as_json(v) for k, v in outputs.items()}
+        print(json.dumps(shown[""] if list(shown) == [""] else shown))
     return 0
+
+
+def _named_files(values: list[str], flag: str) -> dict[str, str]:
+    """``FILE`` (key "") or ``NAME=FILE`` arguments; a path holding "=" that exists is a FILE."""
+    named: dict[str, str] = {}
+    for value in values:
+        key, sep, path = value.partition("=")
+        if not sep or os.path.exists(value):
+            key, path = "", value
+        if key in named:
+            raise ValueError(f"{flag} {key or 'FILE'} is given twice")
+        named[key] = path
+    if "" in named and len(named) > 1:
+        raise ValueError(f"{flag}: name every file (NAME=FILE) when there are several")
+    return named
+
+
+def _as_json(array) -> dict:
+    data = [b.decode() for b in array.reshape(-1)] if array.dtype == object else array.tolist()
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "data": data}
 
 
 def cmd_delete(args) -> int:

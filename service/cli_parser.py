@@ -233,14 +233,22 @@ def build_parser() -> Parser:
     download = command(
         "download",
         client_cmds.cmd_download,
-        "save a version to FILE (.safetensors or .pt)",
+        "save a version to FILE (.safetensors, .npz or .pt), every state_dict key in it "
+        "(a tied name gets its own copy), so load_state_dict(strict=True) takes it",
         [
             "paramserve download mlp@production -o mlp.safetensors",
             "paramserve download mlp@3 -o mlp.pt",
+            "paramserve download tied -o tied.safetensors --as-stored  # for load_model",
         ],
     )
     download.add_argument("ref", metavar="NAME[@REF]")
     download.add_argument("-o", "--output", required=True, metavar="FILE")
+    download.add_argument(
+        "--as-stored",
+        action="store_true",
+        help="the stored safetensors blob byte for byte: tied names once, named in its "
+        "metadata (safetensors.torch.load_model reads it)",
+    )
     download.add_argument(
         "--quiet",
         action="store_true",
@@ -265,11 +273,18 @@ def build_parser() -> Parser:
         [
             "paramserve params mlp@production --stats",
             "paramserve params mlp 0.weight[0] --values --json",
+            "paramserve params small 2 --values  # net[2].state_dict(): weight, bias",
         ],
         guests=CLIENT + LOG + OUTPUT,
     )
     params.add_argument("ref", metavar="NAME[@REF]")
-    params.add_argument("param", nargs="?", metavar="PARAM[INDEX]")
+    params.add_argument(
+        "param",
+        nargs="?",
+        metavar="PARAM[INDEX]",
+        help="a state_dict key (0.weight), or a submodule path (2): its entries, named "
+        "relative to it as net[2].state_dict() names them",
+    )
     params.add_argument("--values", action="store_true", help="print PARAM's values")
     params.add_argument("--stats", action="store_true", help="add min/max/mean/std")
 
@@ -288,6 +303,7 @@ def build_parser() -> Parser:
         [
             "paramserve init mlp 'normal(0, 0.01)' --seed 3",
             "paramserve init mlp@1 zeros --module 0",
+            "paramserve init small 'constant(42, bias=keep)' --module 2",
             "paramserve init lazy default --input-shape 2,20",
         ],
     )
@@ -295,7 +311,10 @@ def build_parser() -> Parser:
     init.add_argument(
         "scheme",
         metavar="SCHEME",
-        help="default, normal(mean,std), zeros, constant(v), xavier_uniform, uniform(a,b), my_init",
+        help="default, normal(mean,std), zeros, constant(v), xavier_uniform, uniform(a,b), "
+        "my_init; normal, zeros and constant zero biases, the others keep them; any but "
+        "default takes bias=keep|zero: 'constant(42, bias=keep)' sets weights only (the "
+        "guide's init_42)",
     )
     init.add_argument(
         "--module", metavar="PATH", help="submodule path, e.g. 0 or 'net.0' (default: all)"
@@ -327,12 +346,22 @@ def build_parser() -> Parser:
         [
             "paramserve infer mlp@production --input x.npy",
             "paramserve infer mlp --input x.npy --output y.npy",
+            "paramserve infer simple --input INPUT0=a.npy --input INPUT1=b.npy",
         ],
     )
     infer.add_argument("ref", metavar="NAME[@REF]")
-    infer.add_argument("--input", required=True, metavar="FILE", help="a .npy file")
     infer.add_argument(
-        "--output", metavar="FILE", help="save the output as .npy (default: print it as JSON)"
+        "--input",
+        required=True,
+        action="append",
+        metavar="[NAME=]FILE",
+        help="a .npy file; NAME=FILE, repeated, for a model with several inputs",
+    )
+    infer.add_argument(
+        "--output",
+        action="append",
+        metavar="[NAME=]FILE",
+        help="save the output as .npy (NAME=FILE, repeated, for several; default: print JSON)",
     )
 
     delete = command(
@@ -372,7 +401,9 @@ def build_parser() -> Parser:
             "paramserve check --data-dir ./data --repair --min-age-s 0 --json",
         ],
         guests=LOG + OUTPUT,
-        populate=lambda sub: _add(sub, server_fields(("data_dir", "registry_url"))),
+        populate=lambda sub: _add(
+            sub, server_fields(("data_dir", "registry_url", "blob_url", "s3_endpoint_url"))
+        ),
     )
     check.add_argument("--repair", action="store_true")
     check.add_argument(

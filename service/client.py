@@ -204,12 +204,18 @@ class Client:
         ref: str | int | None = None,
         path: str | os.PathLike | None = None,
         progress: Progress | None = None,
+        as_stored: bool = False,
     ) -> VersionInfo:
-        """Save a version to ``path``: ``.safetensors`` as stored (no torch needed), ``.npz``
-        as numpy arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict
-        (imports torch). The sha256 is checked end to end; a partial file never appears
-        under ``path``."""
-        from .client_files import read_arrays, write_npz
+        """Save a version to ``path``: ``.safetensors`` (no torch needed), ``.npz`` as numpy
+        arrays (``arrays()``'s), ``.pt``/``.pth`` as a torch.save'd state_dict (imports
+        torch). Every format holds every state_dict key, so ``net.load_state_dict(...,
+        strict=True)`` takes it: a tied name gets a copy of its tensor in safetensors (which
+        forbids shared storage; the metadata names the ties) and npz, and shares the one
+        tensor in a .pt. A safetensors file with no ties is the stored blob byte for byte;
+        ``as_stored`` always saves that blob (tied names once, in its metadata: what
+        ``safetensors.torch.save_model`` writes and ``load_model`` reads, strict).
+        The sha256 is checked end to end; a partial file never appears under ``path``."""
+        from .client_files import read_arrays, write_every_key, write_npz
 
         if path is None:
             raise InvalidArgument("download needs a path to save the version to")
@@ -217,7 +223,9 @@ class Client:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
             version = self._download_to(name, ref, blob, progress)
-            if target.suffix in (".pt", ".pth"):
+            if as_stored:
+                out = blob
+            elif target.suffix in (".pt", ".pth"):
                 import torch
 
                 torch.save(_read_blob(blob, version.sha256), out)
@@ -225,7 +233,10 @@ class Client:
                 with open(out, "wb") as f:
                     write_npz(f, read_arrays(blob, f"download of {name!r}"))
             else:
-                out = blob
+                with open(out, "wb") as f:
+                    expanded = write_every_key(blob, f, f"download of {name!r}")
+                if not expanded:
+                    out = blob
             os.replace(out, target)
         return version
 
@@ -315,13 +326,32 @@ class Client:
     # ---- parameters --------------------------------------------------------------------
 
     def parameters(
-        self, name: str, ref: str | int | None = None, stats: bool = False
+        self,
+        name: str,
+        ref: str | int | None = None,
+        stats: bool = False,
+        path: str | None = None,
     ) -> list[ParameterInfo]:
+        """Every state_dict entry; with ``path`` a state_dict key (that entry) or a submodule
+        path (``"2"``: its entries named as ``net[2].state_dict()`` names them, ``weight``,
+        ``bias``); neither is ``NotFound`` naming the closest ones."""
+        return self._parameters(name, ref, stats, path)[0]
+
+    def module_state(
+        self, name: str, path: str, ref: str | int | None = None
+    ) -> dict[str, np.ndarray]:
+        """``path``'s entries with their values, the guide's ``net[2].state_dict()``: relative
+        names for a submodule, the full key for one tensor; each read on its own."""
+        infos, module = self._parameters(name, ref, False, path)
+        full = (lambda n: f"{module}.{n}") if module else (lambda n: n)
+        return {p.name: self.tensor(name, full(p.name), ref) for p in infos}
+
+    def _parameters(self, name, ref, stats, path) -> tuple[list[ParameterInfo], str]:
         msg = self._call(
             self.registry.ListParameters,
-            pb.ListParametersRequest(model=name, ref=_ref(ref), stats=stats),
+            pb.ListParametersRequest(model=name, ref=_ref(ref), stats=stats, path=path or ""),
         )
-        return [convert.parameter_from_proto(p) for p in msg.parameters]
+        return [convert.parameter_from_proto(p) for p in msg.parameters], msg.module
 
     def tensor(
         self, name: str, param: str, ref: str | int | None = None, index: str | None = None
@@ -395,32 +425,31 @@ class Client:
 
     def infer(self, name: str, x, ref: str | int | None = None, timeout_s: float | None = None):
         """One forward pass on the server. ``x``: a numpy array or anything ``np.asarray``
-        takes (Python floats become float32, as torch makes them); the output is an
-        ``np.ndarray`` (a bfloat16 one widened to float32). A torch tensor is sent in its own
-        dtype, bfloat16 included, and its output comes back as a torch tensor."""
+        takes (Python floats become float32, as torch makes them), or a dict of them by
+        input name for a model with several inputs. The output is an ``np.ndarray`` (a
+        bfloat16 one widened to float32), or a dict by output name when the model has
+        several. Torch tensors are sent in their own dtype, bfloat16 included, and the
+        outputs come back as torch tensors."""
         from . import wire
         from .client_files import is_torch_tensor, torch_module
 
-        torch = torch_module() if is_torch_tensor(x) else None
+        named = dict(x) if isinstance(x, dict) else {INPUT_NAME: x}
+        uses_torch = any(is_torch_tensor(v) for v in named.values())
+        torch = torch_module() if uses_torch else None
         request = inference_pb2.ModelInferRequest(model_name=name, model_version=_ref(ref))
-        if torch is not None:
-            x = x.detach().cpu().contiguous()
-            datatype = wire.DATATYPE_OF_TORCH_NAME.get(str(x.dtype).removeprefix("torch."))
-            if datatype is None:
-                raise InvalidArgument(f"torch dtype {x.dtype} has no KServe datatype")
-            bits = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
-            wire.add_input(request, INPUT_NAME, bits.numpy(), datatype)
-        else:
-            wire.add_input(request, INPUT_NAME, _as_array(x))
+        for input_name, value in named.items():
+            if is_torch_tensor(value):
+                wire.add_torch_input(request, str(input_name), value, torch)
+            else:
+                wire.add_input(request, str(input_name), _as_array(value))
         response = self._call(self.inference.ModelInfer, request, timeout_s)
         if not response.outputs:
             raise InvalidArgument(f"the server answered model {name!r} with no output")
-        dtype_name, carried = wire.output(response, 0)
-        carried = carried.copy()  # writable, and the response's bytes can go
-        if torch is None:
-            return wire.to_numpy(dtype_name, carried)
-        y = torch.from_numpy(carried)
-        return y.view(torch.bfloat16) if dtype_name == "BF16" else y
+        outputs = {
+            out.name: wire.output_value(response, i, torch)
+            for i, out in enumerate(response.outputs)
+        }
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
 
     def model_metadata(self, name: str, ref: str | int | None = None):
         return self._call(

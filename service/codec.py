@@ -9,12 +9,14 @@ Every problem is an ``InvalidArgument`` that names the tensor and says what was 
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 
 import numpy as np
 import torch
 
 from paramserve.registry.errors import InvalidArgument, ResourceExhausted
+from paramserve.registry.limits import brief
 from paramserve.registry.signature import Signature, TensorSignature
 from paramserve.registry.tensorfile import DTYPE_INFO
 
@@ -29,6 +31,7 @@ __all__ = [
     "datatype_of",
     "decode_inputs",
     "decode_tensor",
+    "encode_classification",
     "encode_output",
 ]
 
@@ -54,29 +57,60 @@ def datatype_of(dtype: torch.dtype) -> str:
 
 
 def decode_inputs(request, signature: Signature, max_elements: int) -> dict[str, torch.Tensor]:
-    """The request's input tensors, checked against the model's signature."""
-    expected = {t.name: t for t in signature.inputs}
+    """The request's input tensors in the signature's order, checked against it: every missing
+    and unexpected name in one error before anything is decoded, then each tensor's datatype,
+    shape and size (before it is allocated), then that the inputs agree on their rows."""
+    specs = signature.inputs
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    given = request.inputs
+    if raw and len(raw) != len(given):
         raise InvalidArgument(
             f"raw_input_contents holds {len(raw)} buffers for "
-            f"{len(request.inputs)} inputs; send one per input, in order"
+            f"{len(given)} inputs; send one per input, in order"
         )
-    tensors: dict[str, torch.Tensor] = {}
-    for i, tensor in enumerate(request.inputs):
-        spec = expected.get(tensor.name)
-        if spec is None:
-            raise InvalidArgument(
-                f"model {request.model_name!r} has no input {tensor.name!r}; "
-                f"its inputs: {sorted(expected)}"
-            )
-        if tensor.name in tensors:
-            raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        tensors[tensor.name] = decode_tensor(tensor, raw[i] if raw else None, spec, max_elements)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise InvalidArgument(f"model {request.model_name!r} needs input(s) {missing}")
+    if len(specs) == 1 and len(given) == 1 and given[0].name == specs[0].name:  # the usual case
+        tensor = given[0]
+        return {tensor.name: decode_tensor(tensor, raw[0] if raw else None, specs[0], max_elements)}
+    position = {t.name: i for i, t in enumerate(given)}
+    expected = {t.name for t in specs}
+    missing = [t.name for t in specs if t.name not in position]
+    unexpected = sorted(set(position) - expected)
+    twice = sorted(_repeated(t.name for t in given)) if len(position) < len(given) else []
+    if missing or unexpected or twice:
+        problems = (
+            [f"has no input {brief(n, 60)}" for n in unexpected[:10]]
+            + [f"needs input {n!r}" for n in missing]
+            + [f"got input {brief(n, 60)} twice" for n in twice[:10]]
+        )
+        raise InvalidArgument(
+            f"model {brief(request.model_name)} {', '.join(problems)}; "
+            f"its inputs: {[t.name for t in specs]}"
+        )
+    tensors = {}
+    for spec in specs:
+        i = position[spec.name]
+        tensors[spec.name] = decode_tensor(given[i], raw[i] if raw else None, spec, max_elements)
+    if len(specs) > 1:
+        _check_rows(request.model_name, specs, tensors)
     return tensors
+
+
+def _repeated(names) -> set[str]:
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for name in names:
+        (twice if name in seen else seen).add(name)
+    return twice
+
+
+def _check_rows(model: str, specs, tensors: dict[str, torch.Tensor]) -> None:
+    """Every input of one request holds the same number of rows along its batch dim."""
+    rows = {s.name: tensors[s.name].shape[s.batch_dim] for s in specs if tensors[s.name].dim()}
+    if len(set(rows.values())) > 1:
+        raise InvalidArgument(
+            f"model {model!r}: its inputs must agree on their batch size (rows along each "
+            f"one's batch dim), got {rows}"
+        )
 
 
 def decode_tensor(
@@ -107,6 +141,26 @@ def decode_tensor(
         tensor = torch.from_numpy(carried)
         return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
     return torch.from_numpy(decode_typed(tensor, datatype, shape, numel)).to(dtype)
+
+
+def encode_classification(response, name: str, tensor: torch.Tensor, k: int) -> None:
+    """Triton's classification extension: the top ``k`` of each row (the last dims of a
+    tensor of 2+ dims, the whole of a 1-d one) as BYTES strings "score:index"."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise InvalidArgument(f"output {name!r} is {tensor.dtype}: it cannot be classified")
+    rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    values, indices = torch.topk(rows, k, dim=1) if k else (rows[:, :0], rows[:, :0].long())
+    floating = values.dtype.is_floating_point
+    strings = [
+        f"{v:f}:{i}".encode() if floating else f"{v}:{i}".encode()
+        for v, i in zip(values.reshape(-1).tolist(), indices.reshape(-1).tolist())
+    ]
+    shape = [rows.shape[0], k] if tensor.dim() >= 2 else [k]
+    response.outputs.add(name=name, datatype="BYTES", shape=shape)
+    response.raw_output_contents.append(b"".join(struct.pack("<I", len(s)) + s for s in strings))
 
 
 def encode_output(response, name: str, tensor: torch.Tensor) -> None:

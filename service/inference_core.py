@@ -5,7 +5,11 @@ and mapped to a status code by each front end in one place (gRPC: service/errors
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+
+import torch
 
 from paramserve.protos import inference_pb2 as pb
 from paramserve.registry.errors import (
@@ -14,6 +18,7 @@ from paramserve.registry.errors import (
     NotFound,
     ParamserveError,
 )
+from paramserve.registry.limits import brief
 from paramserve.registry.signature import Signature, TensorSignature
 
 from . import codec
@@ -25,7 +30,11 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
 SHM = "system_shared_memory"  # listed only where --max-shm-regions is not 0
 EXTENSIONS.append(SHM)
+EXTENSIONS.append("classification")  # class_count on a requested output (codec)
+EXTENSIONS.append("binary_tensor_data")  # HTTP/REST's binary tensors (service/http_codec.py)
 PLATFORM = "pytorch"
+MAX_CLASS_COUNT = 1 << 16  # a larger class_count is a count of every class anyway
+log = logging.getLogger("paramserve")
 CONFIG_TYPE = {name: getattr(pb, f"TYPE_{name}") for name in codec.TORCH_OF}
 
 
@@ -105,7 +114,11 @@ class InferenceCore:
 
     async def model_config(self, request):
         model, version, signature = await self.manager.signature(request.name, request.version)
-        batch = self.max_batch_size if signature.batchable else 0
+        # Triton's dims leave the batch dim out, and it must be the first: a model batched
+        # along another dim is described with its full shapes and max_batch_size 0.
+        leading = all(t.batch_dim == 0 for t in (*signature.inputs, *signature.outputs))
+        max_batch, _ = self.manager.batching_for(model.name)
+        batch = max_batch if signature.batchable and leading and max_batch > 1 else 0
         config = pb.ModelConfig(
             name=model.name, platform=PLATFORM, backend="paramserve", max_batch_size=batch
         )
@@ -127,7 +140,9 @@ class InferenceCore:
 
     async def infer(self, request, time_remaining: float | None = None):
         """The hot path: one dict lookup, a zero-copy decode, the forward (batched or not),
-        raw bytes out. SQL and the store are touched only the first time (``_load_for``)."""
+        raw bytes out. SQL and the store are touched only the first time (``_load_for``).
+        The codec checks every input against the signature first, so a forward that fails on
+        what it accepted is the model's fault (INTERNAL), not the caller's."""
         start = time.perf_counter_ns()
         if self.shared_memory is not None:
             request = self.shared_memory.read_inputs(request)
@@ -139,37 +154,45 @@ class InferenceCore:
             inputs = codec.decode_inputs(request, signature, self.max_tensor_elements)
             requested = _requested_outputs(request, signature)
             decoded = time.perf_counter_ns()
-            x = inputs[signature.inputs[0].name]
-            y = await loaded.infer(x, time_remaining)
+            x = next(iter(inputs.values())) if len(inputs) == 1 else tuple(inputs.values())
+            try:
+                y = await loaded.infer(x, time_remaining)
+            except (ParamserveError, asyncio.CancelledError):
+                raise
+            except Exception as err:
+                if out_of_memory(err):
+                    raise  # RESOURCE_EXHAUSTED, by the one table (service/errors.py)
+                raise _model_failed(loaded, err) from err
+            ys = (y,) if isinstance(y, torch.Tensor) else y
+            if len(ys) != len(signature.outputs):
+                raise ModelFailed(
+                    f"model {loaded.model.name!r} returned {len(ys)} outputs where its "
+                    f"signature has {len(signature.outputs)}"
+                )
             computed = time.perf_counter_ns()
             response = pb.ModelInferResponse(
                 model_name=loaded.model.name,
                 model_version=str(loaded.version.number),
                 id=request.id,
             )
-            for name in requested:
-                codec.encode_output(response, name, y)
-            if self.shared_memory is not None:
-                self.shared_memory.write_outputs(request, response)
-        except ParamserveError:
+            for name, index, class_count in requested:
+                if class_count:
+                    codec.encode_classification(response, name, ys[index], class_count)
+                else:
+                    codec.encode_output(response, name, ys[index])
+        except Exception:
             self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
             raise
-        except RuntimeError as err:
-            self.manager.record(loaded, False, start, start, start, time.perf_counter_ns())
-            if out_of_memory(err):
-                raise  # RESOURCE_EXHAUSTED, by the one table (service/errors.py)
-            # torch rejected the input inside the forward (a shape the codec cannot check)
-            raise InvalidArgument(
-                f"model {loaded.model.name!r} cannot run on this input: "
-                f"{str(err).splitlines()[0][:300]}"
-            ) from err
-        rows = x.shape[0] if x.dim() and signature.batchable else 1
+        first, spec = (x if isinstance(x, torch.Tensor) else x[0]), signature.inputs[0]
+        rows = first.shape[spec.batch_dim] if first.dim() and signature.batchable else 1
         self.manager.record(
             loaded, True, start, decoded, computed, time.perf_counter_ns(), rows=rows
         )
         if self.metrics is not None:
-            self.metrics.bytes_moved("infer_in", x.nbytes)
-            self.metrics.bytes_moved("infer_out", y.nbytes)
+            self.metrics.bytes_moved("infer_in", sum(t.nbytes for t in inputs.values()))
+            self.metrics.bytes_moved("infer_out", sum(t.nbytes for t in ys))
+        if self.shared_memory is not None:
+            self.shared_memory.write_outputs(request, response)
         return response
 
     async def _load_for(self, request):
@@ -274,14 +297,57 @@ class InferenceCore:
         return self.shared_memory
 
 
-def _requested_outputs(request, signature: Signature) -> list[str]:
-    known = [t.name for t in signature.outputs]  # one output today: its name
+def _requested_outputs(request, signature: Signature) -> list[tuple[str, int, int]]:
+    """(name, index in the forward's outputs, class_count: 0 for the tensor itself) of each
+    output to send: all of them when none is named."""
     if not request.outputs:
-        return known
-    names = [o.name for o in request.outputs]
-    unknown = sorted(set(names) - set(known))
+        return [(t.name, i, 0) for i, t in enumerate(signature.outputs)]
+    index = signature.output_index()
+    unknown = sorted({o.name for o in request.outputs if o.name not in index})
     if unknown:
         raise InvalidArgument(
-            f"model {request.model_name!r} has no output(s) {unknown}; its outputs: {known}"
+            f"model {request.model_name!r} has no output(s) {brief(unknown[:10], 200)}; "
+            f"its outputs: {list(index)}"
         )
-    return names
+    if len(request.outputs) > len(index):
+        raise InvalidArgument(
+            f"{len(request.outputs)} outputs requested, model {request.model_name!r} has "
+            f"{len(index)}: name each once"
+        )
+    return [(o.name, index[o.name], _class_count(o)) for o in request.outputs]
+
+
+def _class_count(requested) -> int:
+    """Triton's classification extension: the output's ``classification`` parameter
+    (int64, as tritonclient's ``InferRequestedOutput(name, class_count=k)`` sends it)."""
+    if "classification" not in requested.parameters:
+        return 0
+    param = requested.parameters["classification"]
+    kind = param.WhichOneof("parameter_choice")
+    value = param.int64_param if kind == "int64_param" else param.uint64_param
+    if kind not in ("int64_param", "uint64_param") or value < 0:
+        raise InvalidArgument(
+            f"output {brief(requested.name)}: parameter 'classification' must be a "
+            "non-negative int64 (the number of classes to return)"
+        )
+    return min(value, MAX_CLASS_COUNT)
+
+
+class ModelFailed(ParamserveError):
+    """The forward failed on an input its signature accepts: a bug in the model or its
+    architecture, not in the request (INTERNAL, logged with the model's name)."""
+
+
+def _model_failed(loaded, err: BaseException) -> ModelFailed:
+    name = loaded.model.name
+    log.error(
+        "model %r version %d failed on an input its signature accepts",
+        name,
+        loaded.version.number,
+        exc_info=err,
+    )
+    return ModelFailed(
+        f"model {name!r} failed on an input its signature accepts "
+        f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}); "
+        "this is a bug in the model or its architecture"
+    )

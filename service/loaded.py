@@ -56,25 +56,56 @@ def key_of(model: ModelInfo, version: VersionInfo) -> Key:
     return (model.name, model.created_at, version.number)
 
 
-def forward_on(module: nn.Module, device: torch.device, x: torch.Tensor) -> torch.Tensor:
-    """One forward on ``device``, output on the CPU. A plain function (bound with
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one input, or several in declared order
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def forward_on(
+    module: nn.Module, device: torch.device, x: Inputs, names: tuple[str, ...] = ()
+) -> Outputs:
+    """One forward on ``device``, output on the CPU: a tensor, or a tuple in the signature's
+    order (``names``: what a dict output is read by). A plain function (bound with
     ``functools.partial``) so a batcher can hold it without holding the ``LoadedModel``."""
     with torch.inference_mode():
         if device.type == "cuda":
-            return _forward_on_gpu(module, x, device)
-        return module(x)
+            y = _forward_on_gpu(module, x, device)
+        else:
+            y = module(x) if isinstance(x, torch.Tensor) else module(*x)
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        return tuple(y[name] for name in names)
+    return tuple(y)
 
 
-def _forward_on_gpu(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _forward_on_gpu(module: nn.Module, x: Inputs, device: torch.device):
     """Copies through pinned host buffers: pinned memory is what lets both copies run at full
     PCIe speed (pageable memory is staged through a driver buffer)."""
-    staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    staged.copy_(x)
-    y = module(staged.to(device, non_blocking=True))
+    xs = (x,) if isinstance(x, torch.Tensor) else x
+    on_device = []
+    for tensor in xs:
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        staged.copy_(tensor)
+        on_device.append(staged.to(device, non_blocking=True))
+    y = module(*on_device)
+    if isinstance(y, dict):
+        y = {name: _to_host(t) for name, t in y.items()}
+    elif isinstance(y, (tuple, list)):
+        y = tuple(_to_host(t) for t in y)
+    else:
+        y = _to_host(y)
+    torch.cuda.current_stream(device).synchronize()
+    return y
+
+
+def _to_host(y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
     out.copy_(y, non_blocking=True)
-    torch.cuda.current_stream(device).synchronize()
     return out
+
+
+def numel(x: Inputs) -> int:
+    return x.numel() if isinstance(x, torch.Tensor) else sum(t.numel() for t in x)
 
 
 @dataclass(eq=False)
@@ -100,14 +131,20 @@ class LoadedModel:
     def key(self) -> Key:
         return key_of(self.model, self.version)
 
-    def forward_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_on(self.module, self.device, x)
+    def forward_tensor(self, x: Inputs) -> Outputs:
+        return forward_on(self.module, self.device, x, self._output_names())
 
     def forward_fn(self):
         """The forward as a function that does not reference this object (for the batcher)."""
-        return functools.partial(forward_on, self.module, self.device)
+        return functools.partial(forward_on, self.module, self.device, names=self._output_names())
 
-    async def infer(self, x: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        self._names = tuple(t.name for t in self.signature.outputs)
+
+    def _output_names(self) -> tuple[str, ...]:
+        return self._names
+
+    async def infer(self, x: Inputs, timeout_s: float | None = None) -> Outputs:
         """The forward of one request: batched, inline (small and quick) or on the compute
         thread; time spent waiting for the model is added to ``queue_time``."""
         if timeout_s is not None and timeout_s <= 0:
@@ -119,7 +156,7 @@ class LoadedModel:
                 if alone is not None:
                     return alone
                 return await self.batcher.submit(x, timeout_s)
-            if self.inline and x.numel() <= INLINE_MAX_ELEMENTS:
+            if self.inline and numel(x) <= INLINE_MAX_ELEMENTS:
                 if self.queue_time is not None:
                     self.queue_time.add(0)
                 return self.forward_tensor(x)
@@ -139,8 +176,8 @@ class LoadedModel:
 
 
 def _forward_before(
-    forward, x: torch.Tensor, deadline: float | None, queued_ns: int, on_queue_ns
-) -> torch.Tensor:
+    forward, x: Inputs, deadline: float | None, queued_ns: int, on_queue_ns
+) -> Outputs:
     if on_queue_ns is not None:
         on_queue_ns(time.perf_counter_ns() - queued_ns)
     if deadline is not None and time.monotonic() >= deadline:

@@ -12,6 +12,7 @@ any more (an alias moved, a newer latest), or unloaded by the repository API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -70,6 +71,7 @@ class ModelManager:
         self._loading: dict[tuple, asyncio.Future[LoadedModel]] = {}
         self._generation: int | None = None
         self._resolved: dict[tuple[str, Any], VersionInfo | None] = {}
+        self._forgets = 0  # grows with every forget: a read that spans one is not cached
         self._models: dict[str, ModelInfo] = {}
         self._batching_overrides: dict[str, tuple[int, int]] = {}
         self._explicitly_loaded: set[str] = set()  # explicit mode: what RepositoryModelLoad made
@@ -83,7 +85,10 @@ class ModelManager:
     async def model(self, name: str) -> ModelInfo:
         info = self._models.get(name)
         if info is None:
-            info = self._models[name] = await self.run_blocking(self.store.get_model, name)
+            forgets = self._forgets
+            info = await self.run_blocking(self.store.get_model, name)
+            if forgets == self._forgets:
+                self._models[name] = info
         return info
 
     async def resolve(self, name: str, ref: int | str | None) -> VersionInfo | None:
@@ -91,9 +96,13 @@ class ModelManager:
         Cached by the canonical ref ("01" and "1" are one entry), so the cache holds at most
         the model's versions and aliases however many spellings clients send."""
         key = (name, parse_ref(ref))
-        if key not in self._resolved:
-            self._resolved[key] = await self.run_blocking(self.store.version_or_none, name, key[1])
-        return self._resolved[key]
+        if key in self._resolved:
+            return self._resolved[key]
+        forgets = self._forgets
+        version = await self.run_blocking(self.store.version_or_none, name, key[1])
+        if forgets == self._forgets:  # else it may predate a change (pushed ones come fast)
+            self._resolved[key] = version
+        return version
 
     def hot(self, name: str, ref: str) -> LoadedModel | None:
         """The model serving (name, ref) if it is loaded and nothing changed since: no await."""
@@ -172,6 +181,8 @@ class ModelManager:
             self.batching.max_queue_size,
             on_batch=stats.count_batch,
             inline_max_elements=INLINE_MAX_ELEMENTS if loaded.inline else 0,
+            input_dims=[t.batch_dim for t in loaded.signature.inputs],
+            output_dims=[t.batch_dim for t in loaded.signature.outputs],
         )
 
     def _load_blocking(self, model: ModelInfo, version: VersionInfo) -> LoadedModel:
@@ -222,26 +233,36 @@ class ModelManager:
         return self.cache.all()
 
     # ---- change and unload -------------------------------------------------------------
-    async def watch(self, interval_s: float) -> None:
-        """Poll the registry's generation; on a change made elsewhere (another replica, a
-        script on the store) forget every cached resolution, so the change is served within
-        about ``interval_s``, and retire the loaded versions no ref serves any more."""
+    async def watch(self, interval_s: float, wake: asyncio.Event | None = None) -> None:
+        """Follow the registry's generation; on a change made elsewhere (another replica, a
+        script on the store) forget every cached resolution and retire the loaded versions no
+        ref serves any more. It looks every ``interval_s`` and, when ``wake`` is set (a
+        PostgreSQL notification: registry/notify.py), at once: a change is then served within
+        milliseconds, else within about ``interval_s``."""
         while True:
+            if wake is not None:
+                wake.clear()  # before the read: a change committed during it wakes us again
             try:
                 generation = await self.run_blocking(self.store.generation)
                 if self._generation is not None and generation != self._generation:
                     for name in {m.model.name for m in self.cache.all()} | set(self._models):
                         self.forget(name)
                     self._resolved.clear()
+                    self._forgets += 1  # reads in flight now are not cached either
                 self._generation = generation
             except Exception:  # a database hiccup must not end the watch
                 log.warning("cannot read the registry generation", exc_info=True)
-            await asyncio.sleep(interval_s)
+            if wake is None:
+                await asyncio.sleep(interval_s)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval_s)
 
     def forget(self, name: str, unload: bool = False) -> None:
         """Drop what is cached about ``name`` after a change to it. Its loaded versions are
         rechecked: each stays only while one of the refs it was served for still names it.
         ``unload``: the model is gone; retire all of them and its statistics now."""
+        self._forgets += 1
         self._models.pop(name, None)
         for key in [k for k in self._resolved if k[0] == name]:
             del self._resolved[key]
@@ -336,12 +357,21 @@ def _nothing_to_serve(name: str) -> FailedPrecondition:
     )
 
 
-def _example_input(loaded: LoadedModel, rows: int, seed: int = 0) -> torch.Tensor:
-    spec = loaded.signature.inputs[0]
-    shape = [rows] + [d if d >= 0 else 1 for d in spec.shape[1:]]
-    if spec.dtype.is_floating_point:
-        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(spec.dtype)
-    return torch.zeros(shape, dtype=spec.dtype)
+def _example_input(loaded: LoadedModel, rows: int, seed: int = 0):
+    """The probe's input: ``rows`` rows along each input's batch dim, free sizes at 1; a
+    tensor for one input, a tuple for several."""
+    generator = torch.Generator().manual_seed(seed)
+    xs = []
+    for spec in loaded.signature.inputs:
+        sizes = enumerate(spec.shape)
+        shape = [rows if d == spec.batch_dim else (s if s >= 0 else 1) for d, s in sizes]
+        if spec.dtype.is_floating_point:
+            xs.append(torch.randn(shape, generator=generator).to(spec.dtype))
+        elif spec.dtype == torch.bool or spec.dtype.is_complex:
+            xs.append(torch.zeros(shape, dtype=spec.dtype))
+        else:
+            xs.append(torch.randint(0, 2, shape, generator=generator, dtype=spec.dtype))
+    return xs[0] if len(xs) == 1 else tuple(xs)
 
 
 def _forward_s(loaded: LoadedModel) -> float:
@@ -359,16 +389,33 @@ def _forward_s(loaded: LoadedModel) -> float:
 
 
 def _rows_independent(loaded: LoadedModel) -> bool:
-    """Whether two rows run together give the rows each gives alone: what merging requests
-    needs. A model whose forward fails on the probe is left as declared."""
+    """Whether two rows run together give the rows each gives alone, for every output: what
+    merging requests needs. A model whose forward fails on the probe is left as declared."""
     x = _example_input(loaded, 2, seed=1)
+    inputs = loaded.signature.inputs
     try:
-        together = loaded.forward_tensor(x)
-        alone = [loaded.forward_tensor(x[i : i + 1]) for i in range(2)]
+        together = _as_tuple(loaded.forward_tensor(x))
+        alone = [_as_tuple(loaded.forward_tensor(_row(x, inputs, i))) for i in range(2)]
     except Exception:
         return True
-    if not isinstance(together, torch.Tensor) or together.dim() == 0 or together.shape[0] != 2:
-        return False
-    if any(a.shape[0] != 1 for a in alone):
-        return False
-    return torch.allclose(torch.cat(alone).float(), together.float(), rtol=1e-3, atol=1e-5)
+    for k, (out, spec) in enumerate(zip(together, loaded.signature.outputs)):
+        dim = spec.batch_dim
+        if not isinstance(out, torch.Tensor) or out.dim() <= dim or out.shape[dim] != 2:
+            return False
+        parts = [a[k] for a in alone]
+        if any(p.dim() <= dim or p.shape[dim] != 1 for p in parts):
+            return False
+        merged = torch.cat(parts, dim)
+        if not torch.allclose(merged.float(), out.float(), rtol=1e-3, atol=1e-5):
+            return False
+    return True
+
+
+def _as_tuple(y) -> tuple:
+    return (y,) if isinstance(y, torch.Tensor) else tuple(y)
+
+
+def _row(x, inputs, i: int):
+    if isinstance(x, torch.Tensor):
+        return x.narrow(inputs[0].batch_dim, i, 1)
+    return tuple(t.narrow(spec.batch_dim, i, 1) for t, spec in zip(x, inputs))

@@ -172,6 +172,43 @@ def add_input(request, name: str, array: np.ndarray, datatype: str | None = None
     request.raw_input_contents.append(array.tobytes())
 
 
+def add_torch_input(request, name: str, x, torch) -> None:
+    """Append a torch tensor (``torch``: the module, imported by the caller) in its dtype."""
+    x = x.detach().cpu().contiguous()
+    datatype = DATATYPE_OF_TORCH_NAME.get(str(x.dtype).removeprefix("torch."))
+    if datatype is None:
+        raise InvalidArgument(f"torch dtype {x.dtype} of input {name!r} has no KServe datatype")
+    bits = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+    add_input(request, name, bits.numpy(), datatype)
+
+
+def output_value(response, index: int, torch=None):
+    """Output ``index`` as a writable numpy array (bfloat16 widened), or a torch tensor in its
+    own dtype when ``torch`` is given; BYTES (classification strings) as an object array."""
+    if response.outputs[index].datatype == "BYTES":
+        return bytes_output(response, index)
+    dtype_name, carried = output(response, index)
+    carried = carried.copy()  # writable, and the response's bytes can go
+    if torch is None:
+        return to_numpy(dtype_name, carried)
+    y = torch.from_numpy(carried)
+    return y.view(torch.bfloat16) if dtype_name == "BF16" else y
+
+
+def bytes_output(response, index: int) -> np.ndarray:
+    """A BYTES output: 4-byte little-endian lengths, each followed by its bytes."""
+    out = response.outputs[index]
+    raw = response.raw_output_contents[index] if len(response.raw_output_contents) > index else b""
+    items, at = [], 0
+    while at + 4 <= len(raw):
+        size = int.from_bytes(raw[at : at + 4], "little")
+        items.append(raw[at + 4 : at + 4 + size])
+        at += 4 + size
+    if at != len(raw) or len(items) != math.prod(out.shape):
+        raise InvalidArgument(f"output {out.name!r}: BYTES contents do not match its shape")
+    return np.array(items, dtype=object).reshape(tuple(out.shape))
+
+
 def output(response, index: int) -> tuple[str, np.ndarray]:
     """Output ``index`` of a ModelInferResponse: its safetensors dtype name and carrier array."""
     out = response.outputs[index]
