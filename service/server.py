@@ -46,6 +46,7 @@ from .inference import InferenceServicer
 from .inference_core import InferenceCore
 from .inference_stream import StreamLimits
 from .metrics import Metrics
+from .metrics_triton import TritonFamilies, inflight_of
 from .models import BatchingPolicy, ModelManager
 from .placement import Placement
 from .reflection import SERVICE_NAMES as REFLECTION_SERVICES
@@ -121,7 +122,10 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
             config.model_control_mode,
         )
         opened.append(manager.shutdown)
-        metrics = Metrics(loaded_models=lambda: len(manager.loaded()))
+        metrics = Metrics(
+            loaded_models=lambda: len(manager.loaded()),
+            triton=TritonFamilies(manager.stats, lambda: inflight_of(manager)),
+        )
         server = _grpc_server(config, tokens, reuse_port)
         edge = Edge(edge_limits(config), metrics)
         shared_memory = shared_memory_of(config)
