@@ -269,6 +269,8 @@ class SharedMemoryRegions:
     def _use(self, parameters, what: str) -> _Use:
         """The region, offset and size a tensor's parameters name, checked against the
         region's registered size. Call with the lock held."""
+        if parameters[REGION].WhichOneof("parameter_choice") != "string_param":
+            raise InvalidArgument(f"{what}: '{REGION}' must be a string_param")
         name = parameters[REGION].string_param
         region = self._regions.get(name)
         if region is None:

@@ -184,6 +184,36 @@ def test_an_input_in_a_region_with_the_output_inline_and_a_request_without_any(
     assert not result.get_output("output").parameters
 
 
+def test_regions_through_model_stream_infer(triton, regions, mlp):
+    """The stream serves each message as a ModelInfer: regions work there too, and a message
+    naming an unknown region is answered in error, the stream going on."""
+    import queue
+
+    model, module = mlp
+    x = np.random.default_rng(3).random((4, 20), dtype=np.float32)
+    key, handle = regions(x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    out_key, out_handle = regions(4 * 10 * 4)
+    triton.register_system_shared_memory("in", key, x.nbytes)
+    triton.register_system_shared_memory("out", out_key, 4 * 10 * 4)
+    answers: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        triton.async_stream_infer(model, [shm_input("nowhere", x)], request_id="bad")
+        triton.async_stream_infer(
+            model, [shm_input("in", x)], outputs=[shm_output("out", 160)], request_id="good"
+        )
+        got = [answers.get(timeout=60) for _ in range(2)]
+    finally:
+        triton.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "nowhere" in str(errors[0])
+    result = next(result for result, error in got if error is None)
+    assert result.get_response().id == "good"
+    y = shm.get_contents_as_numpy(out_handle, np.float32, [4, 10])
+    np.testing.assert_allclose(y, expected_of(module, x), atol=1e-6)
+
+
 def test_the_server_lists_the_extension(triton):
     assert "system_shared_memory" in triton.get_server_metadata().extensions
 
@@ -368,6 +398,10 @@ def test_raw_and_region_inputs_interleave_in_the_order_of_the_inputs(local, regi
     plain = _request(("A", [2], None))
     plain.raw_input_contents.append(b"a" * 8)
     assert local.read_inputs(plain) is plain and list(plain.raw_input_contents) == [b"a" * 8]
+    typed = _request(("B", [4], "r"))
+    typed.inputs[0].parameters["shared_memory_region"].int64_param = 3
+    with pytest.raises(InvalidArgument, match="must be a string_param"):
+        local.read_inputs(typed)
     with pytest.raises(InvalidArgument, match="raw_input_contents holds 1 buffers"):
         wrong = _request(("A", [2], None), ("B", [4], "r"), ("C", [1], None))
         wrong.raw_input_contents.append(b"a" * 8)
