@@ -17,7 +17,9 @@ LazyLinear once materialized, MyLinear), each visited once even when shared (tie
 | ``my_init``         | U(-10, 10), then 0 where \\|w\\| < 5    | kept |
 
 Biases follow the guide's ``init_normal`` / ``init_constant`` (zeroed) and ``init_xavier`` /
-``my_init`` (left alone). The same seed gives the same parameters, bit for bit.
+``my_init`` (left alone). ``bias=keep`` or ``bias=zero`` overrides that for any scheme but
+``default``: ``constant(42, bias=keep)`` is the guide's ``init_42`` (weights only), applied to
+``net[2]`` with a module path. The same seed gives the same parameters, bit for bit.
 """
 
 from __future__ import annotations
@@ -83,21 +85,31 @@ SCHEMES: dict[str, SchemeDef] = {
 }
 
 
+BIAS_CHOICES = ("keep", "zero")
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
     args: dict[str, float] = field(default_factory=dict)
+    bias: str | None = None  # "keep" / "zero"; None: the scheme's own (the table above)
 
     def __str__(self) -> str:
-        if not self.args:
-            return self.name
-        return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self.args.items())})"
+        parts = [f"{k}={v:g}" for k, v in self.args.items()]
+        parts += [f"bias={self.bias}"] if self.bias else []
+        return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+    def zeroes_bias(self) -> bool:
+        return SCHEMES[self.name].zero_bias if self.bias is None else self.bias == "zero"
 
 
 def describe_schemes() -> str:
-    return "; ".join(
-        f"{name}({', '.join(p for p, _ in d.params)})" if d.params else name
-        for name, d in SCHEMES.items()
+    return (
+        "; ".join(
+            f"{name}({', '.join(p for p, _ in d.params)})" if d.params else name
+            for name, d in SCHEMES.items()
+        )
+        + "; any but default takes bias=keep|zero, e.g. constant(42, bias=keep)"
     )
 
 
@@ -135,6 +147,9 @@ def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
         raise InvalidArgument(
             f"scheme {name!r} takes {len(names)} argument(s) {names}, got {len(positional)}"
         )
+    bias_given = [k for k in keywords if k.arg == "bias"]
+    keywords = [k for k in keywords if k.arg != "bias"]
+    bias = _bias(bias_given, name)
     args: dict[str, float] = {}
     for key, value in list(zip(names, positional)) + [(k.arg, k.value) for k in keywords]:
         if key not in names:
@@ -166,7 +181,28 @@ def parse_scheme(text: str, limits: Limits = DEFAULT_LIMITS) -> Scheme:
             f"normal(mean, std) would draw values over float32's largest "
             f"value {FLOAT32_MAX:g}; use a smaller mean or std"
         )
-    return Scheme(name, args)
+    return Scheme(name, args, bias)
+
+
+def _bias(given: list[ast.keyword], scheme: str) -> str | None:
+    """``bias=keep`` / ``bias=zero`` (a bare word or a string), or None when not given."""
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidArgument(f"scheme {scheme!r} is given argument 'bias' twice")
+    if scheme == "default":
+        raise InvalidArgument(
+            "scheme 'default' re-runs each layer's reset_parameters(), bias included; "
+            "bias=keep|zero is for the other schemes"
+        )
+    node = given[0].value
+    word = node.id if isinstance(node, ast.Name) else getattr(node, "value", None)
+    if word not in BIAS_CHOICES:
+        raise InvalidArgument(
+            f"argument 'bias' of scheme {scheme!r} is keep (leave biases alone, the guide's "
+            "init_42) or zero, e.g. constant(42, bias=keep)"
+        )
+    return str(word)
 
 
 def _number(node: ast.AST, scheme: str, key: str) -> float:
@@ -225,7 +261,7 @@ def apply_scheme(module: nn.Module, scheme: Scheme, seed: int) -> list[str]:
                     f"{name or 'the module'!r}; use smaller arguments"
                 )
             bias = sub._parameters.get("bias")
-            if definition.zero_bias and bias is not None:
+            if scheme.zeroes_bias() and bias is not None:
                 nn.init.zeros_(bias)
             touched.append(name)
     return touched
