@@ -42,10 +42,12 @@ COPY_CHUNK_BYTES = 8 << 20
 
 @dataclass(frozen=True)
 class ExpectedState:
-    """What a module's state_dict holds: a spec per key, and tied keys → the key kept."""
+    """What a module's state_dict holds: a spec per key, tied keys → the key kept, and each
+    buffer key → the Python that reaches it (``net[2].rand_weight``), for error messages."""
 
     specs: dict[str, TensorSpec]
     tied: dict[str, str]
+    buffers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, module: nn.Module) -> ExpectedState:
@@ -59,7 +61,8 @@ class ExpectedState:
                 first_name[id(tensor)] = name
             shape = None if isinstance(tensor, UninitializedParameter) else tuple(tensor.shape)
             specs[name] = TensorSpec(shape, tensorfile.dtype_name(tensor.dtype))
-        return cls(specs, tied)
+        buffers = {name: python_path(module, name) for name, _ in module.named_buffers()}
+        return cls(specs, tied, {k: v for k, v in buffers.items() if k in specs})
 
     def tied_groups(self) -> dict[str, tuple[str, ...]]:
         """Every key → the other keys sharing its data."""
@@ -201,6 +204,41 @@ def _torch_load(file: BinaryIO, path: str | None) -> Mapping[str, torch.Tensor]:
     return loaded
 
 
+def python_path(module: nn.Module, key: str) -> str:
+    """How Python reaches state_dict ``key`` of ``net``: ``"2.rand_weight"`` →
+    ``net[2].rand_weight`` in a Sequential, ``net.linear.weight``, else ``get_submodule``."""
+    *parents, leaf = key.split(".")
+    text, current = "net", module
+    for part in parents:
+        child = current._modules.get(part)
+        if isinstance(current, (nn.Sequential, nn.ModuleList)) and part.isdigit():
+            text += f"[{part}]"
+        elif part.isidentifier():
+            text += f".{part}"
+        else:
+            return f"net.get_submodule({'.'.join(parents)!r}).{leaf}"
+        if child is None:
+            break
+        current = child
+    return f"{text}.{leaf}" if leaf.isidentifier() else f"getattr({text}, {leaf!r})"
+
+
+def missing_buffer_hint(missing: list[str], expected: ExpectedState) -> list[str]:
+    """Why a constant buffer may be missing and the line that adds it: the guide's
+    FixedHiddenMLP keeps ``rand_weight`` as a plain attribute, which ``state_dict()`` leaves
+    out. The upload must carry the module's own constant (another one changes the outputs)."""
+    buffers = [k for k in missing if k in expected.buffers]
+    if not buffers:
+        return []
+    adds = "; ".join(f"state_dict[{k!r}] = {expected.buffers[k]}" for k in buffers)
+    return [
+        f"{', '.join(repr(k) for k in buffers)}: a constant the forward uses (a buffer here); "
+        "a module that keeps it as a plain attribute, as the guide's FixedHiddenMLP does "
+        "(self.rand_weight = torch.rand(...)), leaves it out of state_dict(). Add the "
+        f"module's own before uploading: state_dict = net.state_dict(); {adds}"
+    ]
+
+
 def validate(model: str, upload: UploadedState, expected: ExpectedState) -> None:
     """Strict check of keys, shapes, dtypes and tied entries; lists every problem at once."""
     given, specs = upload.specs, expected.specs
@@ -216,7 +254,7 @@ def validate(model: str, upload: UploadedState, expected: ExpectedState) -> None
         given_spec = TensorSpec(shape, tensorfile.dtype_name(dtype))
         if given_spec.dtype != spec.dtype or (spec.shape is not None and shape != spec.shape):
             mismatched.append((name, spec.describe(), given_spec.describe()))
-    other = []
+    other = missing_buffer_hint(missing, expected)
     if not (missing or unexpected or mismatched):
         for name, kept in expected.tied.items():
             if (
