@@ -7,12 +7,15 @@
   sha256 kept in the manifest; a version written before those digests were kept falls back
   to a sequential read of the blob, hashed whole (memory: that one tensor).
 - ``module_tree_of``: the meta module given the stored shapes; no tensor data is read.
+- ``entries_at``: the entries under one state_dict key or submodule path (``net[2]``'s).
 
 Every format error while reading a stored blob is ``DataLoss`` naming it (``stored_blob``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import math
 import os
@@ -80,6 +83,37 @@ def parameter_infos_of(
             )
         )
     return infos
+
+
+def entries_at(
+    model: ModelInfo, infos: list[ParameterInfo], path: str
+) -> tuple[list[ParameterInfo], str]:
+    """``infos`` (every entry) narrowed to ``path``, and the submodule path they are under.
+
+    An exact state_dict key gives that entry (full name, module ``""``). A submodule path gives
+    its entries named as that submodule's own ``state_dict()`` names them (``"2"`` → ``weight``,
+    ``bias``, the guide's ``net[2].state_dict()``); ``tied_with`` keeps full keys, since a
+    tie may reach outside it. A parameterless submodule (a ReLU) has none. Anything else is
+    ``NotFound`` naming the closest keys and paths.
+    """
+    if not path:
+        return infos, ""
+    exact = [p for p in infos if p.name == path]
+    if exact:
+        return exact, ""
+    built = architectures.get(model.architecture).build(model.config, device="meta")
+    modules = [name for name, _ in built.named_modules(remove_duplicate=False) if name]
+    if path in modules:
+        prefix = path + "."
+        inside = [p for p in infos if p.name.startswith(prefix)]
+        return [dataclasses.replace(p, name=p.name[len(prefix) :]) for p in inside], path
+    known = [p.name for p in infos] + modules
+    top = [name for name in modules if "." not in name] or [p.name for p in infos]
+    nearby = difflib.get_close_matches(path[:200], known, n=6, cutoff=0.5) or top[:10]
+    raise NotFound(
+        f"model {model.name!r} has no parameter or submodule {str(path)[:80]!r}; "
+        f"nearby: {nearby} (a state_dict key like '0.weight' or a submodule path like '0')"
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ last word on a pickle); these are only its refusals, made early.
 >>> with upload_path(source) as (path, label):  # bytes or a dict of tensors via a temp file
 ...     check_upload(path, label)               # InvalidArgument naming the problem
 >>> arrays = read_arrays(path)    # a downloaded blob: {name: np.ndarray}
+>>> write_every_key(path, out, "download")  # the blob with a copy under each tied name
 """
 
 from __future__ import annotations
@@ -142,6 +143,45 @@ def read_arrays(path: Path, what: str) -> dict[str, np.ndarray]:
             raise DataLoss(f"{what} ties {brief(name)} to {brief(kept)}, which it does not hold")
         arrays[name] = arrays[kept]
     return arrays
+
+
+def write_every_key(blob: Path, out, what: str) -> bool:
+    """Write ``blob`` to the binary file ``out`` as a safetensors file holding every
+    state_dict key: each tied name (stored once, named in the header's metadata) gets its own
+    copy of the kept tensor's bytes, so ``load_state_dict(load_file(f), strict=True)`` finds
+    every key; the metadata still says which names are one tensor. Returns False, writing
+    nothing, when the blob ties nothing (then it is the download as is, its sha256 the
+    version's). One tensor is in memory at a time."""
+    try:
+        with open(blob, "rb") as f:
+            header = tensorfile.read_header(
+                f, os.fstat(f.fileno()).st_size, limits=tensorfile.STORED_BLOB_LIMITS
+            )
+            if not header.metadata:
+                return False
+            tensors = []
+            for name, kept in [(n, n) for n in header.entries] + list(header.metadata.items()):
+                entry = header.entries.get(kept)
+                if entry is None:
+                    raise DataLoss(f"{what} ties {brief(name)} to {brief(kept)}, which it lacks")
+                tensors.append((name, entry.dtype_name, entry.shape, _bytes_of(f, entry)))
+            tensorfile.write_raw(out, tensors, header.metadata)
+    except (InvalidArgument, ResourceExhausted) as err:
+        raise DataLoss(
+            f"{what} is not a readable safetensors blob ({str(err).splitlines()[0]})"
+            "; the server's copy may be damaged: `paramserve check` on it"
+        ) from None
+    return True
+
+
+def _bytes_of(f, entry: tensorfile.TensorEntry):
+    def read() -> memoryview:
+        buffer = bytearray(entry.nbytes)
+        f.seek(entry.begin)
+        tensorfile.read_exactly(f, memoryview(buffer))
+        return memoryview(buffer)
+
+    return read
 
 
 def write_npz(file, arrays: Mapping[str, np.ndarray]) -> None:

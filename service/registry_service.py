@@ -14,6 +14,7 @@ from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import all_architectures
 from paramserve.registry.errors import InvalidArgument
 from paramserve.registry.limits import load_config_json
+from paramserve.registry.queries import entries_at
 
 from . import convert
 from .models import ModelManager
@@ -143,9 +144,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         infos = await self.run_blocking(
             self.store.parameters, request.model, request.ref or None, stats=request.stats
         )
+        module = ""
+        if request.path:  # a key or a submodule path: that entry, or net[2].state_dict()'s
+            model = await self.run_blocking(self.store.get_model, request.model)
+            infos, module = await self.run_blocking(entries_at, model, infos, request.path)
         return pb.ListParametersResponse(
             version=version.number if version else 0,
             parameters=[convert.parameter_to_proto(p) for p in infos],
+            module=module,
         )
 
     async def GetTensor(self, request, context):
