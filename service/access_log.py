@@ -10,6 +10,7 @@ is covered and nothing is added to the hot path when the flag is off.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -122,6 +123,9 @@ def _unary(behavior, method: str, streaming: bool):
 
 
 def _stream(behavior, method: str, streaming: bool):
+    if not inspect.isasyncgenfunction(behavior):  # it writes with context.write (guard's
+        return _unary(behavior, method, streaming)  # wrapper): awaited, not iterated
+
     async def logged(request, context):
         call = _Call(method)
         try:

@@ -77,9 +77,9 @@ def srv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    """One RPC at a time, streams idle for 2 s closed."""
+    """One RPC at a time, streams idle for 2 s closed, the access log on."""
     server = server_with_slow_model(tmp_path_factory.mktemp("limited"), "--max-concurrent-rpcs",
-                                    "1", "--stream-idle-timeout-s", "2")
+                                    "1", "--stream-idle-timeout-s", "2", "--access-log")
     with Client(server.address) as client:
         client.create_model("mlp", "sequential_mlp")
         client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
@@ -334,3 +334,18 @@ def test_the_calls_deadline_applies_to_its_messages(limited):
     assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == 2)
     with Client(limited.address) as client:
         assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
+
+
+def test_the_access_log_sees_streams_of_both_kinds(limited):
+    """--access-log wraps the guarded stream methods (they write with context.write) without
+    breaking them: a download and an inference stream are served and logged."""
+    with Client(limited.address) as client:
+        assert set(client.state_dict("mlp")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    responses = asyncio.run(stream_all(limited.address, [request("mlp", inputs(1)[0], "a")]))
+    assert [r.error_message for r in responses] == [""]
+
+    def logged() -> str:
+        return limited.log_path.read_text()
+
+    assert wait_for(lambda: "rpc ModelStreamInfer model=mlp status=OK" in logged())
+    assert "rpc DownloadVersion model=mlp status=OK" in logged()
