@@ -163,7 +163,7 @@ class ShapeOracle:
             examples = [i.example_shape() for i in arch.inputs]
         else:
             inputs = (TensorSignature(INPUT_NAME, arch.input_dtype, tuple(input_shape)),)
-            examples = [example]
+            examples = [tuple(example)]
         outputs = output_signatures(build, inputs, examples, arch.outputs, model.name)
         return Signature(inputs=inputs, outputs=outputs, batchable=arch.batchable)
 

@@ -207,10 +207,7 @@ class Batcher:
     def _cat(self, xs: list[Parts]) -> Parts:
         if isinstance(xs[0], torch.Tensor):
             return torch.cat(xs, self.input_dims[0])  # type: ignore[arg-type]
-        return tuple(
-            torch.cat([x[i] for x in xs], self._in_dim(i))  # type: ignore[index]
-            for i in range(len(xs[0]))
-        )
+        return tuple(torch.cat([x[i] for x in xs], self._in_dim(i)) for i in range(len(xs[0])))
 
     def _in_dim(self, i: int) -> int:
         return self.input_dims[i] if i < len(self.input_dims) else 0
@@ -269,9 +266,8 @@ class Batcher:
         """Same dtype and the same sizes off the batch dim, input by input."""
         if isinstance(x, torch.Tensor):
             return _same(x, first, self.input_dims[0])  # type: ignore[arg-type]
-        return len(x) == len(first) and all(  # type: ignore[arg-type]
-            _same(a, b, self._in_dim(i))
-            for i, (a, b) in enumerate(zip(x, first))  # type: ignore[arg-type]
+        return len(x) == len(first) and all(
+            _same(a, b, self._in_dim(i)) for i, (a, b) in enumerate(zip(x, first))
         )
 
 
