@@ -151,6 +151,21 @@ def test_only_metrics_is_served(server, path):
     assert b"only /metrics" in body
 
 
+def test_a_rest_client_pointed_at_the_metrics_port_is_not_told_ready(server, traffic):
+    """The bug: every path answered 200, so tritonclient.http read the metrics port as a ready
+    server with ready models."""
+    import tritonclient.http as httpclient
+
+    names, _, _ = traffic
+    rest = httpclient.InferenceServerClient(f"127.0.0.1:{server.metrics_port}")
+    try:
+        assert not rest.is_server_live()
+        assert not rest.is_server_ready()
+        assert not rest.is_model_ready(names["mlp"])
+    finally:
+        rest.close()
+
+
 def test_metrics_answers_get_only(server):
     status, body = get(server.metrics_port, "/metrics")
     assert status == 200 and b"nv_inference_pending_request_count" in body
