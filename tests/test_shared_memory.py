@@ -433,3 +433,18 @@ def test_a_server_without_the_extension_does_not_list_it():
                 pb.SystemSharedMemoryRegisterRequest(name="a", key="/k", byte_size=8)
             )
         )
+
+
+def test_an_object_truncated_between_the_check_and_the_read_is_an_error(
+    local, regions, monkeypatch
+):
+    """The window an mmap would turn into SIGBUS: the size check passed, then the object
+    shrank. pread returns fewer bytes and the request fails; the process lives."""
+    from paramserve.service.shared_memory import Region
+
+    key, _ = regions(4096)
+    local.register("r", key, 0, 4096)
+    os.truncate(f"/dev/shm{key}", 100)
+    monkeypatch.setattr(Region, "check_size", lambda self: None)  # as if it ran just before
+    with pytest.raises(FailedPrecondition, match="truncated"):
+        local._regions["r"].read(0, 4096)
