@@ -18,6 +18,7 @@ from conftest import ServerProcess, metrics_text, reference_module, wait_for
 
 from paramserve.protos import inference_pb2 as pb
 from paramserve.protos import inference_pb2_grpc
+from paramserve.registry import get_architecture
 from paramserve.service.client import Client
 
 TOLERANCE = 1e-6
@@ -254,6 +255,8 @@ def test_messages_in_flight_are_batched_and_bounded_per_stream(srv):
 
 
 def test_a_stream_is_one_rpc_and_an_idle_one_is_closed(limited):
+    expired = request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
+
     async def scenario():
         async with grpc.aio.insecure_channel(limited.address) as channel:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -279,7 +282,8 @@ def test_a_stream_is_one_rpc_and_an_idle_one_is_closed(limited):
     assert 1 <= waited <= 20
     with Client(limited.address) as client:  # the slot is free again
         assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
-    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == 1)
+    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
+                    == expired + 1)
 
 
 def test_a_stream_with_work_in_flight_is_not_idle(limited):
@@ -315,6 +319,8 @@ def test_cancelling_the_call_mid_stream_frees_it(limited):
 
 def test_the_calls_deadline_applies_to_its_messages(limited):
     """Messages sent one after another, each SLOW_S: the call's 1.5 s end all of them."""
+    expired = request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
+
     async def scenario():
         async with grpc.aio.insecure_channel(limited.address) as channel:
             call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
@@ -331,9 +337,38 @@ def test_the_calls_deadline_applies_to_its_messages(limited):
     answered, code = asyncio.run(scenario())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 1 <= len(answered) < 30 and all(r.error_message == "" for r in answered)
-    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == 2)
+    assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
+                    == expired + 1)
     with Client(limited.address) as client:
         assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
+
+
+def test_a_client_that_stops_reading_frees_the_stream(limited):
+    """Answers of 4 MB each that the client never reads: the server's write waits at most the
+    idle limit (2 s), then the call is closed and its RPC slot given back."""
+    config = {"in_features": 4, "hidden": 4, "out_features": 250_000}
+    module = get_architecture("sequential_mlp").build(config)
+    with Client(limited.address) as client:
+        client.create_model("wide", "sequential_mlp", config)
+        client.upload("wide", module.state_dict())
+    expired = request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(limited.address) as channel:
+            call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                timeout=120)
+            for i in range(30):  # 120 MB of answers: more than any transport buffers
+                await call.write(request("wide", np.ones((4, 4), np.float32), str(i)))
+            closed = await asyncio.to_thread(wait_for, lambda: request_count(
+                limited, "ModelStreamInfer", "DEADLINE_EXCEEDED") == expired + 1, 60)
+            with Client(limited.address) as client:  # the slot is free, the call still open
+                served = await asyncio.to_thread(client.infer, "mlp", inputs(1)[0])
+            call.cancel()
+            return closed, served
+
+    closed, served = asyncio.run(scenario())
+    assert closed, "the server kept writing to a client that reads nothing"
+    assert served.shape == (1, 10)
 
 
 def test_the_access_log_sees_streams_of_both_kinds(limited):
