@@ -55,6 +55,16 @@ def cmd_architectures(args) -> int:
                     "example_input_shape": list(a.example_input_shape),
                     "batchable": a.batchable,
                     "input_datatype": a.input_datatype,
+                    "inputs": [
+                        {
+                            "name": i.name,
+                            "datatype": i.datatype,
+                            "shape": list(i.shape),
+                            "batch_dim": i.batch_dim,
+                        }
+                        for i in a.inputs
+                    ],
+                    "outputs": list(a.outputs),
                 }
                 for a in archs
             ]

@@ -39,7 +39,29 @@ def architecture_to_proto(arch: Architecture) -> pb.Architecture:
         example_input_shape=list(arch.example_input_shape),
         batchable=arch.batchable,
         input_datatype=datatype_of(arch.input_dtype),
+        inputs=[
+            pb.TensorDeclaration(
+                name=i.name,
+                datatype=datatype_of(i.dtype),
+                shape=list(i.shape),
+                batch_dim=i.batch_dim,
+            )
+            for i in arch.inputs
+        ],
+        outputs=list(arch.outputs),
     )
+
+
+def signature_to_proto(tensors) -> list[pb.TensorDeclaration]:
+    """A signature's inputs or outputs (``TensorSignature``s) as registry.proto declarations."""
+    from .codec import datatype_of
+
+    return [
+        pb.TensorDeclaration(
+            name=t.name, datatype=datatype_of(t.dtype), shape=list(t.shape), batch_dim=t.batch_dim
+        )
+        for t in tensors
+    ]
 
 
 def model_to_proto(info: ModelInfo) -> pb.Model:

@@ -167,7 +167,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def DescribeModule(self, request, context):
         version = await self.run_blocking(self.store.version_or_none, request.model, request.ref)
         tree = await self.run_blocking(self.store.module_tree, request.model, request.ref or None)
-        return pb.DescribeModuleResponse(version=version.number if version else 0, tree=tree)
+        model = await self.run_blocking(self.store.get_model, request.model)
+        signature = await self.run_blocking(self.store.signature, model, version)
+        return pb.DescribeModuleResponse(
+            version=version.number if version else 0,
+            tree=tree,
+            inputs=convert.signature_to_proto(signature.inputs),
+            outputs=convert.signature_to_proto(signature.outputs),
+        )
 
     async def Initialize(self, request, context):
         version = await self.run_blocking(

@@ -332,3 +332,21 @@ def test_simple_through_paramserves_client(mclient):
     assert np.array_equal(out["OUTPUT0"], x0 + x1) and np.array_equal(out["OUTPUT1"], x0 - x1)
     with pytest.raises(InvalidArgument, match="the model takes INT32"):
         mclient.infer("simple-p", {"INPUT0": x0.astype(np.float32), "INPUT1": x1})
+
+
+def test_the_registry_reports_declared_inputs_and_the_signature(mclient):
+    archs = {a.name: a for a in mclient.architectures()}
+    simple = archs["simple"]
+    assert [(i.name, i.datatype, list(i.shape), i.batch_dim) for i in simple.inputs] == [
+        ("INPUT0", "INT32", [-1, 16], 0), ("INPUT1", "INT32", [-1, 16], 0)]
+    assert list(simple.outputs) == ["OUTPUT0", "OUTPUT1"]
+    assert list(archs["mlp"].inputs) == []  # the default: one "input"
+    uploaded(mclient, "described", "test_columns")
+    from paramserve.protos import registry_pb2
+
+    described = mclient.registry.DescribeModule(
+        registry_pb2.DescribeModuleRequest(model="described"))
+    assert described.version == 1
+    assert [(t.name, list(t.shape), t.batch_dim) for t in described.inputs] == [("x", [3, -1], 1)]
+    assert [(t.name, list(t.shape), t.batch_dim) for t in described.outputs] == [
+        ("output", [3, -1], 1)]
