@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +26,7 @@ from .errors import FailedPrecondition
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SCHEMA_LOCK_ID = 0x7061_7261  # any fixed number: the advisory lock guarding schema creation
+CHANGES_CHANNEL = "paramserve_changes"  # NOTIFY'd with the new generation (registry/notify.py)
 
 
 def make_engine(url: str) -> Engine:
@@ -141,8 +142,36 @@ class Transactions:
 
     def __init__(self, engine: Engine):
         self._factory = sessionmaker(engine, expire_on_commit=False)
+        if engine.dialect.name == "postgresql":
+            _announce_changes(self._factory)
 
     @contextmanager
     def __call__(self) -> Iterator[Session]:
         with self._factory.begin() as session:
             yield session
+
+
+def _announce_changes(factory: sessionmaker) -> None:
+    """A transaction that bumps the generation (``registry_state``) also sends
+    ``NOTIFY paramserve_changes, '<generation>'``, in that transaction: PostgreSQL delivers it
+    to the listening replicas only when the change commits, and never when it rolls back."""
+
+    @event.listens_for(factory, "do_orm_execute")
+    def _note_bump(state):
+        table = getattr(state.statement, "table", None)
+        if state.is_update and getattr(table, "name", None) == "registry_state":
+            state.session.info["announce"] = True
+
+    @event.listens_for(factory, "before_commit")
+    def _announce(session):
+        if session.info.pop("announce", False):
+            session.execute(
+                text(
+                    "SELECT pg_notify(:channel, generation::text) FROM registry_state WHERE id = 1"
+                ),
+                {"channel": CHANGES_CHANNEL},
+            )
+
+    @event.listens_for(factory, "after_rollback")
+    def _forget(session):
+        session.info.pop("announce", None)

@@ -12,6 +12,7 @@ import socketserver
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -31,6 +32,7 @@ from paramserve.protos import (
 from paramserve.registry import Store
 from paramserve.registry.architectures import load_entry_points, load_module
 from paramserve.registry.errors import InvalidArgument
+from paramserve.registry.notify import ChangeListener
 
 from .auth import AuthInterceptor, Tokens
 from .config import (
@@ -55,6 +57,9 @@ from .registry_service import RegistryServicer
 from .shared_memory import SharedMemoryRegions
 from .workers import refuse_if_taken
 
+if TYPE_CHECKING:
+    from .http_server import HttpServer
+
 log = logging.getLogger("paramserve")
 
 
@@ -70,12 +75,17 @@ class RunningServer:
     health: HealthServicer
     metrics_http: socketserver.BaseServer | None  # prometheus_client's WSGIServer
     watcher: asyncio.Task | None
+    listener: ChangeListener | None = None  # PostgreSQL's pushed changes (registry/notify.py)
+    http: HttpServer | None = None  # KServe v2 REST (service/http_server.py)
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        # both ports stop taking requests at once; in-flight ones share the one grace
+        await asyncio.gather(self.server.stop(grace_s), *([self.http.stop()] if self.http else []))
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.listener is not None:
+            await self.listener.close()
         self.executor.shutdown(wait=True)
         self.manager.shutdown()
         if self.inference.shared_memory is not None:
@@ -99,10 +109,19 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
     tokens = Tokens.from_file(config.auth_token_file) if config.auth_token_file else None
     credentials = server_credentials(config)
     opened: list = []  # what to close, last opened first, if the start fails
-    server = None
+    server, http = None, None
     try:
-        store = Store(config.registry_url, data_dir=config.data_dir, limits=config.limits)
+        store = Store(
+            config.registry_url,
+            data_dir=config.data_dir,
+            limits=config.limits,
+            blob_url=config.blob_url,
+            s3_endpoint_url=config.s3_endpoint_url,
+        )
         opened.append(store.close)
+        cleanup = getattr(store.blobs, "cleanup", None)
+        if cleanup is not None:  # an object store: what killed replicas left, an hour old
+            cleanup()
         executor = ThreadPoolExecutor(
             max_workers=config.worker_threads, thread_name_prefix="paramserve"
         )
@@ -182,8 +201,14 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
                     "or 'off')"
                 ) from None
             opened.append(metrics_http.shutdown)
+        if config.http_listen != "off":
+            from .http_server import serve_http
+
+            http = await serve_http(config, inference, edge, metrics, tokens, reuse_port)
         await server.start()
     except BaseException:
+        if http is not None:
+            await http.stop()
         if server is not None:
             await server.stop(None)
         for close in reversed(opened):
@@ -191,9 +216,15 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         raise
     for name in services[:2] + [""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = None
+    watcher, listener = None, None
     if config.sync_interval_s > 0:
-        watcher = asyncio.create_task(manager.watch(config.sync_interval_s))
+        wake = asyncio.Event()
+        listener = ChangeListener.for_engine(store.engine, wake.set)  # None on SQLite
+        if listener is not None:
+            listener.start()
+        watcher = asyncio.create_task(
+            manager.watch(config.sync_interval_s, wake if listener else None)
+        )
     return RunningServer(
         server,
         bound,
@@ -205,6 +236,8 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         health_servicer,
         metrics_http,
         watcher,
+        listener=listener,
+        http=http,
     )
 
 
@@ -305,7 +338,8 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
     if on_ready is not None:
         on_ready(running)
     else:
-        line = listening_line(config, running.port, running.metrics_port)
+        http_port = running.http.port if running.http else None
+        line = listening_line(config, running.port, running.metrics_port, http_port=http_port)
         print(f"paramserve listening on {line}", flush=True)
     log.info(
         "serving on %s: data dir %s, registry %s, device %s, metrics %s",
@@ -336,13 +370,26 @@ def device_label(spec: str) -> str:
 
 
 def listening_line(
-    config: ServerConfig, port: int, metrics_port: int | None, workers: str = ""
+    config: ServerConfig,
+    port: int,
+    metrics_port: int | None,
+    workers: str = "",
+    http_port: int | None = None,
 ) -> str:
     host = split_address(config.listen)[0]
     return (
-        f"{host}:{port} (metrics {metrics_label(config, metrics_port)}, data "
+        f"{host}:{port} (metrics {metrics_label(config, metrics_port)}, "
+        f"http {http_label(config, http_port)}, data "
         f"{Path(config.data_dir).resolve()}, device {config.device}{workers})"
     )
+
+
+def http_label(config: ServerConfig, http_port: int | None = None) -> str:
+    """Where KServe v2 REST is served (the bound port, else the configured one), or "off"."""
+    if config.http_listen == "off":
+        return "off"
+    host, port = split_address(config.http_listen)
+    return join_address(host, http_port or port)
 
 
 def metrics_label(config: ServerConfig, metrics_port: int | None) -> str:

@@ -47,7 +47,8 @@ def apply_json_patch(document: dict, operations: list[dict]) -> dict:
     out = copy.deepcopy(document)
     for op in operations:
         assert op["op"] in ("add", "replace"), op
-        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"][1:].split("/")]
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"][1:].split("/")]
+        *parents, last = parts
         node = out
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
