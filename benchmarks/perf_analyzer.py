@@ -66,13 +66,14 @@ def unavailable_reason() -> str | None:
 
 
 def run_perf_analyzer(address: str, model: str, concurrency: int, duration_s: float,
-                      shape=(1, 20), input_name: str = "input") -> dict:
+                      shape=(1, 20), input_name: str = "input", streaming: bool = False) -> dict:
     """Measure one concurrency level for about ``duration_s``; returns infer/s and p50/p99 ms.
 
     ``shape`` includes the batch dim: shape[0] goes to ``-b`` (the model reports
     max_batch_size > 0) and the rest to ``--shape``. perf_analyzer measures in windows until
     three agree; we ask for three windows of duration_s/3 and accept any spread (-s 1000), so
-    it stops after those three and reports them merged. Raises PerfAnalyzerUnavailable when
+    it stops after those three and reports them merged. ``streaming``: every request on
+    ModelStreamInfer streams (``--streaming``). Raises PerfAnalyzerUnavailable when
     the binary cannot run, RuntimeError when it fails or overruns its hard timeout.
     """
     reason = unavailable_reason()
@@ -85,18 +86,19 @@ def run_perf_analyzer(address: str, model: str, concurrency: int, duration_s: fl
                 "-b", str(shape[0]), "--shape", f"{input_name}:{','.join(map(str, shape[1:]))}",
                 "--concurrency-range", f"{concurrency}:{concurrency}",
                 "-p", str(window_ms), "-r", "3", "-s", "1000", "--percentile", "50",
-                "-f", str(report)]
+                "-f", str(report), *(["--streaming"] if streaming else [])]
         timeout = 3 * duration_s + 60  # windows may overrun on a busy machine; plus startup
         try:
             p = subprocess.run(args, capture_output=True, text=True, env=_env(),
                                timeout=timeout, cwd=tmp)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"perf_analyzer ran past {timeout:.0f} s against {address}")
+            raise RuntimeError(
+                f"perf_analyzer ran past {timeout:.0f} s against {address}") from None
         if p.returncode != 0 or not report.exists():
             tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
             raise RuntimeError(f"perf_analyzer exited {p.returncode}:\n{tail}")
         row = next(csv.DictReader(report.open()))
-    return {"concurrency": concurrency, "duration_s": duration_s,
+    return {"concurrency": concurrency, "duration_s": duration_s, "streaming": streaming,
             "throughput_rps": float(row["Inferences/Second"]),
             "p50_ms": float(row["p50 latency"]) / 1000,  # the CSV is in microseconds
             "p99_ms": float(row["p99 latency"]) / 1000}

@@ -11,6 +11,8 @@ concurrency beside it (with matplotlib). Targets are ratios to the floors
                processes on one port; Triton's perf_analyzer against us at c1/c16 beside the
                figures Triton 2.51 reached on a 2-core machine (bash
                benchmarks/setup-perf-analyzer.sh makes its binary loadable; else "not run")
+  infer-stream the same load as messages of one ModelStreamInfer stream (c16/c64, Python
+               load generator), and perf_analyzer --streaming at c16: ≥ 1.0× unary
   infer-wide   1024→4096→1024 at c16 vs an in-process forward at the batch size the batcher
                reached: ≥ 0.85× throughput
   transfer     upload/download of 100 MiB and 1 GiB vs bare gRPC streaming of the same bytes in
@@ -92,9 +94,9 @@ class Proc:
 
 
 def loadgen(address: str, model: str, concurrency: int, duration_s: float, width: int,
-            channels: int = 1) -> dict:
+            channels: int = 1, mode: str = "unary") -> dict:
     out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), address, model,
-                          str(concurrency), str(duration_s), str(width), str(channels)],
+                          str(concurrency), str(duration_s), str(width), str(channels), mode],
                          capture_output=True, text=True, check=True, timeout=duration_s + 120)
     return json.loads(out.stdout)
 
@@ -168,6 +170,23 @@ def compare_with_echo(server, floor, rows, duration_s, levels, label="", channel
         row(rows, f"infer-small{label} c{concurrency} throughput", round(ours["throughput_rps"]),
             round(echo["throughput_rps"]), round(ratio, 3), "≥ 0.8× echo" if judged else "-",
             ratio >= 0.8 if judged else None, "req/s")
+    return results
+
+
+STREAM_CONCURRENCY = (16, 64)
+
+
+def bench_stream(server, rows, duration_s, unary: dict):
+    """The same load as infer-small, every request a message on one ModelStreamInfer stream,
+    beside the unary figure at the same concurrency (a stream saves a call per request)."""
+    results = {}
+    for concurrency in STREAM_CONCURRENCY:
+        ours = loadgen(server.address, "bench-small", concurrency, duration_s, 20, 1, "stream")
+        base = unary[str(concurrency)]["paramserve"]["throughput_rps"]
+        ratio = ours["throughput_rps"] / base
+        results[str(concurrency)] = ours
+        row(rows, f"infer-small stream c{concurrency} throughput", round(ours["throughput_rps"]),
+            f"unary {round(base)}", round(ratio, 3), "≥ 1.0× unary", ratio >= 1.0, "req/s")
     return results
 
 
@@ -246,6 +265,22 @@ def bench_perf_analyzer(server, rows, duration_s):
             f"Triton ~{triton} (quoted)", round(ratio, 3), f"≥ {share:g}× Triton",
             ratio >= share, "infer/s")
     return results
+
+
+def bench_perf_analyzer_streaming(server, rows, duration_s, unary: dict):
+    """perf_analyzer --streaming at c16 (one ModelStreamInfer stream per concurrent context)
+    beside its own unary figure."""
+    if "not_run" in unary:
+        row(rows, "perf_analyzer --streaming", "not run", "-", None, unary["not_run"], None)
+        return {"not_run": unary["not_run"]}
+    from perf_analyzer import run_perf_analyzer
+
+    figures = run_perf_analyzer(server.address, "bench-small", 16, duration_s, streaming=True)
+    base = unary["16"]["throughput_rps"]
+    ratio = figures["throughput_rps"] / base
+    row(rows, "perf_analyzer --streaming c16 throughput", round(figures["throughput_rps"]),
+        f"unary {round(base)}", round(ratio, 3), "≥ 1.0× unary", ratio >= 1.0, "infer/s")
+    return {"16": figures}
 
 
 def bench_infer_wide(client, server, rows, duration_s):
@@ -458,7 +493,11 @@ def main() -> int:
                 if args.only in (None, "infer"):
                     figures["infer_small"] = bench_infer_small(client, server, floor, rows,
                                                                duration)
+                    figures["infer_small_stream"] = bench_stream(server, rows, duration,
+                                                                 figures["infer_small"])
                     figures["perf_analyzer"] = bench_perf_analyzer(server, rows, duration)
+                    figures["perf_analyzer_streaming"] = bench_perf_analyzer_streaming(
+                        server, rows, duration, figures["perf_analyzer"])
                     figures["infer_wide"] = bench_infer_wide(client, server, rows, duration)
                 if args.only in (None, "transfer"):
                     sizes = [100] if args.quick else [100, 1024]
