@@ -30,6 +30,7 @@ READ_ONLY_METHODS = {
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
+        "ModelStreamInfer",
         "ModelConfig",
         "ModelStatistics",
         "RepositoryIndex",

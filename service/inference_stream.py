@@ -25,10 +25,16 @@ from dataclasses import dataclass
 from paramserve.protos import inference_pb2 as pb
 
 from .errors import MAX_STATUS_CHARS, client_message
+from .loaded import ModelUnavailable
 from .status import DeadlineExceeded
 
 METHOD = "ModelStreamInfer"
 _END = object()  # the client closed its side of the stream
+# A message's work cancelled under it, not by the call (its model's queue dropped it).
+_DROPPED = (
+    "the request was dropped on the server (its model was unloaded or the server is "
+    "stopping); retry"
+)
 
 
 @dataclass(frozen=True)
@@ -77,15 +83,23 @@ class _Stream:
             self.events.put_nowait(err)
 
     async def one(self, request) -> None:
+        """One message, answered whatever happens to it (else its slot would never free)."""
         try:
             response = await self.core.infer(request, self.context.time_remaining())
             message = pb.ModelStreamInferResponse(infer_response=response)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # the call is over: nothing to answer
+                raise
+            message = self.failed(request, ModelUnavailable(_DROPPED))
         except Exception as err:
-            message = pb.ModelStreamInferResponse(
-                error_message=client_message(err, METHOD, self.limits.max_status_chars),
-                infer_response=pb.ModelInferResponse(id=request.id),  # to match it by
-            )
+            message = self.failed(request, err)
         self.events.put_nowait(message)
+
+    def failed(self, request, err: Exception) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(
+            error_message=client_message(err, METHOD, self.limits.max_status_chars),
+            infer_response=pb.ModelInferResponse(id=request.id),  # to match it by
+        )
 
     async def next_event(self):
         """The next event; DeadlineExceeded once the stream has been idle too long."""

@@ -20,6 +20,7 @@ from paramserve.protos import inference_pb2 as pb
 from paramserve.protos import inference_pb2_grpc
 from paramserve.registry import get_architecture
 from paramserve.service.client import Client
+from paramserve.service.inference_stream import StreamLimits, stream_infer
 
 TOLERANCE = 1e-6
 MAX_IN_FLIGHT = 4
@@ -384,3 +385,81 @@ def test_the_access_log_sees_streams_of_both_kinds(limited):
 
     assert wait_for(lambda: "rpc ModelStreamInfer model=mlp status=OK" in logged())
     assert "rpc DownloadVersion model=mlp status=OK" in logged()
+
+
+def test_a_read_only_token_may_stream(tmp_path):
+    """Inference is a read: a read-only token (and --auth-open-reads) covers the stream too."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("full-token\nread-token read\n")
+    server = ServerProcess(tmp_path / "data", "--auth-token-file", str(tokens))
+    try:
+        with Client(server.address, token="full-token") as client:
+            client.create_model("mlp", "sequential_mlp")
+            client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
+
+        async def stream(token):
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                    iter([request("mlp", inputs(1)[0], "a")]), timeout=60,
+                    metadata=[("authorization", f"Bearer {token}")] if token else None)
+                try:
+                    return [r.error_message async for r in call]
+                except grpc.aio.AioRpcError as err:
+                    return err.code()
+
+        assert asyncio.run(stream("read-token")) == [""]
+        assert asyncio.run(stream(None)) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
+
+
+# ---- the stream's logic in-process, over a core that only counts ---------------------------
+
+class CountingCore:
+    """infer() that takes a little while and records how many run at once."""
+
+    def __init__(self):
+        self.running = self.most = 0
+
+    async def infer(self, request, time_remaining):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.01)
+            if request.id == "dropped":  # its work cancelled under it (a queue dropped it)
+                future = asyncio.get_running_loop().create_future()
+                future.cancel()
+                await future
+            return pb.ModelInferResponse(id=request.id)
+        finally:
+            self.running -= 1
+
+
+class NoDeadline:
+    def time_remaining(self):
+        return None
+
+
+def served(core, limits: StreamLimits, ids: list[str]) -> list[pb.ModelStreamInferResponse]:
+    async def requests():
+        for request_id in ids:
+            yield pb.ModelInferRequest(model_name="m", id=request_id)
+
+    async def run():
+        return [r async for r in stream_infer(core, limits, requests(), NoDeadline())]
+
+    return asyncio.run(run())
+
+
+def test_in_process_the_bound_is_exact_and_every_message_is_answered():
+    core = CountingCore()
+    answers = served(core, StreamLimits(max_in_flight=3), [str(i) for i in range(20)])
+    assert sorted(int(a.infer_response.id) for a in answers) == list(range(20))
+    assert core.most == 3 and core.running == 0
+
+
+def test_in_process_a_message_whose_work_is_dropped_is_answered_and_the_stream_goes_on():
+    answers = served(CountingCore(), StreamLimits(max_in_flight=2), ["a", "dropped", "b"])
+    by_id = {a.infer_response.id: a.error_message for a in answers}
+    assert by_id["a"] == by_id["b"] == ""
+    assert "dropped on the server" in by_id["dropped"]
