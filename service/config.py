@@ -77,11 +77,35 @@ class ServerConfig:
     registry_url: str | None = option(
         None, "SQLAlchemy URL of the registry", shown="sqlite:///DIR/registry.db", metavar="URL"
     )
+    blob_url: str | None = option(
+        None,
+        "where parameter blobs live: a directory, or s3://BUCKET/PREFIX for S3-compatible "
+        "object storage (credentials and region from AWS_* variables or ~/.aws)",
+        shown="DIR/blobs",
+        metavar="URL",
+    )
+    s3_endpoint_url: str | None = option(
+        None,
+        "with an s3:// --blob-url: the object store's endpoint when it is not AWS "
+        "(SeaweedFS, MinIO, ...)",
+        metavar="URL",
+    )
     listen: str = option(
         "127.0.0.1:8001", "gRPC address; port 0 picks a free one", metavar="HOST:PORT"
     )
     metrics_listen: str = option(
         "127.0.0.1:8002", "Prometheus HTTP address, or 'off'", metavar="HOST:PORT"
+    )
+    http_listen: str = option(
+        "127.0.0.1:8000",
+        "KServe v2 HTTP/REST address (Triton's REST API), or 'off'; port 0 picks a free one",
+        metavar="HOST:PORT",
+    )
+    http_max_body_mb: int = option(
+        0, "largest HTTP request body in MiB (after decoding); 0 = --max-message-mb", minimum=0
+    )
+    http_keepalive_timeout_s: float = option(
+        75.0, "seconds an idle HTTP keep-alive connection stays open", minimum=0
     )
     device: str = option(
         "auto", "auto (a GPU with room, else CPU), cpu or cuda:N", metavar="DEVICE"

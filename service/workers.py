@@ -31,20 +31,22 @@ START_TIMEOUT_S = 300.0
 POLL_S = 0.2
 
 
-def reserve_port(config: ServerConfig) -> socket.socket:
+def reserve_port(config: ServerConfig, address: str | None = None) -> socket.socket:
     """Bind (not listen) a SO_REUSEPORT socket: it fixes the port when 0 was asked for and
-    keeps any other user's process off it; only listening sockets are handed connections."""
-    host, port = split_address(config.listen)
+    keeps any other user's process off it; only listening sockets are handed connections.
+    ``address``: another port the workers share (``--http-listen``); default ``--listen``."""
+    address = address or config.listen
+    host, port = split_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
-        refuse_if_taken(host, port, config.listen)
+        refuse_if_taken(host, port, address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise OSError(f"cannot listen on {config.listen}: {err.strerror}") from None
+        raise OSError(f"cannot listen on {address}: {err.strerror}") from None
     return sock
 
 
@@ -64,10 +66,16 @@ def refuse_if_taken(host: str, port: int, listen: str) -> None:
             ) from None
 
 
-def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
-    """Worker ``index``'s settings: the shared port; metrics on their own port each
-    (base + index), since a scrape must reach one process and see all of its counters."""
+def worker_config(
+    config: ServerConfig, index: int, port: int, http_port: int | None = None
+) -> ServerConfig:
+    """Worker ``index``'s settings: the shared ports (gRPC, HTTP); metrics on their own port
+    each (base + index), since a scrape must reach one process and see all of its counters."""
     listen = join_address(split_address(config.listen)[0], port)
+    if http_port is not None:
+        config = dataclasses.replace(
+            config, http_listen=join_address(split_address(config.http_listen)[0], http_port)
+        )
     metrics = config.metrics_listen
     if metrics != "off":
         metrics_host, metrics_port = split_address(metrics)
@@ -125,6 +133,10 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
         self.port_socket = reserve_port(config)
         self.port = self.port_socket.getsockname()[1]
+        self.http_socket, self.http_port = None, None
+        if config.http_listen != "off":
+            self.http_socket = reserve_port(config, config.http_listen)
+            self.http_port = self.http_socket.getsockname()[1]
         self.workers = [_Worker(i) for i in range(config.workers)]
         self.stopping = False
 
@@ -135,7 +147,11 @@ class Supervisor:
             target=_worker_main,
             name=f"paramserve-worker-{worker.index}",
             daemon=False,
-            args=(worker_config(self.config, worker.index, self.port), worker.index, send),
+            args=(
+                worker_config(self.config, worker.index, self.port, self.http_port),
+                worker.index,
+                send,
+            ),
         )
         process.start()
         send.close()
@@ -216,6 +232,7 @@ class Supervisor:
                 self.port,
                 self.workers[0].metrics_port,
                 f", {self.config.workers} workers",
+                http_port=self.http_port,
             )
             print(f"paramserve listening on {line}", flush=True)
         gave_up = self._supervise()
@@ -278,6 +295,8 @@ class Supervisor:
                 process.kill()
                 process.join()
         self.port_socket.close()
+        if self.http_socket is not None:
+            self.http_socket.close()
 
 
 def serve_workers(config: ServerConfig) -> int:

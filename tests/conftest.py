@@ -143,7 +143,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVE_DYING_WITH_PARENT, "serve", "--data-dir",
              str(self.data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-             *extra_args],
+             "--http-listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
             env={**os.environ, **(env or {})})
         ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_START_TIMEOUT_S)
@@ -153,6 +153,8 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
         self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
         self.metrics_port = int(line.split("(metrics ")[1].split(",")[0].rsplit(":", 1)[1])
+        http = line.split(", http ")[1].split(",")[0] if ", http " in line else "off"
+        self.http_port = None if http == "off" else int(http.rsplit(":", 1)[1])  # KServe REST
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
@@ -212,3 +214,8 @@ def metrics_text(metrics_port: int) -> str:
     """A server's Prometheus text, as a scraper gets it."""
     return _urllib_request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                    timeout=10).read().decode()
+
+
+# ---- a real S3-compatible object store (SeaweedFS): the ``seaweedfs`` fixture ---------------
+
+from seaweed import seaweedfs  # noqa: E402, F401  (module-scoped; tests/seaweed.py)
