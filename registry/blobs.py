@@ -11,7 +11,8 @@ old file (same size, other bytes) is healed instead of being served under the ne
 Checking the old file's hash instead would read the whole blob a second time.
 
 This class only moves files. *When* a blob may be deleted is decided by ``gc.BlobCollector``,
-ordered with uploads through the database.
+ordered with uploads through the database. It is the default of the ``blobstore.Blobs``
+interface; ``s3blobs.S3BlobStore`` is the other.
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from .blobstore import BlobRef, Temporary
 from .errors import DataLoss
 from .fileio import HashingWriter, disk_full_is_resource_exhausted
 
 TEMP_SUFFIX = ".partial"
 
-
-@dataclass(frozen=True)
-class BlobRef:
-    sha256: str
-    size_bytes: int
+__all__ = ["TEMP_SUFFIX", "BlobRef", "BlobStore", "VerifyingReader"]
 
 
 class BlobStore:
@@ -117,16 +115,39 @@ class BlobStore:
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 
+    def list_blobs(self) -> Iterator[tuple[str, str]]:
+        """``(sha256, path)`` of every blob file (temp files apart), in path order."""
+        for path in sorted((self.root / "sha256").rglob("*.safetensors")):
+            yield path.name.split(".")[0], str(path)
+
+    def temporaries(self) -> list[Temporary]:
+        """The temp files of writes in flight (or of crashed ones), with their ages."""
+        out, now = [], time.time()
+        for path in sorted(self.tmp_dir.glob(f"*{TEMP_SUFFIX}")) if self.tmp_dir.is_dir() else []:
+            try:
+                age_s = now - path.stat().st_mtime
+            except FileNotFoundError:  # an upload finished (or its writer cleaned up) since
+                continue
+            out.append(Temporary(str(path), age_s, path))
+        return out
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        Path(temporary.handle).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Nothing to release (the interface's: an object store closes its connections)."""
+
 
 class VerifyingReader:
     """A read-only file that hashes what passes through it and checks the digest at the end."""
 
-    def __init__(self, file: io.BufferedReader, sha256: str, path: Path):
+    def __init__(self, file, sha256: str, path, size_bytes: int | None = None):
+        """``size_bytes``: the blob's size when ``file`` has no descriptor (an object's body)."""
         self._file = file
         self._digest = hashlib.sha256()
         self.sha256 = sha256
         self.path = path
-        self.size_bytes = os.fstat(file.fileno()).st_size
+        self.size_bytes = os.fstat(file.fileno()).st_size if size_bytes is None else size_bytes
 
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)

@@ -2,7 +2,8 @@
 
 Invariants: every version row has its blob and the blob's sha256 matches; no alias points at a
 missing version; no temporary file is ever served (they live apart, in ``blobs/tmp`` and
-``spool``).
+``spool``; in an object store, as unfinished multipart uploads and under ``PREFIX/tmp/``).
+Blobs are listed and read through the store's ``blobstore.Blobs``, so both kinds are checked.
 
 ``open_existing`` opens the registry to check and creates nothing: a mistyped data dir is an
 error naming the path, never a fresh empty registry reported as OK.
@@ -11,8 +12,9 @@ error naming the path, never a fresh empty registry reported as OK.
 state, never by its file's age: no version row refers to it and no upload holds it (a hold
 older than ``STALE_HOLD_S`` is a crashed writer's and is removed first). Each removal is
 re-decided under the blob's lock by ``gc.BlobCollector``, so an upload that re-uses the blob
-meanwhile keeps it. Temporary files older than ``min_age_s`` are removed (younger ones may
-belong to a write in flight). Repair never removes a blob a version refers to, and cannot
+meanwhile keeps it. Temporary files (and unfinished multipart
+uploads, aged by their last part) older than ``min_age_s`` are removed (younger ones may belong
+to a write in flight). Repair never removes a blob a version refers to, and cannot
 restore a missing or corrupt one.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blobs import TEMP_SUFFIX
+from .blobstore import Temporary
 from .database import make_engine
 from .errors import DataLoss, NotFound
 from .gc import STALE_HOLD_S
@@ -46,7 +49,12 @@ class CheckReport:
         return not (self.missing_blobs or self.corrupt_blobs or self.dangling_aliases)
 
 
-def open_existing(url: str | None, data_dir: str | Path) -> Store:
+def open_existing(
+    url: str | None,
+    data_dir: str | Path,
+    blob_url: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> Store:
     """The store of a registry that exists; ``NotFound`` naming the path when ``data_dir``
     (or the database ``url`` names) holds none. Nothing is created on the way."""
     data = Path(data_dir)
@@ -79,7 +87,7 @@ def open_existing(url: str | None, data_dir: str | Path) -> Store:
             )
     finally:
         engine.dispose()
-    return Store(url, data_dir=data)
+    return Store(url, data_dir=data, blob_url=blob_url, s3_endpoint_url=s3_endpoint_url)
 
 
 def check(
@@ -104,28 +112,36 @@ def check(
             except DataLoss:
                 report.corrupt_blobs.append(label)
     unreferenced = {}
-    for path in sorted((store.blobs.root / "sha256").rglob("*.safetensors")):
-        sha = path.name.split(".")[0]
+    for sha, label in store.blobs.list_blobs():
         if sha in referenced:
             continue
         if sha in holds:
-            report.held_blobs.append(str(path))
+            report.held_blobs.append(label)
         else:
-            report.orphan_blobs.append(str(path))
-        unreferenced[sha] = path
+            report.orphan_blobs.append(label)
+        unreferenced[sha] = label
     if repair:  # the holds' shas too: a writer that died before placing its file left one
         candidates = set(unreferenced) | (set(holds) - referenced)
         removed = store.collector.collect(candidates, stale_hold_s=stale_hold_s)
-        report.removed.extend(str(unreferenced[sha]) for sha in removed if sha in unreferenced)
-    now = time.time()
-    for folder in (store.blobs.tmp_dir, store.data_dir / "spool"):
-        for path in sorted(Path(folder).glob(f"*{TEMP_SUFFIX}")) if folder.is_dir() else []:
-            try:
-                age_s = now - path.stat().st_mtime
-            except FileNotFoundError:  # an upload finished (or its writer cleaned up) since
-                continue
-            report.temp_files.append(str(path))
-            if repair and age_s >= min_age_s:
-                path.unlink(missing_ok=True)
-                report.removed.append(str(path))
+        report.removed.extend(unreferenced[sha] for sha in removed if sha in unreferenced)
+    for temporary in store.blobs.temporaries() + _spool_files(store.data_dir / "spool"):
+        report.temp_files.append(temporary.label)
+        if repair and temporary.age_s >= min_age_s:
+            if temporary.handle is None:  # a spool file
+                Path(temporary.label).unlink(missing_ok=True)
+            else:
+                store.blobs.remove_temporary(temporary)
+            report.removed.append(temporary.label)
     return report
+
+
+def _spool_files(folder: Path) -> list[Temporary]:
+    """Upload spools (always local, whatever the blob store), with their ages."""
+    out, now = [], time.time()
+    for path in sorted(folder.glob(f"*{TEMP_SUFFIX}")) if folder.is_dir() else []:
+        try:
+            age_s = now - path.stat().st_mtime
+        except FileNotFoundError:  # an upload finished (or its writer cleaned up) since
+            continue
+        out.append(Temporary(str(path), age_s))
+    return out

@@ -37,6 +37,10 @@ class DataLoss(ParamserveError):
     """A blob is missing, truncated or its content no longer matches its sha256."""
 
 
+class Unavailable(ParamserveError):
+    """A service the store depends on (the object store) cannot be reached; retry later."""
+
+
 class InvalidStateDict(InvalidArgument):
     """A state_dict that does not fit its architecture; lists every problem at once."""
 

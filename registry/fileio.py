@@ -102,13 +102,66 @@ def disk_full_is_resource_exhausted(path: Path) -> Iterator[None]:
         ) from err
 
 
+class StreamHasher:
+    """The sha256 of a byte stream fed front to back, and of named byte ranges of it.
+
+    ``segments``: ``(name, begin, end)`` ranges, in stream order, each hashed on its own too
+    (a blob's tensors: a ranged read of one tensor is checked against its own digest).
+    """
+
+    def __init__(self, segments: Sequence[tuple[str, int, int]] = ()):
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._segments = list(segments)
+        self._segment_digests = [hashlib.sha256() for _ in self._segments]
+        self._segment_index = 0
+
+    def update(self, data) -> None:
+        """Feed the next bytes (bytes or any buffer)."""
+        self._digest.update(data)
+        view = memoryview(data).cast("B")
+        if self._segments:
+            self._hash_segments(view, self.size)
+        self.size += view.nbytes
+
+    def _hash_segments(self, view: memoryview, position: int) -> None:
+        """Feed the bytes of ``view`` (at stream offset ``position``) to the segments they
+        overlap."""
+        start, end_of_view = 0, view.nbytes
+        segments, i = self._segments, self._segment_index
+        while i < len(segments) and start < end_of_view:
+            _, begin, end = segments[i]
+            at = position + start
+            if at >= end:
+                i += 1
+            elif at < begin:
+                start = min(end_of_view, begin - position)
+            else:
+                stop = min(end_of_view, end - position)
+                self._segment_digests[i].update(view[start:stop])
+                start = stop
+        self._segment_index = i
+
+    @property
+    def sha256(self) -> str:
+        """The hex digest of everything fed so far."""
+        return self._digest.hexdigest()
+
+    @property
+    def segment_sha256(self) -> dict[str, str]:
+        """Segment name → hex digest of its bytes (complete once the stream is fed)."""
+        return {
+            name: d.hexdigest() for (name, _, _), d in zip(self._segments, self._segment_digests)
+        }
+
+
 class HashingWriter:
     """A new file written sequentially and hashed as the bytes arrive, in one pass.
 
     ``writeback``: write it to disk behind the writer (``Writeback``), for files that will be
     fsynced (blobs); not for spools that are read back at once. ``segments``: named byte
     ranges ``(name, begin, end)`` of the file, in file order, each hashed on its own too
-    (a blob's tensors: a ranged read of one tensor is checked against its own digest).
+    (``StreamHasher``).
     """
 
     def __init__(
@@ -116,10 +169,7 @@ class HashingWriter:
     ):
         self.path = Path(path)
         self.size = 0
-        self._digest = hashlib.sha256()
-        self._segments = list(segments)
-        self._segment_digests = [hashlib.sha256() for _ in self._segments]
-        self._segment_index = 0
+        self._hasher = StreamHasher(segments)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         with disk_full_is_resource_exhausted(self.path):
             self._fd = os.open(self.path, flags, 0o644)
@@ -135,11 +185,8 @@ class HashingWriter:
         One call per batch, not per chunk: each call gives up the GIL and must win it back
         from the event loop, which holds it while it receives the next chunks.
         """
-        position = self.size
         for data in buffers:
-            self._digest.update(data)
-            if self._segments:
-                position = self._hash_segments(memoryview(data).cast("B"), position)
+            self._hasher.update(data)
         with disk_full_is_resource_exhausted(self.path):
             n = write_all(self._fd, buffers)
             self.size += n
@@ -147,36 +194,15 @@ class HashingWriter:
                 self._writeback.advance(self.size)
         return n
 
-    def _hash_segments(self, view: memoryview, position: int) -> int:
-        """Feed the bytes of ``view`` (at file offset ``position``) to the segments they
-        overlap; returns the offset after them."""
-        start, end_of_view = 0, view.nbytes
-        segments, i = self._segments, self._segment_index
-        while i < len(segments) and start < end_of_view:
-            _, begin, end = segments[i]
-            at = position + start
-            if at >= end:
-                i += 1
-            elif at < begin:
-                start = min(end_of_view, begin - position)
-            else:
-                stop = min(end_of_view, end - position)
-                self._segment_digests[i].update(view[start:stop])
-                start = stop
-        self._segment_index = i
-        return position + end_of_view
-
     @property
     def sha256(self) -> str:
         """The hex digest of everything written so far."""
-        return self._digest.hexdigest()
+        return self._hasher.sha256
 
     @property
     def segment_sha256(self) -> dict[str, str]:
         """Segment name → hex digest of its bytes (complete once the file is written)."""
-        return {
-            name: d.hexdigest() for (name, _, _), d in zip(self._segments, self._segment_digests)
-        }
+        return self._hasher.segment_sha256
 
     def sync(self) -> None:
         """fsync and close: the bytes are on disk."""

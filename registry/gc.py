@@ -5,13 +5,18 @@ deleted only when nothing refers to it, and "nothing" must include an upload tha
 the file but not yet committed its version row. The order that makes this safe:
 
 - an upload first **holds** the blob (a ``blob_holds`` row, committed under the blob's lock),
-  then moves its file into place (``BlobStore.commit`` always writes its own, fresh file), then
-  inserts its version row and drops the hold in one transaction (``publish``);
+  then moves its file into place (``BlobStore.commit`` always writes its own, fresh file; the
+  object store's ``S3BlobStore.commit`` writes its own unless the key exists, and never over
+  it: the existing object is then the upload's, already held), then inserts its version row
+  and drops the hold in one transaction (``publish``);
 - a collection runs in **one** write transaction holding the same lock: it checks, in one
   statement, that no version row and no hold names the blob, unlinks the file, then commits.
 
 Either the hold commits first (the collector sees it and keeps the file) or the collection
-commits first (its unlink is done before the upload places its file). A hold older than
+commits first (its unlink is done before the upload places its file). The database is what
+replicas share, so this holds across them for either blob store; an object store deletes
+inside the collection's transaction as the directory unlinks (S3's reads after a delete or a
+write are consistent). A hold older than
 ``STALE_HOLD_S`` is a crashed writer's and ``paramserve check --repair`` removes it.
 """
 
@@ -20,8 +25,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable
 
-from .blobs import BlobRef, BlobStore
-from .fileio import HashingWriter
+from .blobstore import BlobRef, Blobs, BlobWriter
 from .repository import Repository
 from .schema import utcnow
 from .values import VersionInfo
@@ -32,11 +36,11 @@ Insert = Callable[[BlobRef, int], "tuple[VersionInfo, bool]"]
 
 
 class BlobCollector:
-    def __init__(self, repository: Repository, blobs: BlobStore):
+    def __init__(self, repository: Repository, blobs: Blobs):
         self.repository = repository
         self.blobs = blobs
 
-    def publish(self, writer: HashingWriter, insert: Insert) -> VersionInfo:
+    def publish(self, writer: BlobWriter, insert: Insert) -> VersionInfo:
         """Hold the written blob, move it into place, then ``insert(blob, hold_id)`` its row
         (which drops the hold). When no row was made (an error, or the lazy-init race lost),
         the hold is dropped and the blob collected unless something else refers to it."""

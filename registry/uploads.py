@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Protocol
 
 from . import tensorfile, torchsave
-from .blobs import TEMP_SUFFIX, BlobStore
+from .blobs import TEMP_SUFFIX
+from .blobstore import Blobs, BlobWriter
 from .errors import FailedPrecondition, InvalidArgument
 from .fileio import HashingWriter
 from .limits import Limits
@@ -49,14 +50,14 @@ class UploadTarget(Protocol):
 
     limits: Limits
     shapes: ShapeOracle
-    blobs: BlobStore
+    blobs: Blobs
 
     def upload(self, name: str, source: Source, alias: str | None = None) -> VersionInfo: ...
 
     def add_version(
         self,
         name: str,
-        blob: HashingWriter,
+        blob: BlobWriter,
         manifest: Sequence[ManifestEntry],
         origin: str,
         parent: int | None = None,

@@ -35,7 +35,9 @@ def cmd_serve(args) -> int:
 def cmd_check(args) -> int:
     from paramserve.registry.check import check, open_existing
 
-    with open_existing(args.registry_url, args.data_dir) as store:
+    with open_existing(
+        args.registry_url, args.data_dir, args.blob_url, args.s3_endpoint_url
+    ) as store:
         report = check(store, repair=args.repair, min_age_s=args.min_age_s)
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))

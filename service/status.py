@@ -17,6 +17,7 @@ from paramserve.registry.errors import (
     NotFound,
     ParamserveError,
     ResourceExhausted,
+    Unavailable,
 )
 
 
@@ -32,11 +33,12 @@ CORE_STATUS: dict[type[ParamserveError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DataLoss: grpc.StatusCode.DATA_LOSS,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
-# The client's way back: a status code → the class (UNAVAILABLE stays a ServerError: it is
-# also what an unreachable server gives).
+# The client's way back: a status code → the class (UNAVAILABLE, the core's Unavailable
+# included, stays a ServerError: it is also what an unreachable server gives).
 ERROR_OF: dict[grpc.StatusCode, type[ParamserveError]] = {
-    code: cls for cls, code in CORE_STATUS.items()
+    code: cls for cls, code in CORE_STATUS.items() if cls is not Unavailable
 }
 
 

@@ -1,0 +1,439 @@
+"""Blobs in S3-compatible object storage: ``--blob-url s3://BUCKET/PREFIX``.
+
+Keys: ``PREFIX/sha256/ab/<sha256>.safetensors``, as the local directory lays files out. The
+endpoint comes from ``--s3-endpoint-url`` (non-AWS services: SeaweedFS, MinIO, …); region
+and credentials from boto3's default chain (``AWS_*`` variables, ``~/.aws`` files, a role).
+
+Writing (``S3BlobWriter``): the bytes are hashed as they arrive and held in memory one part
+(8 MiB, growing for huge blobs) at a time, never the whole blob. The key is the sha256, known
+only at the end, so:
+
+- a blob that fits in one part is put under its key at once, when committed;
+- a larger one streams as a multipart upload to ``PREFIX/tmp/<uuid>``; committing completes
+  it and copies it, server-side, to its key, then deletes the temp object.
+
+Either way the final write is conditional (``If-None-Match: *``): **an existing key is never
+overwritten**. When one is there already (the same bytes, under their sha256) the new copy is
+dropped and the existing object, held by the caller (``gc``), is used. A failed or cancelled
+write aborts its multipart upload and deletes its temp object; what a killed process leaves
+(an unfinished upload, a temp object) is a ``Temporary`` that ``cleanup`` (at start, older
+than an hour) and ``paramserve check --repair`` remove by age.
+
+Reading: ``open`` streams the object's body and checks its sha256 at the end (``DataLoss``);
+``open_raw`` reads ranges (``Range: bytes=``), one GET per read, for single tensors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from .blobs import VerifyingReader
+from .blobstore import BlobRef, Temporary
+from .errors import InvalidArgument
+from .fileio import StreamHasher
+from .s3io import ObjectStream, RangedObject, S3Errors, error_code, http_status, paginate
+
+PART_BYTES = 8 << 20  # S3's smallest part is 5 MiB (the last excepted)
+PART_GROWTH_EVERY = 1000  # parts; then the part size doubles (S3 allows 10,000 parts)
+MAX_COPY_BYTES = 5 << 30  # CopyObject's limit; larger objects are copied in parts
+COPY_PART_BYTES = 1 << 30
+STALE_S = 3600.0  # an unfinished write this old (no new part) is a dead process's
+
+
+class S3BlobStore:
+    """Content-addressed blobs under ``s3://BUCKET/PREFIX``."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None, client=None):
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise InvalidArgument(f"--blob-url {url[:200]!r}: write s3://BUCKET/PREFIX")
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint = endpoint_url or "AWS S3"
+        self.errors = S3Errors(self.endpoint, self.bucket)
+        self.bytes_fetched = 0  # object bytes read so far (all reads): for tests and metrics
+        self.client = client or boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(
+                connect_timeout=5,
+                read_timeout=60,
+                retries={"mode": "standard", "max_attempts": 3},
+                max_pool_connections=32,
+                s3={"addressing_style": "path"} if endpoint_url else None,
+            ),
+        )
+        with self.errors.calling(f"opening bucket {self.bucket!r}"):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as err:
+                if http_status(err) == 404:
+                    err.response["Error"]["Code"] = "NoSuchBucket"
+                raise
+
+    # ---- keys ---------------------------------------------------------------------------
+
+    def _key(self, tail: str) -> str:
+        return f"{self.prefix}/{tail}" if self.prefix else tail
+
+    def key(self, sha256: str) -> str:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self._key(f"sha256/{sha256[:2]}/{sha256}.safetensors")
+
+    def path(self, sha256: str) -> str:
+        return f"s3://{self.bucket}/{self.key(sha256)}"
+
+    def _count(self, n: int) -> None:
+        self.bytes_fetched += n
+
+    # ---- the interface ------------------------------------------------------------------
+
+    def exists(self, sha256: str) -> bool:
+        return self.size(sha256) is not None
+
+    def size(self, sha256: str) -> int | None:
+        """The blob's size, or ``None`` when there is none."""
+        with self.errors.calling(f"looking up {self.path(sha256)}"):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+            except ClientError as err:
+                if http_status(err) == 404:
+                    return None
+                raise
+        return int(head["ContentLength"])
+
+    def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> S3BlobWriter:
+        return S3BlobWriter(self, segments)
+
+    def commit(self, writer: S3BlobWriter) -> BlobRef:
+        """Publish the writer's blob under its sha256, never over an existing object (then
+        that one, the same bytes, stays). The caller holds the blob (``gc``). On any failure
+        nothing is published and what was uploaded is removed."""
+        try:
+            writer.publish()
+        except BaseException:
+            writer.discard()
+            raise
+        return BlobRef(writer.sha256, writer.size)
+
+    def write(self, produce: Callable[[S3BlobWriter], None]) -> BlobRef:
+        writer = self.create()
+        try:
+            produce(writer)
+        except BaseException:
+            writer.discard()
+            raise
+        return self.commit(writer)
+
+    def open(self, sha256: str) -> VerifyingReader:
+        """The whole object streamed; ``finish()`` checks its sha256."""
+        label = self.path(sha256)
+        with self.errors.calling(f"reading {label}", missing=label):
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key(sha256))
+        stream = ObjectStream(got["Body"], self.errors, f"reading {label}", self._count)
+        return VerifyingReader(stream, sha256, label, size_bytes=int(got["ContentLength"]))
+
+    def open_raw(self, sha256: str) -> RangedObject:
+        label = self.path(sha256)
+        size = self.size(sha256)
+        if size is None:
+            with self.errors.calling(f"reading {label}", missing=label):
+                raise ClientError({"Error": {"Code": "NoSuchKey"}}, "HeadObject")
+        return RangedObject(
+            self.client, self.bucket, self.key(sha256), size, self.errors, label, self._count
+        )
+
+    def verify(self, sha256: str) -> None:
+        with self.open(sha256) as reader:
+            reader.finish()
+
+    def delete(self, sha256: str) -> None:
+        with self.errors.calling(f"deleting {self.path(sha256)}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+
+    def list_blobs(self) -> Iterator[tuple[str, str]]:
+        pages = paginate(
+            self.client,
+            "list_objects_v2",
+            self.errors,
+            "listing blobs",
+            Bucket=self.bucket,
+            Prefix=self._key("sha256/"),
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"].rsplit("/", 1)[-1]
+                if name.endswith(".safetensors"):
+                    yield name.split(".")[0], f"s3://{self.bucket}/{item['Key']}"
+
+    def temporaries(self) -> list[Temporary]:
+        """Unfinished multipart uploads and temp objects under the prefix, aged by their
+        last activity (a live upload adds a part every few seconds)."""
+        now = dt.datetime.now(dt.UTC)
+        out = []
+        uploads = paginate(
+            self.client,
+            "list_multipart_uploads",
+            self.errors,
+            "listing unfinished uploads",
+            Bucket=self.bucket,
+            Prefix=self._key(""),
+        )
+        for page in uploads:
+            for upload in page.get("Uploads", []):
+                key, upload_id = upload["Key"], upload["UploadId"]
+                last = max([upload["Initiated"], *self._part_times(key, upload_id)])
+                label = f"s3://{self.bucket}/{key} (unfinished multipart upload {upload_id})"
+                out.append(
+                    Temporary(label, (now - last).total_seconds(), ("upload", key, upload_id))
+                )
+        objects = paginate(
+            self.client,
+            "list_objects_v2",
+            self.errors,
+            "listing temp objects",
+            Bucket=self.bucket,
+            Prefix=self._key("tmp/"),
+        )
+        for page in objects:
+            for item in page.get("Contents", []):
+                age_s = (now - item["LastModified"]).total_seconds()
+                out.append(
+                    Temporary(
+                        f"s3://{self.bucket}/{item['Key']}", age_s, ("object", item["Key"], None)
+                    )
+                )
+        return out
+
+    def _part_times(self, key: str, upload_id: str) -> list[dt.datetime]:
+        try:
+            pages = list(
+                paginate(
+                    self.client,
+                    "list_parts",
+                    self.errors,
+                    "listing parts",
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                )
+            )
+        except ClientError:  # finished or aborted since it was listed
+            return []
+        return [part["LastModified"] for page in pages for part in page.get("Parts", [])]
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        kind, key, upload_id = temporary.handle
+        with self.errors.calling(f"removing {temporary.label}"):
+            try:
+                if kind == "upload":
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                else:
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+            except ClientError as err:
+                if http_status(err) != 404:  # gone already: finished, or removed by a peer
+                    raise
+
+    def cleanup(self, min_age_s: float = STALE_S) -> list[str]:
+        """Remove the temporaries older than ``min_age_s``: those of killed processes (one
+        that fails removes its own). Returns their labels."""
+        removed = []
+        for temporary in self.temporaries():
+            if temporary.age_s >= min_age_s:
+                self.remove_temporary(temporary)
+                removed.append(temporary.label)
+        return removed
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class S3BlobWriter:
+    """One blob on its way into the bucket (see the module docstring); ``discard()`` any
+    time removes what was uploaded."""
+
+    def __init__(self, store: S3BlobStore, segments: Sequence[tuple[str, int, int]] = ()):
+        self._store = store
+        self._hasher = StreamHasher(segments)
+        self._buffer = bytearray()
+        self.temp_key = store._key(f"tmp/{uuid.uuid4().hex}")
+        self._upload_id: str | None = None
+        self._parts: list[dict] = []
+        self._temp_object = False  # the multipart upload was completed: delete the object
+        self._ended = False
+
+    @property
+    def size(self) -> int:
+        return self._hasher.size
+
+    @property
+    def sha256(self) -> str:
+        return self._hasher.sha256
+
+    @property
+    def segment_sha256(self) -> dict[str, str]:
+        return self._hasher.segment_sha256
+
+    def write(self, data) -> int:
+        return self.write_many([data])
+
+    def write_many(self, buffers: list) -> int:
+        """Hash and buffer the bytes; each full part goes up before this returns."""
+        n = 0
+        for data in buffers:
+            self._hasher.update(data)
+            self._buffer += data
+            n += memoryview(data).nbytes
+        while len(self._buffer) >= self._part_size():
+            part = self._part_size()
+            self._upload_part(bytes(self._buffer[:part]))
+            del self._buffer[:part]
+        return n
+
+    def _part_size(self) -> int:
+        return PART_BYTES << (len(self._parts) // PART_GROWTH_EVERY)
+
+    def _upload_part(self, data: bytes) -> None:
+        store = self._store
+        with store.errors.calling(f"uploading a blob to {store.root}", writing=True):
+            if self._upload_id is None:
+                self._upload_id = store.client.create_multipart_upload(
+                    Bucket=store.bucket, Key=self.temp_key
+                )["UploadId"]
+            number = len(self._parts) + 1
+            etag = store.client.upload_part(
+                Bucket=store.bucket,
+                Key=self.temp_key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+            )["ETag"]
+        self._parts.append({"PartNumber": number, "ETag": etag})
+
+    def publish(self) -> None:
+        """Put the blob under its key (``S3BlobStore.commit`` calls this)."""
+        assert not self._ended, "this blob writer has ended"
+        store = self._store
+        final = store.key(self.sha256)
+        doing = f"storing blob {store.path(self.sha256)}"
+        with store.errors.calling(doing, writing=True):
+            if self._upload_id is None:  # one part: put it under its key
+                body = bytes(self._buffer)
+                self._conditional(
+                    lambda **c: store.client.put_object(
+                        Bucket=store.bucket, Key=final, Body=body, **c
+                    ),
+                    final,
+                )
+            else:
+                if self._buffer or not self._parts:
+                    self._upload_part(bytes(self._buffer))
+                self._buffer = bytearray()
+                store.client.complete_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=self.temp_key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+                self._upload_id, self._temp_object = None, True
+                self._copy_to(final)
+        self._ended = True
+        self._buffer = bytearray()
+        self._remove_temp()
+
+    def _copy_to(self, final: str) -> None:
+        store, source = self._store, {"Bucket": self._store.bucket, "Key": self.temp_key}
+        if self.size <= MAX_COPY_BYTES:
+            self._conditional(
+                lambda **c: store.client.copy_object(
+                    Bucket=store.bucket, Key=final, CopySource=source, **c
+                ),
+                final,
+            )
+            return
+        upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=final)["UploadId"]
+        try:
+            parts = []
+            for number, begin in enumerate(range(0, self.size, COPY_PART_BYTES), start=1):
+                end = min(begin + COPY_PART_BYTES, self.size) - 1
+                got = store.client.upload_part_copy(
+                    Bucket=store.bucket,
+                    Key=final,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={begin}-{end}",
+                )
+                parts.append({"PartNumber": number, "ETag": got["CopyPartResult"]["ETag"]})
+            self._conditional(
+                lambda **c: store.client.complete_multipart_upload(
+                    Bucket=store.bucket,
+                    Key=final,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **c,
+                ),
+                final,
+            )
+        finally:
+            try:
+                store.client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=final, UploadId=upload_id
+                )
+            except ClientError:
+                pass  # completed: there is nothing to abort
+
+    def _conditional(self, call: Callable[..., object], final: str) -> None:
+        """``call`` with ``If-None-Match: *``: an object already under ``final`` is kept
+        (412). A store that does not support the condition (501) gets a HEAD first; the
+        window between the two is then the caller's hold's to cover (same bytes anyway)."""
+        for attempt in range(2):
+            try:
+                call(IfNoneMatch="*")
+                return
+            except ClientError as err:
+                status, code = http_status(err), error_code(err)
+                if status == 412 or code == "PreconditionFailed":
+                    return  # the same bytes are there already: never overwritten
+                if status == 409 and attempt == 0:
+                    continue  # a concurrent conditional write of the same key: once more
+                if status != 501 and code != "NotImplemented":
+                    raise
+            if self._store.size(self.sha256) is None:
+                call()
+            return
+
+    def discard(self) -> None:
+        """Abort the multipart upload, delete the temp object; safe to call more than once
+        and after ``publish``. Best effort: if the store is down, ``cleanup`` removes them
+        later."""
+        self._ended = True
+        self._buffer = bytearray()
+        store = self._store
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                store.client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=self.temp_key, UploadId=upload_id
+                )
+            except Exception:  # noqa: BLE001 - left for cleanup: never mask the real error
+                pass
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        if self._temp_object:
+            try:
+                self._store.client.delete_object(Bucket=self._store.bucket, Key=self.temp_key)
+                self._temp_object = False
+            except Exception:  # noqa: BLE001 - left for cleanup (a temp object, by age)
+                pass
