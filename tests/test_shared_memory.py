@@ -214,6 +214,44 @@ def test_regions_through_model_stream_infer(triton, regions, mlp):
     np.testing.assert_allclose(y, expected_of(module, x), atol=1e-6)
 
 
+def test_triton_simple_example_with_both_inputs_and_outputs_in_regions(triton, regions, shm_server):
+    """Triton's simple_grpc_shm_client against the built-in ``simple``: two INT32 inputs in
+    one region, two outputs in another, each at its offset; then INPUT0 in a region beside
+    INPUT1 inline (raw_input_contents holds only the inline one, as tritonclient sends)."""
+    from paramserve.service.client import Client
+
+    with Client(shm_server.address, timeout_s=60) as client:
+        client.create_model("simple", "simple")  # no parameters: version 1 at once
+    input0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+    input1 = np.ones((1, 16), dtype=np.int32)
+    size = input0.nbytes
+    in_key, in_handle = regions(2 * size)
+    out_key, out_handle = regions(2 * size)
+    shm.set_shared_memory_region(in_handle, [input0])
+    shm.set_shared_memory_region(in_handle, [input1], offset=size)
+    triton.register_system_shared_memory("input_data", in_key, 2 * size)
+    triton.register_system_shared_memory("output_data", out_key, 2 * size)
+    inputs = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    inputs[0].set_shared_memory("input_data", size)
+    inputs[1].set_shared_memory("input_data", size, offset=size)
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("OUTPUT0", "OUTPUT1")]
+    outputs[0].set_shared_memory("output_data", size)
+    outputs[1].set_shared_memory("output_data", size, offset=size)
+    result = triton.infer("simple", inputs, outputs=outputs)
+    sums = shm.get_contents_as_numpy(out_handle, np.int32, result.get_output("OUTPUT0").shape)
+    diffs = shm.get_contents_as_numpy(
+        out_handle, np.int32, result.get_output("OUTPUT1").shape, offset=size
+    )
+    np.testing.assert_array_equal(sums, input0 + input1)
+    np.testing.assert_array_equal(diffs, input0 - input1)
+    mixed = [grpcclient.InferInput(n, [1, 16], "INT32") for n in ("INPUT0", "INPUT1")]
+    mixed[0].set_shared_memory("input_data", size)
+    mixed[1].set_data_from_numpy(3 * input1)
+    result = triton.infer("simple", mixed)  # outputs inline
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), input0 + 3)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), input0 - 3)
+
+
 def test_the_server_lists_the_extension(triton):
     assert "system_shared_memory" in triton.get_server_metadata().extensions
 
