@@ -79,9 +79,11 @@ def srv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    """One RPC at a time, streams idle for 2 s closed, the access log on."""
+    """One RPC at a time, streams idle for 2 s closed, the access log on; the slow model is not
+    batched, so its requests wait their turn one by one."""
     server = server_with_slow_model(tmp_path_factory.mktemp("limited"), "--max-concurrent-rpcs",
-                                    "1", "--stream-idle-timeout-s", "2", "--access-log")
+                                    "1", "--stream-idle-timeout-s", "2", "--access-log",
+                                    "--model-batching", "slow=1,0")
     with Client(server.address) as client:
         client.create_model("mlp", "sequential_mlp")
         client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
@@ -125,6 +127,13 @@ def request_count(server: ServerProcess, method: str, code: str) -> int:
         rf'paramserve_requests_total\{{code="{code}",method="{method}"\}} (\S+)',
         metrics_text(server.metrics_port))
     return int(float(found.group(1))) if found else 0
+
+
+def pending(server: ServerProcess, model: str) -> int | None:
+    """Requests queued or running in the model's version 1 (Triton's pending gauge)."""
+    found = re.search(rf'nv_inference_pending_request_count\{{model="{model}",version="1"\}} (\S+)',
+                      metrics_text(server.metrics_port))
+    return int(float(found.group(1))) if found else None
 
 
 async def stream_all(address: str, messages, timeout: float = 60) -> list:
@@ -289,7 +298,7 @@ def test_a_stream_is_one_rpc_and_an_idle_one_is_closed(limited):
 
 def test_a_stream_with_work_in_flight_is_not_idle(limited):
     """Messages that take longer than the idle limit (2 s) in all do not close the stream."""
-    xs = [x[:1] for x in inputs(12, seed=5, features=4)]  # 12 × SLOW_S, 4 at a time: > 2 s
+    xs = [x[:1] for x in inputs(12, seed=5, features=4)]  # 12 × SLOW_S one by one: > 2 s
     responses = asyncio.run(stream_all(limited.address, [request("slow", x, str(i))
                                                          for i, x in enumerate(xs)]))
     assert sorted(int(r.infer_response.id) for r in responses) == list(range(12))
@@ -305,12 +314,14 @@ def test_cancelling_the_call_mid_stream_frees_it(limited):
             for i in range(40):
                 await call.write(request("slow", np.zeros((1, 4), np.float32), str(i)))
             first = await call.read()
+            busy = await asyncio.to_thread(pending, limited, "slow")
             call.cancel()
-            return first
+            return first, busy
 
-    first = asyncio.run(scenario())
-    assert first.error_message == ""
+    first, busy = asyncio.run(scenario())
+    assert first.error_message == "" and busy >= 2  # the stream's messages were in the model
     assert wait_for(lambda: request_count(limited, "ModelStreamInfer", "CANCELLED") == 1)
+    assert wait_for(lambda: pending(limited, "slow") == 0)  # nothing queued or running
     with Client(limited.address) as client:  # the one RPC slot is back: nothing left in flight
         assert client.infer("mlp", inputs(1)[0]).shape == (1, 10)
     # the work in flight was dropped, not run to the end: far fewer than 40 forwards
