@@ -7,7 +7,10 @@ time, not through an ``mmap``: a client that truncates its object makes a mapped
 with SIGBUS (the whole server), even between a size check and the copy, while ``pread`` just
 returns fewer bytes. The object's size is still checked (``fstat``) before each access so the
 error names what happened. The descriptor keeps an object the client unlinks readable, as a
-mapping would (POSIX). The copy count is a mapping's: one copy out of (into) the region.
+mapping would (POSIX). An input is copied out of its region once and then placed in the
+request's ``raw_input_contents`` (the codec's one way in); an output is copied from the
+response into its region. What shared memory saves is the gRPC message: its serialization,
+the socket and the message size limit.
 
 ``SharedMemoryRegions`` is the one owner of the registered regions; the inference core calls
 ``read_inputs`` before decoding a request and ``write_outputs`` after encoding its response.
