@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from .errors import InvalidArgument
 
@@ -40,7 +40,8 @@ class Temporary:
 class BlobWriter(Protocol):
     """One blob being written, front to back, hashed on the way (``create``)."""
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     @property
     def sha256(self) -> str: ...
@@ -74,6 +75,25 @@ class BlobReader(Protocol):
     def __exit__(self, *exc) -> None: ...
 
 
+class RangedReader(Protocol):
+    """A blob read in ranges (``seek`` then ``read``/``readinto``); ``fileno()`` has the
+    blob's size for ``fstat``."""
+
+    def seek(self, offset: int, whence: int = 0) -> int: ...
+
+    def read(self, size: int = -1) -> bytes: ...
+
+    def readinto(self, buffer) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc) -> Any: ...
+
+
 class Blobs(Protocol):
     """A content-addressed blob store."""
 
@@ -91,7 +111,7 @@ class Blobs(Protocol):
 
     def open(self, sha256: str) -> BlobReader: ...
 
-    def open_raw(self, sha256: str) -> BinaryIO:
+    def open_raw(self, sha256: str) -> RangedReader:
         """For ranged reads (seek, read): nothing is verified, check what you read."""
 
     def verify(self, sha256: str) -> None: ...

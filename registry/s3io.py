@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -129,7 +130,7 @@ class RangedObject:
         self._errors, self._label = errors, label
         self._counter = counter
         self._position = 0
-        self._sized = None
+        self._sized: IO[bytes] | None = None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._position, 2: self.size_bytes}[whence]
@@ -168,8 +169,9 @@ class RangedObject:
         file that way (``queries.read_tensor``). A sparse, empty temp file: no bytes, no
         disk."""
         if self._sized is None:
-            self._sized = tempfile.TemporaryFile()
-            self._sized.truncate(self.size_bytes)
+            sized = tempfile.TemporaryFile()
+            sized.truncate(self.size_bytes)
+            self._sized = sized
         return self._sized.fileno()
 
     def close(self) -> None:

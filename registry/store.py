@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from . import architectures
+from .blobs import BlobStore
 from .blobstore import Blobs, BlobWriter, open_blob_store
 from .database import ensure_schema, make_engine
 from .gc import BlobCollector
@@ -330,7 +331,7 @@ class Store:
         version = self.version_or_none(name, ref)
         if version is None:
             return parameter_infos(self.shapes.fresh_module(model), with_stats=stats)
-        return parameter_infos_of(model, version, self.blobs, with_stats=stats)
+        return parameter_infos_of(model, version, self._blobs_for_queries(), with_stats=stats)
 
     def tensor(
         self, name: str, param: str, ref: int | str | None = None, index: str | None = None
@@ -340,8 +341,13 @@ class Store:
         model = self.get_model(name)
         version = self.resolve(name, ref)
         selector = parse_index(index, self.limits)
-        tensor = read_tensor(self.blobs, model, version, param)
+        tensor = read_tensor(self._blobs_for_queries(), model, version, param)
         return select_index(tensor, selector, param).clone()
+
+    def _blobs_for_queries(self) -> BlobStore:
+        """``queries`` annotates its blob store as the local one; it reads through the
+        ``Blobs`` interface only (open, open_raw, path), which both stores have."""
+        return cast(BlobStore, self.blobs)
 
     def module_tree(self, name: str, ref: int | str | None = None) -> str:
         """The module as ``print(module)`` shows it (no tensor data is read)."""

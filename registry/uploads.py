@@ -83,7 +83,7 @@ class StreamedUpload:
         self.spool_dir = spool_dir
         self.received = 0
         self._prefix = bytearray()  # the first bytes, held until they pick the path
-        self._file: HashingWriter | None = None
+        self._file: BlobWriter | None = None  # the blob's writer, or a spool (HashingWriter)
         self._plan: CanonicalPlan | None = None  # set when the bytes go straight to the blob
         self._lock = threading.Lock()
         self._ended = False
@@ -223,6 +223,7 @@ class StreamedUpload:
         blob = self._file
         assert blob is not None  # called by finish, once the path is chosen
         if self._plan is None:
+            assert isinstance(blob, HashingWriter)  # the spool
             blob.close()
             return self._store.upload(self.model.name, blob.path, alias=self.alias)
         self._file = None  # add_version owns it now
