@@ -18,10 +18,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, Unavailable
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -138,17 +138,33 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
 
 
 class Transactions:
-    """``with tx() as session:`` — one transaction, committed on success, rolled back on error."""
+    """``with tx() as session:`` — one transaction, committed on success, rolled back on error.
+
+    A database that cannot be reached or fails the transaction for its own reasons (a
+    connection lost, a restart, a lock) is ``Unavailable`` (gRPC UNAVAILABLE: retry), not an
+    internal error; nothing of the transaction is committed."""
 
     def __init__(self, engine: Engine):
+        self._engine = engine
         self._factory = sessionmaker(engine, expire_on_commit=False)
         if engine.dialect.name == "postgresql":
             _announce_changes(self._factory)
 
     @contextmanager
     def __call__(self) -> Iterator[Session]:
-        with self._factory.begin() as session:
-            yield session
+        try:
+            with self._factory.begin() as session:
+                yield session
+        except OperationalError as err:
+            raise unavailable(self._engine, err) from err
+
+
+def unavailable(engine: Engine, err: DBAPIError) -> Unavailable:
+    reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+    return Unavailable(
+        f"registry database {engine.url.render_as_string(hide_password=True)} is unavailable: "
+        f"{reason}; retry later"
+    )
 
 
 def _announce_changes(factory: sessionmaker) -> None:

@@ -189,3 +189,38 @@ def test_sqlite_replicas_keep_polling(tmp_path):
         b.close()
         for srv in servers:
             srv.stop()
+
+
+def test_while_postgresql_is_unreachable_loaded_models_serve_and_the_rest_is_unavailable(
+        tmp_path):
+    import grpc
+
+    from paramserve.service.client import ServerError
+
+    with fresh_postgres_database() as url:
+        database = make_url(url).database
+        server = ServerProcess(tmp_path / "data", "--registry-url", url, "--sync-interval-s", "1")
+        client = Client(server.address, timeout_s=30)
+        try:
+            modules = two_versions(client, "down")
+            x = torch.rand(2, 4)
+            seconds_until_served(client, "down", modules[1], x, POLLED_WITHIN_S)
+            admin_sql(url, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+            admin_sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                           f"datname = '{database}'")
+            # what is loaded and resolved needs no SQL: it keeps serving
+            seconds_until_served(client, "down", modules[1], x, 0)
+            for call in (lambda: client.infer("down", x, 2), client.list_models,
+                         lambda: client.set_alias("down", "production", 2)):
+                with pytest.raises(ServerError) as caught:
+                    call()
+                assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+                assert "registry database" in str(caught.value), caught.value
+            admin_sql(url, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+            client.set_alias("down", "production", 2)  # back: served again, nothing lost
+            seconds_until_served(client, "down", modules[2], x, POLLED_WITHIN_S)
+            assert [v.number for v in client.list_versions("down")] == [1, 2]
+        finally:
+            admin_sql(url, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+            client.close()
+            server.stop()
