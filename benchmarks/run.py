@@ -120,9 +120,11 @@ WIDE_CONFIG = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
 
 
 def serve_proc(data_dir: Path, *flags: str) -> Proc:
-    """``paramserve serve`` on a free loopback port, metrics off."""
+    """``paramserve serve`` on a free loopback port, metrics and HTTP off (two servers of one
+    run would both want HTTP's default port)."""
     return Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
-                 str(data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "off", *flags])
+                 str(data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+                 "--http-listen", "off", *flags])
 
 
 def floor_proc(port_file: Path, join_port: int | None = None) -> Proc:
