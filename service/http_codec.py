@@ -100,6 +100,7 @@ def infer_request(
 ) -> tuple[pb.ModelInferRequest, bool, dict[str, bool]]:
     """The request message, the request's ``binary_data_output`` and each requested
     output's ``binary_data`` choice."""
+    binary: bytes | memoryview
     if header_length is None:
         header, binary = body, b""
     else:
@@ -220,9 +221,8 @@ def _json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any) ->
             raise InvalidArgument(f"input {name!r}: values out of range for {datatype}")
     values = array.astype(target).reshape(-1)
     if datatype == "BF16":  # round to nearest even, then keep the top 16 bits
-        bits = values.view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.astype("<u2").tobytes()
+        wide = values.view(np.uint32).astype(np.uint64)
+        return ((wide + 0x7FFF + ((wide >> 16) & 1)) >> 16).astype("<u2").tobytes()
     return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 

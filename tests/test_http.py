@@ -120,6 +120,32 @@ def test_two_inputs_two_outputs_mixed_binary_and_json(triton):
     assert result.as_numpy("OUTPUT0").dtype == np.int32
 
 
+def test_classification_answers_bytes_in_json_and_binary(triton, models):
+    """class_count (Triton's classification extension): BYTES "score:index" strings, parsed
+    by tritonclient from JSON and from binary alike."""
+    x = np.random.default_rng(3).random((2, 20), dtype=np.float32)
+    with torch.no_grad():
+        y = models["mlp"](torch.from_numpy(x)).numpy()
+    for binary in (False, True):
+        out = httpclient.InferRequestedOutput("output", binary_data=binary, class_count=3)
+        top = triton.infer("http-mlp", [infer_input(x)], outputs=[out]).as_numpy("output")
+        assert top.shape == (2, 3)
+        for row, expected in zip(top, y):
+            text = [item.decode() if binary else item for item in row]  # JSON: str, as Triton's
+            assert [int(item.split(":")[1]) for item in text] == list(np.argsort(-expected)[:3])
+
+
+def test_compressed_requests_and_responses(triton, models):
+    x = np.random.default_rng(8).random((4, 20), dtype=np.float32)
+    with torch.no_grad():
+        expected = models["mlp"](torch.from_numpy(x)).numpy()
+    for algorithm in ("gzip", "deflate"):
+        result = triton.infer("http-mlp", [infer_input(x, binary=False)],
+                              request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        assert np.abs(result.as_numpy("output") - expected).max() <= TOLERANCE
+
+
 def test_async_infer_many_in_flight(triton, models):
     xs = [np.random.default_rng(i).random((1 + i % 3, 20), dtype=np.float32) for i in range(12)]
     client = httpclient.InferenceServerClient(url=triton._parsed_url.netloc, concurrency=6)
@@ -329,6 +355,26 @@ def test_http_off_and_a_taken_port(tmp_path, server):
         srv.stop()
     with pytest.raises(RuntimeError, match="cannot serve HTTP on 127.0.0.1:.*--http-listen"):
         ServerProcess(tmp_path / "taken", "--http-listen", f"127.0.0.1:{server.http_port}")
+
+
+def test_workers_share_the_http_port(tmp_path):
+    srv = ServerProcess(tmp_path / "data", "--workers", "2", "--sync-interval-s", "0.2")
+    try:
+        module = reference_module("sequential_mlp", False)
+        with Client(srv.address) as client:
+            client.create_model("m", "sequential_mlp")
+            client.upload("m", module.state_dict())
+        time.sleep(0.5)  # the other worker sees the model at its next sync
+        x = np.random.default_rng(9).random((2, 20)).astype(np.float32)
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).numpy().reshape(-1)
+        for _ in range(8):  # urllib: a new connection each, spread over the workers
+            status, body = post_json(srv.http_port, "/v2/models/m/infer",
+                                     infer_doc(shape=(2, 20), data=x.tolist()))
+            assert status == 200, body
+            assert np.abs(np.array(body["outputs"][0]["data"]) - expected).max() <= TOLERANCE
+    finally:
+        assert srv.stop() == 0
 
 
 def test_http_requests_are_counted_in_the_metrics(server, triton):
