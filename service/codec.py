@@ -152,10 +152,12 @@ def encode_classification(response, name: str, tensor: torch.Tensor, k: int) -> 
         raise InvalidArgument(f"output {name!r} is {tensor.dtype}: it cannot be classified")
     rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.reshape(1, -1)
     k = min(k, rows.shape[1])
-    values, indices = torch.topk(rows, k, dim=1) if k else (rows[:, :0], rows[:, :0].long())
-    floating = values.dtype.is_floating_point
+    # In float64, as Triton formats (std::to_string: "%f" for floats, digits for integers);
+    # every dtype then has a topk, and a float32 prints the same.
+    values, indices = torch.topk(rows.double(), k, dim=1)
+    floating = tensor.dtype.is_floating_point
     strings = [
-        f"{v:f}:{i}".encode() if floating else f"{v}:{i}".encode()
+        (f"{v:f}:{i}" if floating else f"{int(v)}:{i}").encode()
         for v, i in zip(values.reshape(-1).tolist(), indices.reshape(-1).tolist())
     ]
     shape = [rows.shape[0], k] if tensor.dim() >= 2 else [k]

@@ -350,3 +350,15 @@ def test_the_registry_reports_declared_inputs_and_the_signature(mclient):
     assert [(t.name, list(t.shape), t.batch_dim) for t in described.inputs] == [("x", [3, -1], 1)]
     assert [(t.name, list(t.shape), t.batch_dim) for t in described.outputs] == [
         ("output", [3, -1], 1)]
+
+
+def test_classification_strings_are_tritons_for_integers_and_one_row():
+    from paramserve.service import codec
+    from paramserve.service.wire import bytes_output
+
+    response = pb.ModelInferResponse()
+    codec.encode_classification(response, "ints", torch.tensor([[1, 5, 3], [9, 2, 4]],
+                                                               dtype=torch.int32), 2)
+    codec.encode_classification(response, "one", torch.tensor([0.5, 0.25, 0.75]), 5)
+    assert bytes_output(response, 0).tolist() == [[b"5:1", b"3:2"], [b"9:0", b"4:2"]]
+    assert bytes_output(response, 1).tolist() == [b"0.750000:2", b"0.500000:0", b"0.250000:1"]

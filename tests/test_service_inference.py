@@ -44,7 +44,8 @@ def test_every_builtin_through_both_clients_matches_in_process(server, client, t
         name = f"all-{arch}{'-lazy' if lazy else ''}"
         module = reference_module(arch, lazy, seed=i)
         client.create_model(name, arch, config_for(arch, lazy))
-        client.upload(name, module.state_dict())
+        if module.state_dict():  # one without parameters has its version 1 from create
+            client.upload(name, module.state_dict())
         x = example_input(arch, lazy, seed=100 + i)
         with torch.no_grad():
             expected[name] = module(x)
