@@ -92,6 +92,18 @@ def columns():
     return Columns()
 
 
+class PairMixing(nn.Module):
+    """Claims batchable, but mixes rows: b's mean over the batch."""
+    def forward(self, a, b):
+        return a + b.mean(dim=0, keepdim=True)
+
+
+@architecture("test_pair_mixing", inputs=[Input("a", torch.float32, (-1, 3)),
+                                          Input("b", torch.float32, (-1, 3))])
+def pair_mixing():
+    return PairMixing()
+
+
 @architecture("test_fragile", example_input_shape=(2, 2))
 def fragile():
     return Fragile()
@@ -362,3 +374,51 @@ def test_classification_strings_are_tritons_for_integers_and_one_row():
     codec.encode_classification(response, "one", torch.tensor([0.5, 0.25, 0.75]), 5)
     assert bytes_output(response, 0).tolist() == [[b"5:1", b"3:2"], [b"9:0", b"4:2"]]
     assert bytes_output(response, 1).tolist() == [b"0.750000:2", b"0.500000:0", b"0.250000:1"]
+
+
+def test_the_load_probe_finds_a_two_input_model_that_mixes_rows(mclient, multi_server):
+    mclient.create_model("mixing", "test_pair_mixing")  # no parameters: version 1 already
+    config = stub_of(mclient).ModelConfig(pb.ModelConfigRequest(name="mixing")).config
+    assert config.max_batch_size > 1  # as declared, until loaded
+
+    def one(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+        with Client(multi_server.address, timeout_s=60) as client:
+            return x, y, client.infer("mixing", {"a": x, "b": y})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for x, y, out in pool.map(one, range(32)):
+            assert torch.allclose(out, x + y.mean(dim=0, keepdim=True), atol=1e-6)
+    config = stub_of(mclient).ModelConfig(pb.ModelConfigRequest(name="mixing")).config
+    assert config.max_batch_size == 0  # the probe found it out: never batched
+
+
+def test_batcher_merges_and_splits_tuples_along_each_batch_dim():
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from paramserve.service.batcher import Batcher
+
+    seen = []
+
+    def forward(xs):
+        a, b = xs  # a: rows on dim 0, b: rows on dim 1
+        time.sleep(0.05)
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        return a * 2, b.t() + 1  # outputs: rows on dim 0, both
+
+    async def scenario():
+        batcher = Batcher(forward, ThreadPoolExecutor(1), max_batch_size=64,
+                          input_dims=(0, 1), output_dims=(0, 0))
+        parts = [(torch.full((n, 2), float(n)), torch.full((3, n), float(-n))) for n in (1, 2, 3)]
+        first = asyncio.ensure_future(batcher.submit(parts[0]))
+        await asyncio.sleep(0.01)  # busy with the first: the others queue and merge
+        rest = await asyncio.gather(*(batcher.submit(p) for p in parts[1:]))
+        return parts, [await first, *rest]
+
+    parts, results = asyncio.run(scenario())
+    assert seen[1] == ((5, 2), (3, 5))  # 2 + 3 rows in one forward
+    for (a, b), (y0, y1) in zip(parts, results):
+        assert torch.equal(y0, a * 2) and torch.equal(y1, b.t() + 1)
