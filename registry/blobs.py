@@ -49,9 +49,12 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> HashingWriter:
+    def create(
+        self, segments: Sequence[tuple[str, int, int]] = (), sha256: str | None = None
+    ) -> HashingWriter:
         """A new temp file for one blob; finish it with ``commit`` or ``discard()``.
-        ``segments``: the tensors' byte ranges, each hashed on its own as well."""
+        ``segments``: the tensors' byte ranges, each hashed on its own as well. ``sha256``
+        (a declared digest) is not needed here: the file is named once it is written."""
         return HashingWriter(
             self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}", writeback=True, segments=segments
         )

@@ -102,7 +102,10 @@ class Blobs(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
-    def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> BlobWriter: ...
+    def create(
+        self, segments: Sequence[tuple[str, int, int]] = (), sha256: str | None = None
+    ) -> BlobWriter:
+        """A writer for one blob; ``sha256``: its digest when declared before the bytes."""
 
     def commit(self, writer: Any) -> BlobRef:
         """Publish a written blob under its sha256; the caller holds it (``gc``)."""

@@ -9,8 +9,11 @@ Writing (``S3BlobWriter``): the bytes are hashed as they arrive and held in memo
 only at the end, so:
 
 - a blob that fits in one part is put under its key at once, when committed;
-- a larger one streams as a multipart upload to ``PREFIX/tmp/<uuid>``; committing completes
-  it and copies it, server-side, to its key, then deletes the temp object.
+- a larger one whose sha256 the client declared up front (an upload header's) streams as a
+  multipart upload to its key, completed only once the streamed hash matches;
+- any other streams as a multipart upload to ``PREFIX/tmp/<uuid>``; committing completes it
+  and copies it, server-side, to its key, then deletes the temp object. (When the key exists
+  already the upload is aborted instead: no copy.)
 
 Either way the final write is conditional (``If-None-Match: *``): **an existing key is never
 overwritten**. When one is there already (the same bytes, under their sha256) the new copy is
@@ -110,8 +113,12 @@ class S3BlobStore:
                 raise
         return int(head["ContentLength"])
 
-    def create(self, segments: Sequence[tuple[str, int, int]] = ()) -> S3BlobWriter:
-        return S3BlobWriter(self, segments)
+    def create(
+        self, segments: Sequence[tuple[str, int, int]] = (), sha256: str | None = None
+    ) -> S3BlobWriter:
+        """``sha256``: the digest the bytes must have, when known before they arrive; the
+        multipart upload then goes straight to its key (no copy)."""
+        return S3BlobWriter(self, segments, sha256)
 
     def commit(self, writer: S3BlobWriter) -> BlobRef:
         """Publish the writer's blob under its sha256, never over an existing object (then
@@ -179,13 +186,17 @@ class S3BlobStore:
         last activity (a live upload adds a part every few seconds)."""
         now = dt.datetime.now(dt.UTC)
         out = []
-        uploads = paginate(
-            self.client,
-            "list_multipart_uploads",
-            self.errors,
-            "listing unfinished uploads",
-            Bucket=self.bucket,
-            Prefix=self._key(""),
+        uploads = (  # our own keys only: a bucket (or an empty prefix) may hold others'
+            page
+            for tail in ("tmp/", "sha256/")
+            for page in paginate(
+                self.client,
+                "list_multipart_uploads",
+                self.errors,
+                "listing unfinished uploads",
+                Bucket=self.bucket,
+                Prefix=self._key(tail),
+            )
         )
         for page in uploads:
             for upload in page.get("Uploads", []):
@@ -262,11 +273,22 @@ class S3BlobWriter:
     """One blob on its way into the bucket (see the module docstring); ``discard()`` any
     time removes what was uploaded."""
 
-    def __init__(self, store: S3BlobStore, segments: Sequence[tuple[str, int, int]] = ()):
+    def __init__(
+        self,
+        store: S3BlobStore,
+        segments: Sequence[tuple[str, int, int]] = (),
+        sha256: str | None = None,
+    ):
         self._store = store
         self._hasher = StreamHasher(segments)
         self._buffer = bytearray()
-        self.temp_key = store._key(f"tmp/{uuid.uuid4().hex}")
+        declared = (sha256 or "").lower()
+        valid = len(declared) == 64 and all(c in "0123456789abcdef" for c in declared)
+        self.expected = declared if valid else None  # (a bad one is the upload's to refuse)
+        # Where the parts go: the blob's own key when its sha256 is declared, else a temp key.
+        self.temp_key = (
+            store.key(self.expected) if self.expected else store._key(f"tmp/{uuid.uuid4().hex}")
+        )
         self._upload_id: str | None = None
         self._parts: list[dict] = []
         self._temp_object = False  # the multipart upload was completed: delete the object
@@ -296,7 +318,9 @@ class S3BlobWriter:
             n += memoryview(data).nbytes
         while len(self._buffer) >= self._part_size():
             part = self._part_size()
-            self._upload_part(bytes(self._buffer[:part]))
+            with memoryview(self._buffer) as view:
+                data = bytes(view[:part])
+            self._upload_part(data)
             del self._buffer[:part]
         return n
 
@@ -324,6 +348,11 @@ class S3BlobWriter:
         """Put the blob under its key (``S3BlobStore.commit`` calls this)."""
         assert not self._ended, "this blob writer has ended"
         store = self._store
+        if self.expected is not None and self.sha256 != self.expected:
+            raise InvalidArgument(
+                f"blob's sha256 is {self.sha256}, {self.expected} was declared; the bytes "
+                "were damaged in transit, send them again"
+            )
         final = store.key(self.sha256)
         doing = f"storing blob {store.path(self.sha256)}"
         with store.errors.calling(doing, writing=True):
@@ -335,21 +364,37 @@ class S3BlobWriter:
                     ),
                     final,
                 )
+            elif store.size(self.sha256) is not None:
+                pass  # the same bytes are there already (held by the caller): discard below
             else:
-                if self._buffer or not self._parts:
+                if self._buffer:
                     self._upload_part(bytes(self._buffer))
                 self._buffer = bytearray()
-                store.client.complete_multipart_upload(
-                    Bucket=store.bucket,
-                    Key=self.temp_key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-                self._upload_id, self._temp_object = None, True
-                self._copy_to(final)
+                self._complete()
         self._ended = True
-        self._buffer = bytearray()
-        self._remove_temp()
+        self.discard()  # aborts an upload not completed, deletes the temp object
+
+    def _complete(self) -> None:
+        """Complete the multipart upload: under its key (conditionally) or under the temp
+        key, then copied to its key."""
+        store, final = self._store, self._store.key(self.sha256)
+
+        def complete(**condition):
+            store.client.complete_multipart_upload(
+                Bucket=store.bucket,
+                Key=self.temp_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+                **condition,
+            )
+
+        if self.temp_key == final:
+            if self._conditional(complete, final):
+                self._upload_id = None
+            return  # else (412) the upload is aborted by discard
+        complete()
+        self._upload_id, self._temp_object = None, True
+        self._copy_to(final)
 
     def _copy_to(self, final: str) -> None:
         store, source = self._store, {"Bucket": self._store.bucket, "Key": self.temp_key}
@@ -393,25 +438,28 @@ class S3BlobWriter:
             except ClientError:
                 pass  # completed: there is nothing to abort
 
-    def _conditional(self, call: Callable[..., object], final: str) -> None:
-        """``call`` with ``If-None-Match: *``: an object already under ``final`` is kept
-        (412). A store that does not support the condition (501) gets a HEAD first; the
-        window between the two is then the caller's hold's to cover (same bytes anyway)."""
+    def _conditional(self, call: Callable[..., object], final: str) -> bool:
+        """``call`` with ``If-None-Match: *``; False when an object already under ``final``
+        is kept (412). A store that does not support the condition (501) gets a HEAD
+        first; the window between the two is then the caller's hold's to cover (same
+        bytes anyway)."""
         for attempt in range(2):
             try:
                 call(IfNoneMatch="*")
-                return
+                return True
             except ClientError as err:
                 status, code = http_status(err), error_code(err)
                 if status == 412 or code == "PreconditionFailed":
-                    return  # the same bytes are there already: never overwritten
+                    return False  # the same bytes are there already: never overwritten
                 if status == 409 and attempt == 0:
                     continue  # a concurrent conditional write of the same key: once more
                 if status != 501 and code != "NotImplemented":
                     raise
-            if self._store.size(self.sha256) is None:
-                call()
-            return
+            if self._store.size(self.sha256) is not None:
+                return False
+            call()
+            return True
+        return False
 
     def discard(self) -> None:
         """Abort the multipart upload, delete the temp object; safe to call more than once

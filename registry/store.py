@@ -176,13 +176,15 @@ class Store:
         size_bytes: int,
         alias: str | None = None,
         spool_dir: str | Path | None = None,
+        sha256: str | None = None,
     ) -> StreamedUpload:
         """An upload of ``size_bytes`` that arrives in chunks (a network stream): feed it with
         ``write``, end it with ``finish(sha256)`` → the new version, or ``abort()``.
 
         Checked as ``upload`` checks; a canonical safetensors stream is written straight into
         its blob, anything else is spooled (to ``<data-dir>/spool`` by default) and then
-        uploaded from there.
+        uploaded from there. ``sha256``: the digest declared before the bytes (an upload
+        header's), which lets an object store stream them straight under their key.
         """
         model = self.get_model(name)
         if alias is not None:
@@ -193,6 +195,7 @@ class Store:
             size_bytes,
             alias,
             Path(spool_dir) if spool_dir else self.data_dir / "spool",
+            sha256,
         )
 
     def add_version(

@@ -74,9 +74,16 @@ class StreamedUpload:
     """
 
     def __init__(
-        self, store: UploadTarget, model: ModelInfo, size: int, alias: str | None, spool_dir: Path
+        self,
+        store: UploadTarget,
+        model: ModelInfo,
+        size: int,
+        alias: str | None,
+        spool_dir: Path,
+        sha256: str | None = None,
     ):
         self._store = store
+        self.declared_sha256 = sha256 or None  # known before the bytes: the blob store may use it
         self.model = model
         self.size = size
         self.alias = alias
@@ -178,7 +185,7 @@ class StreamedUpload:
         if need is not None and len(self._prefix) >= need:
             plan = self._direct_plan(bytes(self._prefix[:need]))
         if plan is not None:
-            self._file = self._store.blobs.create(plan.segments)
+            self._file = self._store.blobs.create(plan.segments, sha256=self.declared_sha256)
             self._plan = plan
         else:
             self.spool_dir.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ async def receive_upload(
                     header.size_bytes,
                     header.alias or None,
                     spool_dir,
+                    sha256 or None,
                 )
                 batches = _Batches(run_blocking, upload.write)
             elif header is None:

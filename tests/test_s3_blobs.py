@@ -7,6 +7,7 @@ restarts it before it ends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -261,18 +262,19 @@ def canonical_bytes(module: torch.nn.Module) -> bytes:
         return path.read_bytes()
 
 
-def upload_stream(name: str, data: bytes, during=None, at: int = 0):
-    """An UploadVersion stream of ``data`` in 1 MiB chunks; ``during()`` runs once ``at``
-    bytes are sent."""
-    import hashlib
-
-    yield rpb.UploadChunk(header=rpb.UploadHeader(model=name, size_bytes=len(data)))
+def upload_stream(name: str, data: bytes, during=None, at: int = 0, declare: bool = False):
+    """An UploadVersion stream of ``data`` in 1 MiB chunks, the sha256 in a trailer (or, with
+    ``declare``, in the header); ``during()`` runs once ``at`` bytes are sent."""
+    sha = hashlib.sha256(data).hexdigest()
+    header = rpb.UploadHeader(model=name, size_bytes=len(data), sha256=sha if declare else "")
+    yield rpb.UploadChunk(header=header)
     for begin in range(0, len(data), 1 << 20):
         if during is not None and begin >= at:
             during()
             during = None
         yield rpb.UploadChunk(data=data[begin : begin + (1 << 20)])
-    yield rpb.UploadChunk(trailer=rpb.UploadTrailer(sha256=hashlib.sha256(data).hexdigest()))
+    if not declare:
+        yield rpb.UploadChunk(trailer=rpb.UploadTrailer(sha256=sha))
 
 
 def test_upload_and_download_through_a_server(s3_server, seaweedfs, tmp_path):
@@ -323,6 +325,35 @@ def test_a_cancelled_upload_leaves_no_multipart_upload(s3_server, seaweedfs):
         release.set()
         assert wait_for(lambda: not unfinished_uploads(seaweedfs, s3_server.prefix), 30)
         assert client.list_versions("s3-cancel") == []
+    assert not [k for k in keys(seaweedfs, s3_server.prefix) if "/tmp/" in k]
+
+
+def test_a_declared_sha256_streams_straight_to_its_key(s3_server, seaweedfs):
+    """With the sha256 in the upload header the multipart upload goes to the blob's own key
+    (completed once the streamed hash matches): no temp object, no server-side copy."""
+    data = canonical_bytes(big_module(seed=10))
+    sha = hashlib.sha256(data).hexdigest()
+    final = f"{s3_server.prefix}/sha256/{sha[:2]}/{sha}.safetensors"
+    release = threading.Event()
+    with Client(s3_server.address) as client:
+        client.create_model("s3-declared", "mlp", config=BIG)
+        call = client.registry.UploadVersion.future(
+            upload_stream(
+                "s3-declared",
+                data,
+                during=lambda: release.wait(60),
+                at=PART_BYTES + (2 << 20),
+                declare=True,
+            )
+        )
+        try:
+            assert wait_for(lambda: unfinished_uploads(seaweedfs, s3_server.prefix), 30) == [final]
+            assert final not in keys(seaweedfs, s3_server.prefix)  # not visible until complete
+        finally:
+            release.set()
+        assert call.result(timeout=120).sha256 == sha
+    assert final in keys(seaweedfs, s3_server.prefix)
+    assert unfinished_uploads(seaweedfs, s3_server.prefix) == []
     assert not [k for k in keys(seaweedfs, s3_server.prefix) if "/tmp/" in k]
 
 
