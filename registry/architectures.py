@@ -277,6 +277,11 @@ def architecture(
         isinstance(n, str) and n for n in names_out
     ):
         raise InvalidArgument(f"architecture {name!r}: output names must be distinct strings")
+    if declared and LAZY_KEY in (defaults or {}):
+        raise InvalidArgument(
+            f"architecture {name!r}: declared inputs have their shapes; the lazy "
+            f"{LAZY_KEY!r} config key is for the one-input form"
+        )
     if declared:
         example_input_shape = declared[0].example_shape()
         input_dtype = declared[0].dtype

@@ -422,3 +422,27 @@ def test_batcher_merges_and_splits_tuples_along_each_batch_dim():
     assert seen[1] == ((5, 2), (3, 5))  # 2 + 3 rows in one forward
     for (a, b), (y0, y1) in zip(parts, results):
         assert torch.equal(y0, a * 2) and torch.equal(y1, b.t() + 1)
+
+
+def _x(shape=(-1,), batch_dim=0, example=None):
+    from paramserve.registry.architectures import Input
+
+    return Input("x", torch.float32, shape, batch_dim, example)
+
+
+@pytest.mark.parametrize("declaration, message", [
+    (lambda: dict(inputs=[]), "non-empty list of Input"),
+    (lambda: dict(inputs=["x"]), "non-empty list of Input"),
+    (lambda: dict(inputs=[_x(), _x()]), "must be distinct"),
+    (lambda: dict(inputs=[_x((0, 2))]), "positive sizes or -1"),
+    (lambda: dict(inputs=[_x((-1, 2), 2)]), "batch_dim 2 outside its shape"),
+    (lambda: dict(inputs=[_x((-1, 2), 0, (2, 3))]), "does not fit its shape"),
+    (lambda: dict(inputs=[_x()], defaults={"in_features": 4}), "lazy 'in_features'"),
+    (lambda: dict(inputs=[_x()], outputs=["y", "y"]), "output names must be distinct"),
+    (lambda: dict(), "needs example_input_shape or inputs"),
+])
+def test_a_declaration_that_cannot_be_served_is_refused_at_registration(declaration, message):
+    from paramserve.registry.architectures import architecture
+
+    with pytest.raises(InvalidArgument, match=message):
+        architecture("test_refused", **declaration())(torch.nn.Identity)
