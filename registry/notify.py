@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import Engine
 
 from .database import CHANGES_CHANNEL
@@ -32,7 +33,7 @@ RECONNECT_MAX_S = 10.0
 # back this up while it waits for notifications.
 PING_S = 30.0
 PING_TIMEOUT_S = 10.0
-CONNECT_OPTIONS = {
+CONNECT_OPTIONS: dict[str, str | int] = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 30,
@@ -52,7 +53,7 @@ class ChangeListener:
         label: str = "PostgreSQL",
         ping_s: float = PING_S,
     ):
-        self._conninfo = conninfo
+        self._conninfo = make_conninfo(conninfo, **CONNECT_OPTIONS)
         self._on_change = on_change
         self._label = label
         self._ping_s = ping_s
@@ -107,9 +108,7 @@ class ChangeListener:
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _listen(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            self._conninfo, autocommit=True, **CONNECT_OPTIONS
-        )
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         async with conn:
             await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
             self.connects += 1
