@@ -17,18 +17,24 @@ commits first (its unlink is done before the upload places its file). The databa
 replicas share, so this holds across them for either blob store; an object store deletes
 inside the collection's transaction as the directory unlinks (S3's reads after a delete or a
 write are consistent). A hold older than
-``STALE_HOLD_S`` is a crashed writer's and ``paramserve check --repair`` removes it.
+``STALE_HOLD_S`` is a crashed writer's and ``paramserve check --repair`` removes it. A blob
+the object store cannot delete now (it is unreachable) is left as an orphan, for the same
+repair: the version's deletion, or the failed upload's own error, is not undone by it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterable
 
 from .blobstore import BlobRef, Blobs, BlobWriter
+from .errors import Unavailable
 from .repository import Repository
 from .schema import utcnow
 from .values import VersionInfo
+
+log = logging.getLogger("paramserve")
 
 STALE_HOLD_S = 3600.0  # an upload takes well under a second from hold to row; an hour is dead
 
@@ -68,6 +74,12 @@ class BlobCollector:
 
     def _collect(self, shas: Iterable[str], drop_holds=(), stale_before=None) -> list[str]:
         with self.repository.collecting(shas, drop_holds, stale_before) as unused:
+            deleted = []
             for sha in unused:
-                self.blobs.delete(sha)
-            return unused
+                try:
+                    self.blobs.delete(sha)
+                except Unavailable as err:  # the object store is down: an orphan for repair
+                    log.warning("blob %s kept as an orphan: %s", sha, err)
+                    continue
+                deleted.append(sha)
+            return deleted

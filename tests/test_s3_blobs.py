@@ -34,7 +34,7 @@ from paramserve.registry import Store
 from paramserve.registry.check import check
 from paramserve.registry.errors import DataLoss, Unavailable
 from paramserve.registry.s3blobs import PART_BYTES
-from paramserve.service.client import Client
+from paramserve.service.client import Client, ServerError
 from paramserve.service.client_files import upload_path
 
 BIG = {"in_features": 512, "hidden_features": 6000, "out_features": 10}  # ~12.5 MB: multipart
@@ -381,10 +381,14 @@ def test_paramserve_check_on_s3(s3_server, seaweedfs):
 def test_object_store_stopped_mid_upload_is_unavailable_then_service_resumes(
     s3_server, seaweedfs, aws_env
 ):
-    """Last: it stops the module's object store (and starts it again)."""
+    """Last: it stops the module's object store (and starts it again). While it is down an
+    upload and a download are UNAVAILABLE naming it, nothing is committed, and a version can
+    still be deleted (its blob left as an orphan for check --repair)."""
     data = canonical_bytes(big_module(seed=9))
     with Client(s3_server.address, timeout_s=120) as client:
         client.create_model("s3-outage", "mlp", config=BIG)
+        client.create_model("s3-outage-old", "small_mlp")
+        old = client.upload("s3-outage-old", reference_module("small_mlp", False).state_dict())
         try:
             with pytest.raises(grpc.RpcError) as info:
                 client.registry.UploadVersion(
@@ -394,6 +398,11 @@ def test_object_store_stopped_mid_upload_is_unavailable_then_service_resumes(
             details = info.value.details()
             assert seaweedfs.endpoint_url in details and "nothing was committed" in details
             assert client.list_versions("s3-outage") == []
+            with pytest.raises(ServerError) as down:
+                client.state_dict("s3-outage-old")
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE
+            assert seaweedfs.endpoint_url in str(down.value)
+            client.delete_version("s3-outage-old", old.number)
         finally:
             seaweedfs.start()
         version = client.upload("s3-outage", big_module(seed=9).state_dict())
@@ -403,8 +412,10 @@ def test_object_store_stopped_mid_upload_is_unavailable_then_service_resumes(
         blob_url=seaweedfs.blob_url(s3_server.prefix),
         s3_endpoint_url=seaweedfs.endpoint_url,
     ) as store:
-        assert check(store).ok
-        check(store, repair=True, min_age_s=0)
+        report = check(store)
+        assert report.ok and store.blobs.path(old.sha256) in report.orphan_blobs, report
+        repaired = check(store, repair=True, min_age_s=0)
+        assert store.blobs.path(old.sha256) in repaired.removed
         assert unfinished_uploads(seaweedfs, s3_server.prefix) == []
         assert check(store).temp_files == []
 
