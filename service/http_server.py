@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from paramserve.protos import inference_pb2 as pb
 from paramserve.registry.errors import InvalidArgument
@@ -195,6 +197,9 @@ class HttpFrontEnd:
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the client went away under the handler
                 raise
+            except web.HTTPException as err:  # aiohttp's own (a body it cannot decode): as JSON
+                code = "INVALID_ARGUMENT" if err.status < 500 else "INTERNAL"
+                return _error(err.status, one_line(err.text or err.reason, 200))
             except Exception as err:
                 response, code = error_response(err, label, self.settings.max_status_chars)
                 return response
@@ -247,6 +252,10 @@ class HttpFrontEnd:
                 return await request.read()
         except TimeoutError:
             raise _BodyTimeout() from None
+        except (RequestPayloadError, HttpProcessingError) as err:  # gzip that does not decode, …
+            raise InvalidArgument(
+                f"the request body cannot be read: {one_line(str(err), 200)}"
+            ) from None
 
     async def _json_body(self, request: web.Request, what: str) -> dict:
         raw = await self._body(request)

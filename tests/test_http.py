@@ -302,6 +302,16 @@ def test_unknown_model_path_and_method(server, models):
     assert status == 405 and "error" in json.loads(body)
 
 
+def test_header_size_and_count_are_bounded(server, models):
+    for headers in ({"X-Big": "a" * 9000}, {f"X-{i}": "1" for i in range(200)}):
+        status, _, _ = call(server.http_port, "GET", "/v2/health/live", headers=headers)
+        assert 400 <= status < 500, status
+    assert call(server.http_port, "GET", "/v2/health/live")[0] == 200
+    status, _, body = call(server.http_port, "POST", "/v2/models/http-mlp/infer",
+                           b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"})
+    assert status == 400 and "error" in json.loads(body)
+
+
 def test_binary_header_length_and_sizes_are_checked(server, models):
     x = np.ones((1, 20), np.float32).tobytes()
     header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 20],
