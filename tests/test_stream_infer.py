@@ -407,6 +407,7 @@ def test_a_read_only_token_may_stream(tmp_path):
         with Client(server.address, token="full-token") as client:
             client.create_model("mlp", "sequential_mlp")
             client.upload("mlp", reference_module("sequential_mlp", False).state_dict())
+            client.infer("mlp", inputs(1)[0])  # loaded: the streams below only infer
 
         async def stream(token):
             async with grpc.aio.insecure_channel(server.address) as channel:
