@@ -264,6 +264,36 @@ def test_messages_in_flight_are_batched_and_bounded_per_stream(srv):
     assert stats.execution_count < 16
 
 
+def test_streams_and_unary_calls_share_batches(srv):
+    """Two streams (at most MAX_IN_FLIGHT each in the server) and unary calls at once on the
+    slow model: a batch larger than one stream's bound holds requests of several calls."""
+    with Client(srv.address) as client:
+        create_slow(client, "slow-shared")
+        client.infer("slow-shared", np.zeros((1, 4), np.float32))  # loaded before the load
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            async def one_stream(name):
+                messages = [request("slow-shared", np.zeros((1, 4), np.float32), f"{name}{i}")
+                            for i in range(8)]
+                return [r async for r in stub.ModelStreamInfer(iter(messages), timeout=60)]
+
+            async def unary(i):
+                return await stub.ModelInfer(
+                    request("slow-shared", np.zeros((1, 4), np.float32), f"u{i}"), timeout=60)
+
+            return await asyncio.gather(one_stream("a"), one_stream("b"),
+                                        *(unary(i) for i in range(4)))
+
+    results = asyncio.run(scenario())
+    assert all(r.error_message == "" for r in results[0] + results[1])
+    assert len(results[0]) == len(results[1]) == 8 and len(results) == 6
+    sizes = [b.batch_size for b in statistics(srv, "slow-shared").batch_stats]
+    assert max(sizes) > MAX_IN_FLIGHT, sizes
+
+
 def test_a_stream_is_one_rpc_and_an_idle_one_is_closed(limited):
     expired = request_count(limited, "ModelStreamInfer", "DEADLINE_EXCEEDED")
 
