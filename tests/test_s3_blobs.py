@@ -147,6 +147,72 @@ def test_a_corrupt_object_is_data_loss(store, seaweedfs, prefix):
     store.load("m")
 
 
+def test_a_blob_over_the_copy_limit_is_copied_in_parts(store, seaweedfs, prefix, monkeypatch):
+    """Past CopyObject's 5 GiB a blob is copied part by part (UploadPartCopy), completed
+    conditionally: the same path, limits made small."""
+    from paramserve.registry import s3write
+
+    monkeypatch.setattr(s3write, "MAX_COPY_BYTES", 1 << 20)
+    monkeypatch.setattr(s3write, "COPY_PART_BYTES", 5 << 20)  # S3's smallest part
+    store.create_model("big", "mlp", config=BIG)
+    module = big_module(seed=4)
+    version = store.upload("big", module.state_dict())
+    assert version.size_bytes > 2 * (5 << 20)  # three parts
+    assert keys(seaweedfs, prefix) == [store.blobs.key(version.sha256)]
+    assert unfinished_uploads(seaweedfs, prefix) == []
+    store.blobs.verify(version.sha256)
+    assert store.upload("big", module.state_dict()).sha256 == version.sha256  # exists: kept
+
+
+class NoConditionalWrites:
+    """A client of a store that does not support ``If-None-Match`` on writes (501)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        call = getattr(self._client, name)
+
+        def refusing(**kwargs):
+            if "IfNoneMatch" in kwargs:
+                from botocore.exceptions import ClientError
+
+                error = {"Code": "NotImplemented", "Message": "conditional writes"}
+                raise ClientError(
+                    {"Error": error, "ResponseMetadata": {"HTTPStatusCode": 501}}, name
+                )
+            return call(**kwargs)
+
+        return (
+            refusing if name in ("put_object", "copy_object", "complete_multipart_upload") else call
+        )
+
+
+def test_a_store_without_conditional_writes_looks_before_it_writes(store, seaweedfs, prefix):
+    """501 for If-None-Match: the writer looks (HEAD) and writes only when the key is free;
+    an existing object is still not overwritten."""
+    store.blobs.client = NoConditionalWrites(store.blobs.client)
+    store.create_model("small", "small_mlp")
+    store.create_model("big", "mlp", config=BIG)
+    small = store.upload("small", reference_module("small_mlp", False).state_dict())
+    big = store.upload("big", big_module(seed=6).state_dict())
+    assert keys(seaweedfs, prefix) == sorted(store.blobs.key(v.sha256) for v in (small, big))
+    corrupt(seaweedfs, store.blobs.key(small.sha256))
+    store.upload("small", reference_module("small_mlp", False).state_dict())
+    with pytest.raises(DataLoss):  # the damaged object was left as it was: not overwritten
+        store.state_dict("small")
+
+
+def test_boto3_is_imported_only_for_an_s3_url(tmp_path):
+    code = (
+        "import sys; from paramserve.registry import Store; import paramserve.service.cli; "
+        f"Store(data_dir={str(tmp_path)!r}).close(); "
+        "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules, 'imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_failed_write_leaves_no_object_and_no_multipart_upload(store, seaweedfs, prefix):
     def fail_after_two_parts(writer):
         writer.write(os.urandom(2 * PART_BYTES + 100))
