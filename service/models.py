@@ -238,7 +238,9 @@ class ModelManager:
         script on the store) forget every cached resolution and retire the loaded versions no
         ref serves any more. It looks every ``interval_s`` and, when ``wake`` is set (a
         PostgreSQL notification: registry/notify.py), at once: a change is then served within
-        milliseconds, else within about ``interval_s``."""
+        milliseconds, else within about ``interval_s``. A registry that cannot be read is
+        logged once (with its traceback) until it can be again, not once per look."""
+        failing = False
         while True:
             if wake is not None:
                 wake.clear()  # before the read: a change committed during it wakes us again
@@ -250,8 +252,17 @@ class ModelManager:
                     self._resolved.clear()
                     self._forgets += 1  # reads in flight now are not cached either
                 self._generation = generation
+                if failing:
+                    log.info("the registry generation can be read again")
+                    failing = False
             except Exception:  # a database hiccup must not end the watch
-                log.warning("cannot read the registry generation", exc_info=True)
+                if not failing:
+                    log.warning(
+                        "cannot read the registry generation; looking again every %g s",
+                        interval_s,
+                        exc_info=True,
+                    )
+                    failing = True
             if wake is None:
                 await asyncio.sleep(interval_s)
                 continue

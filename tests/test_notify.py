@@ -216,11 +216,16 @@ def test_while_postgresql_is_unreachable_loaded_models_serve_and_the_rest_is_una
                     call()
                 assert caught.value.code == grpc.StatusCode.UNAVAILABLE
                 assert "registry database" in str(caught.value), caught.value
+            time.sleep(3)  # the 1 s poll fails a few times meanwhile
             admin_sql(url, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
             client.set_alias("down", "production", 2)  # back: served again, nothing lost
             seconds_until_served(client, "down", modules[2], x, POLLED_WITHIN_S)
             assert [v.number for v in client.list_versions("down")] == [1, 2]
+            log = server.log_path.read_text
+            assert wait_for(lambda: "can be read again" in log(), 20), log()
+            assert log().count("cannot read the registry generation") == 1  # once per outage
         finally:
             admin_sql(url, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
             client.close()
-            server.stop()
+            assert server.stop() == 0
+        assert wait_for(lambda: not listen_pids(url), 10), "the LISTEN connection outlived stop"
