@@ -88,7 +88,8 @@ class _Stream:
             response = await self.core.infer(request, self.context.time_remaining())
             message = pb.ModelStreamInferResponse(infer_response=response)
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # the call is over: nothing to answer
+            task = asyncio.current_task()
+            if task is None or task.cancelling():  # the call is over: nothing to answer
                 raise
             message = self.failed(request, ModelUnavailable(_DROPPED))
         except Exception as err:
