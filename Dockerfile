@@ -1,6 +1,7 @@
 # paramserve: the gRPC server in an image. Builds on any Docker host:
 #   docker build -t paramserve .
-#   docker run -d -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 -v paramserve-data:/data paramserve
+#   docker run -d -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 \
+#       -v paramserve-data:/data paramserve
 # Build arguments:
 #   BASE_IMAGE       a base that has Python 3.11+ and pip (default python:3.11-slim). For GPU
 #                    hosts a PyTorch CUDA runtime image, which already holds torch (nvidia/cuda
@@ -25,6 +26,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PARAMSERVE_DATA_DIR=/data \
     PARAMSERVE_LISTEN=0.0.0.0:8001 \
+    PARAMSERVE_HTTP_LISTEN=0.0.0.0:8000 \
     PARAMSERVE_METRICS_LISTEN=0.0.0.0:8002 \
     PARAMSERVE_SERVER=127.0.0.1:8001 \
     PARAMSERVE_GRACE_S=8
@@ -48,8 +50,8 @@ RUN pip install /tmp/paramserve-src && rm -rf /tmp/paramserve-src /root/.cache
 USER paramserve
 WORKDIR /data
 VOLUME ["/data"]
-# 8001 gRPC (inference, registry, health), 8002 Prometheus metrics.
-EXPOSE 8001 8002
+# 8000 KServe v2 HTTP/REST, 8001 gRPC (inference, registry, health), 8002 Prometheus metrics.
+EXPOSE 8000 8001 8002
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["paramserve", "health"]
