@@ -67,6 +67,10 @@ class S3BlobStore:
                 read_timeout=60,
                 retries={"mode": "standard", "max_attempts": 3},
                 max_pool_connections=32,
+                # Every full read is checked against the blob's sha256 and every ranged one
+                # against its tensor's: a CRC of the response on top is CPU for nothing.
+                # (Uploads keep boto3's checksums: they guard the parts in transit.)
+                response_checksum_validation="when_required",
                 s3={"addressing_style": "path"} if endpoint_url else None,
             ),
         )
