@@ -5,6 +5,7 @@ in-process."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import socket
@@ -353,6 +354,11 @@ def test_body_over_the_limit_is_413(tmp_path):
         triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.http_port}")
         assert triton.infer("m", [infer_input(big[:100])]).as_numpy("output").shape == (100, 10)
         triton.close()
+        bomb = gzip.compress(b'{"inputs": []' + b" " * (3 << 20) + b"}")  # 3 MiB in 3 kB
+        status, _, body = call(srv.http_port, "POST", "/v2/models/m/infer", bomb,
+                               {"Content-Encoding": "gzip"})
+        assert len(bomb) < 10_000 and status == 413, body
+        assert "--http-max-body-mb" in json.loads(body)["error"]
     finally:
         srv.stop()
 
@@ -446,6 +452,13 @@ def test_bearer_tokens_follow_the_grpc_rules(tmp_path):
         triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
         assert triton.get_server_metadata(headers=read)["name"] == "paramserve"
         triton.close()
+    finally:
+        srv.stop()
+    srv = ServerProcess(tmp_path / "open", "--auth-token-file", str(tokens), "--auth-open-reads")
+    try:
+        assert post_json(srv.http_port, "/v2/repository/index", {}) == (200, [])
+        status, body = post_json(srv.http_port, "/v2/repository/models/m/load", {})
+        assert status == 401, body  # writes still need a full token
     finally:
         srv.stop()
 
