@@ -467,8 +467,15 @@ def test_sigterm_lets_an_http_request_in_flight_finish(tmp_path):
     """The request waits 2 s in the batcher (--max-queue-delay-us) when SIGTERM comes: it is
     answered, then the server exits 0. (A request whose body is still arriving is not: aiohttp
     stops reading connections at shutdown.)"""
-    srv = ServerProcess(tmp_path / "data", "--grace-s", "20", "--max-queue-delay-us", "2000000")
+    srv = ServerProcess(tmp_path / "data", "--grace-s", "20", "--max-queue-delay-us", "2000000",
+                        "--http-keepalive-timeout-s", "1")
     try:
+        for first in (b"", b"GET /v2 HTTP/1.1\r\nHost: x\r\n"):  # silent; headers half sent
+            idle = socket.create_connection(("127.0.0.1", srv.http_port), timeout=30)
+            idle.sendall(first)
+            started = time.monotonic()
+            assert idle.recv(100) == b"" and time.monotonic() - started < 10  # closed on us
+            idle.close()
         with Client(srv.address) as client:
             client.create_model("m", "sequential_mlp")
             client.upload("m", reference_module("sequential_mlp", False).state_dict())
