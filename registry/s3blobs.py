@@ -4,9 +4,9 @@ Keys: ``PREFIX/sha256/ab/<sha256>.safetensors``, as the local directory lays fil
 endpoint comes from ``--s3-endpoint-url`` (non-AWS services: SeaweedFS, MinIO, …); region
 and credentials from boto3's default chain (``AWS_*`` variables, ``~/.aws`` files, a role).
 
-Writing (``S3BlobWriter``): the bytes are hashed as they arrive and held in memory one part
-(8 MiB, growing for huge blobs) at a time, never the whole blob. The key is the sha256, known
-only at the end, so:
+Writing (``S3BlobWriter``): the bytes are hashed as they arrive and go up in parts (8 MiB,
+growing for huge blobs), one part going up while the next fills: two parts in memory at most,
+never the whole blob. The key is the sha256, known only at the end, so:
 
 - a blob that fits in one part is put under its key at once, when committed;
 - a larger one whose sha256 the client declared up front (an upload header's) streams as a
@@ -29,7 +29,9 @@ Reading: ``open`` streams the object's body and checks its sha256 at the end (``
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import boto3
@@ -45,6 +47,7 @@ from .s3write import PART_BYTES, S3BlobWriter
 __all__ = ["PART_BYTES", "STALE_S", "S3BlobStore", "S3BlobWriter"]
 
 STALE_S = 3600.0  # an unfinished write this old (no new part) is a dead process's
+PART_THREADS = 16  # parts going up at once, one per writer
 
 
 class S3BlobStore:
@@ -59,6 +62,8 @@ class S3BlobStore:
         self.endpoint = endpoint_url or "AWS S3"
         self.errors = S3Errors(self.endpoint, self.bucket)
         self.bytes_fetched = 0  # object bytes read so far (all reads): for tests and metrics
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.client = client or boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url,
@@ -266,5 +271,14 @@ class S3BlobStore:
                 removed.append(temporary.label)
         return removed
 
+    def part_uploads(self) -> ThreadPoolExecutor:
+        """The threads that upload parts while writers fill the next (one part per writer)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="paramserve-s3")
+            return self._pool
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()

@@ -1,6 +1,7 @@
 """Writing one blob into the bucket: ``S3BlobWriter`` (see ``s3blobs`` for the whole story).
 
-The bytes are hashed as they arrive and go up a part at a time (one part in memory); where the
+The bytes are hashed as they arrive and go up in parts, one in flight (on the store's
+``part_uploads`` threads) while the next fills, so producing and sending overlap; where the
 parts go (the blob's key when its sha256 was declared, else a temp key) and how the blob is
 published (a conditional put, complete or copy: never over an existing key) is decided here.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
@@ -48,6 +50,7 @@ class S3BlobWriter:
         )
         self._upload_id: str | None = None
         self._parts: list[dict] = []
+        self._in_flight: Future | None = None  # the last part, going up while the next fills
         self._temp_object = False  # the multipart upload was completed: delete the object
         self._ended = False
 
@@ -67,7 +70,8 @@ class S3BlobWriter:
         return self.write_many([data])
 
     def write_many(self, buffers: list) -> int:
-        """Hash and buffer the bytes; each full part goes up before this returns."""
+        """Hash and buffer the bytes; each full part goes up while the next one fills (one in
+        flight: a write waits for the part before, and raises its error)."""
         n = 0
         for data in buffers:
             self._hasher.update(data)
@@ -77,29 +81,42 @@ class S3BlobWriter:
             part = self._part_size()
             with memoryview(self._buffer) as view:
                 data = bytes(view[:part])
-            self._upload_part(data)
             del self._buffer[:part]
+            self._send_part(data)
         return n
 
     def _part_size(self) -> int:
         return PART_BYTES << (len(self._parts) // PART_GROWTH_EVERY)
 
-    def _upload_part(self, data: bytes) -> None:
+    def _send_part(self, data: bytes) -> None:
+        """Start uploading ``data`` as the next part, once the one before is up."""
+        self._wait_part()
         store = self._store
-        with store.errors.calling(f"uploading a blob to {store.root}", writing=True):
-            if self._upload_id is None:
+        if self._upload_id is None:
+            with store.errors.calling(f"uploading a blob to {store.root}", writing=True):
                 self._upload_id = store.client.create_multipart_upload(
                     Bucket=store.bucket, Key=self.temp_key
                 )["UploadId"]
-            number = len(self._parts) + 1
-            etag = store.client.upload_part(
+        part = {"PartNumber": len(self._parts) + 1, "ETag": None}
+        self._parts.append(part)
+        self._in_flight = store.part_uploads().submit(self._put_part, part, data)
+
+    def _put_part(self, part: dict, data: bytes) -> None:
+        store = self._store
+        with store.errors.calling(f"uploading a blob to {store.root}", writing=True):
+            part["ETag"] = store.client.upload_part(
                 Bucket=store.bucket,
                 Key=self.temp_key,
                 UploadId=self._upload_id,
-                PartNumber=number,
+                PartNumber=part["PartNumber"],
                 Body=data,
             )["ETag"]
-        self._parts.append({"PartNumber": number, "ETag": etag})
+
+    def _wait_part(self) -> None:
+        """Wait for the part in flight; raises its error (``Unavailable``, ...)."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
 
     def publish(self) -> None:
         """Put the blob under its key (``S3BlobStore.commit`` calls this)."""
@@ -113,6 +130,7 @@ class S3BlobWriter:
         final = store.key(self.sha256)
         doing = f"storing blob {store.path(self.sha256)}"
         with store.errors.calling(doing, writing=True):
+            self._wait_part()  # the part in flight is up (or its error raised)
             if self._upload_id is None:  # one part: put it under its key
                 body = bytes(self._buffer)
                 self._conditional(
@@ -125,8 +143,9 @@ class S3BlobWriter:
                 pass  # the same bytes are there already (held by the caller): discard below
             else:
                 if self._buffer:
-                    self._upload_part(bytes(self._buffer))
+                    self._send_part(bytes(self._buffer))
                 self._buffer = bytearray()
+                self._wait_part()
                 self._complete()
         self._ended = True
         self.discard()  # aborts an upload not completed, deletes the temp object
@@ -225,6 +244,11 @@ class S3BlobWriter:
         self._ended = True
         self._buffer = bytearray()
         store = self._store
+        if self._in_flight is not None:  # let it end (the client's timeouts bound it) first
+            try:
+                self._wait_part()
+            except Exception:  # noqa: BLE001 - the write's own error is the one that counts
+                pass
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             try:
