@@ -494,3 +494,55 @@ def test_sigterm_lets_an_http_request_in_flight_finish(tmp_path):
         assert srv.stop() == 0
     finally:
         srv.stop()
+
+
+# ---- the codec and the status table, in-process -----------------------------------------------
+
+def test_every_core_error_class_has_an_http_status():
+    """Each class the core raises has a status of its own; only DataLoss is a 500."""
+    from paramserve.service.http_routes import HTTP_STATUS
+    from paramserve.service.status import CORE_STATUS
+
+    status = {cls.__name__: HTTP_STATUS.get(code, 500) for cls, code in CORE_STATUS.items()}
+    assert [name for name, code in status.items() if code == 500] == ["DataLoss"]
+    assert {k: status[k] for k in ("NotFound", "InvalidArgument", "FailedPrecondition",
+                                   "ResourceExhausted", "DeadlineExceeded")} == {
+        "NotFound": 404, "InvalidArgument": 400, "FailedPrecondition": 400,
+        "ResourceExhausted": 429, "DeadlineExceeded": 504}
+
+
+@pytest.mark.parametrize("datatype,values,dtype", [
+    ("INT64", [[-(2**62), 3], [4, 2**62]], np.int64), ("UINT8", [0, 255, 7, 1], np.uint8),
+    ("BOOL", [True, False, True, True], np.bool_), ("FP16", [0.5, -2.0, 65504.0, 0.0],
+                                                     np.float16),
+    ("FP64", [0.1, 1e300, -3.0, 2], np.float64)])
+def test_json_tensors_become_the_bytes_grpc_sends(datatype, values, dtype):
+    from paramserve.registry.limits import DEFAULT_LIMITS
+    from paramserve.service import http_codec
+
+    doc = {"inputs": [{"name": "x", "datatype": datatype, "shape": [2, 2], "data": values}]}
+    request, _, _ = http_codec.infer_request(json.dumps(doc).encode(), None, "m", "",
+                                             DEFAULT_LIMITS)
+    assert request.raw_input_contents[0] == np.array(values, dtype).tobytes()
+    if datatype == "UINT8":
+        doc["inputs"][0]["data"] = [0, 256, 1, 1]
+        with pytest.raises(Exception, match="out of range for UINT8"):
+            http_codec.infer_request(json.dumps(doc).encode(), None, "m", "", DEFAULT_LIMITS)
+
+
+def test_bf16_rounds_to_nearest_even_and_answers_as_float():
+    from paramserve.registry.limits import DEFAULT_LIMITS
+    from paramserve.service import http_codec
+
+    values = [1.0, 1.00390625, 1.01171875, -3.5]  # halfway cases round to even
+    doc = {"inputs": [{"name": "x", "datatype": "BF16", "shape": [4], "data": values}]}
+    request, _, _ = http_codec.infer_request(json.dumps(doc).encode(), None, "m", "",
+                                             DEFAULT_LIMITS)
+    sent = torch.tensor(values, dtype=torch.bfloat16)
+    assert request.raw_input_contents[0] == sent.view(torch.int16).numpy().tobytes()
+    response = pb.ModelInferResponse(model_name="m", model_version="1")
+    response.outputs.add(name="y", datatype="BF16", shape=[4])
+    response.raw_output_contents.append(request.raw_input_contents[0])
+    body, header_length = http_codec.infer_response(response, False, {})
+    assert header_length is None
+    assert json.loads(body)["outputs"][0]["data"] == sent.float().tolist()
