@@ -77,9 +77,11 @@ async def serve_http(config, core, edge: Edge, metrics, tokens, reuse_port: bool
     front_end = HttpFrontEnd(core, settings, edge, metrics, tokens, config.auth_open_reads)
     host, port = split_address(config.http_listen)
     try:
-        return await start_http(host, port, front_end, reuse_port)
+        server = await start_http(host, port, front_end, reuse_port)
     except OSError as err:
         raise OSError(
             f"cannot serve HTTP on {config.http_listen}: {err.strerror or err} "
             "(pick another with --http-listen, or 'off')"
         ) from None
+    core.rest_served = True  # ServerMetadata lists binary_tensor_data
+    return server

@@ -31,7 +31,8 @@ EXTENSIONS = ["model_repository", "model_configuration", "statistics", "paramete
 SHM = "system_shared_memory"  # listed only where --max-shm-regions is not 0
 EXTENSIONS.append(SHM)
 EXTENSIONS.append("classification")  # class_count on a requested output (codec)
-EXTENSIONS.append("binary_tensor_data")  # HTTP/REST's binary tensors (service/http_codec.py)
+BINARY = "binary_tensor_data"  # HTTP/REST's binary tensors: listed while REST is served
+EXTENSIONS.append(BINARY)
 PLATFORM = "pytorch"
 MAX_CLASS_COUNT = 1 << 16  # a larger class_count is a count of every class anyway
 log = logging.getLogger("paramserve")
@@ -60,6 +61,7 @@ class InferenceCore:
     ):
         self.manager = manager
         self.shared_memory = shared_memory
+        self.rest_served = False  # set by service/http_server.py once --http-listen serves
         self.max_batch_size = max_batch_size
         self.max_tensor_elements = max_tensor_elements
         self.metrics = metrics
@@ -84,7 +86,9 @@ class InferenceCore:
         )
 
     async def server_metadata(self, request):
-        extensions = [e for e in EXTENSIONS if e != SHM or self.shared_memory is not None]
+        off = {SHM} if self.shared_memory is None else set()
+        off |= set() if self.rest_served else {BINARY}
+        extensions = [e for e in EXTENSIONS if e not in off]
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=extensions
         )

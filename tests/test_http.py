@@ -367,6 +367,10 @@ def test_http_off_and_a_taken_port(tmp_path, server):
     srv = ServerProcess(tmp_path / "off", "--http-listen", "off")
     try:
         assert srv.http_port is None
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            meta = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30)
+        assert "binary_tensor_data" not in meta.extensions and "statistics" in meta.extensions
     finally:
         srv.stop()
     with pytest.raises(RuntimeError, match="cannot serve HTTP on 127.0.0.1:.*--http-listen"):
