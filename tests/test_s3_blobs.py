@@ -7,6 +7,7 @@ restarts it before it ends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import uuid
 import grpc
 import pytest
 import torch
-from conftest import ServerProcess, reference_module, wait_for
+from conftest import ServerProcess, fresh_postgres_database, reference_module, wait_for
 from test_blob_races import (
     UPLOADERS,
     after_a_while,
@@ -51,8 +52,9 @@ def aws_env(seaweedfs, monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def s3_store(seaweedfs, data_dir, prefix) -> Store:
+def s3_store(seaweedfs, data_dir, prefix, url: str | None = None) -> Store:
     return Store(
+        url,
         data_dir=data_dir,
         blob_url=seaweedfs.blob_url(prefix),
         s3_endpoint_url=seaweedfs.endpoint_url,
@@ -267,15 +269,17 @@ def test_repair_removes_orphans_and_keeps_a_blob_an_upload_holds(store):
     assert not store.blobs.exists(version.sha256) and check(store).orphan_blobs == []
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_deletes_and_repairs_race_uploads_of_the_same_bytes_from_two_stores(
-    seaweedfs, aws_env, tmp_path, prefix
+    seaweedfs, aws_env, tmp_path, prefix, backend
 ):
-    """Two stores (two replicas) on one registry and one bucket prefix: deletes and repairs
-    on one while uploads of the same bytes go through the other; no row outlives its blob."""
-    with (
-        s3_store(seaweedfs, tmp_path, prefix) as deleter,
-        s3_store(seaweedfs, tmp_path, prefix) as uploader,
-    ):
+    """Two stores (two replicas: two connection pools) on one registry and one bucket
+    prefix: deletes and repairs on one while uploads of the same bytes go through the other;
+    no row outlives its blob."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres_database()) if backend == "postgresql" else None
+        deleter = stack.enter_context(s3_store(seaweedfs, tmp_path, prefix, url))
+        uploader = stack.enter_context(s3_store(seaweedfs, tmp_path, prefix, url))
         uploader.create_model("m", "small_mlp")
         weights = state(seed=3)
         started = uploader.upload("m", weights)
