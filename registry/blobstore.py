@@ -76,16 +76,14 @@ class BlobReader(Protocol):
 
 
 class RangedReader(Protocol):
-    """A blob read in ranges (``seek`` then ``read``/``readinto``); ``fileno()`` has the
-    blob's size for ``fstat``."""
+    """A blob read in ranges (``seek`` then ``read``/``readinto``): a local file, or an
+    object store's reader, which also has ``size_bytes`` (a file is sized by ``fstat``)."""
 
     def seek(self, offset: int, whence: int = 0) -> int: ...
 
     def read(self, size: int = -1) -> bytes: ...
 
     def readinto(self, buffer) -> int: ...
-
-    def fileno(self) -> int: ...
 
     def close(self) -> None: ...
 

@@ -245,4 +245,6 @@ def _skip(reader, nbytes: int) -> None:
 
 
 def _size_of(file) -> int:
-    return os.fstat(file.fileno()).st_size
+    """A blob's size: an object store's reader knows it, a local file is asked."""
+    size = getattr(file, "size_bytes", None)
+    return size if size is not None else os.fstat(file.fileno()).st_size

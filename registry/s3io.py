@@ -9,10 +9,8 @@ reaches the edge as an INTERNAL error.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -130,7 +128,6 @@ class RangedObject:
         self._errors, self._label = errors, label
         self._counter = counter
         self._position = 0
-        self._sized: IO[bytes] | None = None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         base = {0: 0, 1: self._position, 2: self.size_bytes}[whence]
@@ -164,20 +161,8 @@ class RangedObject:
         view[: len(data)] = data
         return len(data)
 
-    def fileno(self) -> int:
-        """A descriptor whose ``fstat`` size is the object's: for callers that size a blob
-        file that way (``queries.read_tensor``). A sparse, empty temp file: no bytes, no
-        disk."""
-        if self._sized is None:
-            sized = tempfile.TemporaryFile()
-            sized.truncate(self.size_bytes)
-            self._sized = sized
-        return self._sized.fileno()
-
     def close(self) -> None:
-        if self._sized is not None:
-            self._sized.close()
-            self._sized = None
+        """Nothing to release: each read is its own ranged GET."""
 
     def __enter__(self) -> RangedObject:
         return self
