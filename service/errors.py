@@ -115,11 +115,11 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 def _status_and_message(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     """A core error keeps its message; anything else is logged and answered generically."""
     code = status_of(err)
+    if isinstance(err, ParamserveError):  # the core's own words, INTERNAL ones included:
+        return code, str(err)  # a model that fails on an input it accepts says so, by name
     if code == grpc.StatusCode.INTERNAL:
         log.error("unexpected error in %s", method, exc_info=err)
         return code, f"internal error in {method}; the server log has the details"
-    if isinstance(err, ParamserveError):
-        return code, str(err)
     log.warning("%s in %s: %s", type(err).__name__, method, one_line(str(err)))
     if isinstance(err, RecursionError):
         return code, f"{method}: the input is nested too deeply to read; flatten it"

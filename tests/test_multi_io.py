@@ -290,6 +290,8 @@ def test_a_forward_failing_on_an_accepted_input_is_internal_not_the_callers_faul
     assert stub.ModelInfer(request_of("fragile", input=x)).outputs[0].shape == [2, 2]
     err = rpc_error(lambda: stub.ModelInfer(request_of("fragile", input=x * 1000)))
     assert err.code() == grpc.StatusCode.INTERNAL
+    # The client is told which model failed and that it is the model's bug, not its own.
+    assert "model 'fragile' failed on an input its signature accepts" in err.details()
     # The shape check is the codec's, before the forward: still the caller's to fix.
     err = rpc_error(lambda: stub.ModelInfer(request_of("fragile", input=np.ones((2, 3)))))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "has shape [2, 3]" in err.details()
