@@ -104,6 +104,12 @@ class ServerConfig:
     http_max_body_mb: int = option(
         0, "largest HTTP request body in MiB (after decoding); 0 = --max-message-mb", minimum=0
     )
+    http_max_json_mb: int = option(
+        16,
+        "largest JSON part of an HTTP inference request in MiB (JSON numbers take ~10x their "
+        "size while parsed; binary data beside it is bounded by --http-max-body-mb only)",
+        minimum=1,
+    )
     http_keepalive_timeout_s: float = option(
         75.0, "seconds an idle HTTP keep-alive connection stays open", minimum=0
     )
@@ -230,9 +236,9 @@ class ServerConfig:
     grace_s: float = option(10.0, "on SIGTERM, seconds in-flight requests get to finish", minimum=0)
     sync_interval_s: float = option(
         1.0,
-        "how often to look for registry changes made by other "
-        "replicas; they are served within about this many "
-        "seconds; 0 = never",
+        "how often to poll for registry changes made by other replicas (on PostgreSQL "
+        "they are also pushed by LISTEN/NOTIFY within milliseconds; the poll is the "
+        "fallback); 0 = neither",
         minimum=0,
     )
     auth_token_file: str | None = option(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from paramserve.protos import inference_pb2 as pb
-from paramserve.registry.errors import InvalidArgument
+from paramserve.registry.errors import InvalidArgument, ResourceExhausted
 from paramserve.registry.limits import Limits, check_json_depth
 
 from .wire import CARRIER, SAFETENSORS_OF, to_numpy
@@ -95,11 +95,22 @@ def _binary_parameter(parameters: dict, default: bool) -> bool:
     return value
 
 
+class JsonTooLarge(ResourceExhausted):
+    """An inference request's JSON part over ``--http-max-json-mb`` (HTTP 413, not 429: a
+    retry of the same body cannot succeed)."""
+
+
 def infer_request(
-    body: bytes, header_length: str | None, name: str, version: str, limits: Limits
+    body: bytes,
+    header_length: str | None,
+    name: str,
+    version: str,
+    limits: Limits,
+    max_json_bytes: int = 16 << 20,
 ) -> tuple[pb.ModelInferRequest, bool, dict[str, bool]]:
     """The request message, the request's ``binary_data_output`` and each requested
-    output's ``binary_data`` choice."""
+    output's ``binary_data`` choice. The JSON part is refused past ``max_json_bytes`` before
+    it is parsed (``--http-max-json-mb``): parsed, each number is a Python object."""
     binary: bytes | memoryview
     if header_length is None:
         header, binary = body, b""
@@ -111,6 +122,12 @@ def infer_request(
             )
         size = int(header_length)
         header, binary = body[:size], memoryview(body)[size:]
+    if len(header) > max_json_bytes:
+        raise JsonTooLarge(
+            f"the request's JSON is {len(header)} bytes, over the limit of {max_json_bytes} "
+            "(--http-max-json-mb); send tensors as binary data (Triton's binary_data "
+            "extension), over gRPC or through shared memory"
+        )
     doc = json_object(loads(header, "the inference request", limits), "the inference request")
     request = pb.ModelInferRequest(model_name=name, model_version=version)
     request_id = doc.get("id", "")

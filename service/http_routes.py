@@ -52,6 +52,7 @@ JSON = "application/json"
 @dataclass(frozen=True)
 class HttpSettings:
     max_body_bytes: int
+    max_json_bytes: int  # the JSON part of an inference request: parsing costs ~10x its size
     keepalive_timeout_s: float
     body_timeout_s: float  # a body that takes longer to arrive is answered 408
     grace_s: float
@@ -174,6 +175,9 @@ class HttpFrontEnd:
                 limit, size = self.settings.max_body_bytes, request.content_length
                 told = size if size is not None and size > limit else None  # else: decoded
                 return _error(413, http_codec.body_too_large(told, limit))
+            except http_codec.JsonTooLarge as err:
+                code = "RESOURCE_EXHAUSTED"
+                return _error(413, one_line(str(err), self.settings.max_status_chars))
             except _BodyTimeout:
                 code = "DEADLINE_EXCEEDED"
                 return _error(
@@ -297,6 +301,7 @@ class HttpFrontEnd:
             name,
             version,
             self.settings.limits,
+            self.settings.max_json_bytes,
         )
         reply = await self.core.infer(message, _timeout_s(message))
         out, header_length = http_codec.infer_response(reply, binary_output, binary_of)

@@ -68,6 +68,7 @@ async def serve_http(config, core, edge: Edge, metrics, tokens, reuse_port: bool
 
     settings = HttpSettings(
         max_body_bytes=(config.http_max_body_mb or config.max_message_mb) << 20,
+        max_json_bytes=config.http_max_json_mb << 20,
         keepalive_timeout_s=config.http_keepalive_timeout_s,
         body_timeout_s=config.stream_idle_timeout_s,
         grace_s=config.grace_s,

@@ -363,6 +363,27 @@ def test_body_over_the_limit_is_413(tmp_path):
         srv.stop()
 
 
+def test_json_tensors_past_the_json_limit_are_413_and_binary_ones_pass(tmp_path):
+    """JSON numbers cost ~10x their text while parsed: the JSON part has its own, smaller
+    bound (--http-max-json-mb), checked before parsing; the same tensor as binary data passes."""
+    srv = ServerProcess(tmp_path / "data", "--http-max-json-mb", "1")
+    try:
+        with Client(srv.address) as client:
+            client.create_model("m", "sequential_mlp")
+            client.upload("m", reference_module("sequential_mlp", False).state_dict())
+        x = np.full((3_000, 20), 0.123456, np.float32)  # ~0.5 MB binary, > 1 MiB as JSON
+        status, body = post_json(srv.http_port, "/v2/models/m/infer",
+                                 infer_doc(shape=x.shape, data=x.ravel().tolist()))
+        assert status == 413 and "--http-max-json-mb" in body["error"], body
+        triton = httpclient.InferenceServerClient(url=f"127.0.0.1:{srv.http_port}")
+        try:
+            assert triton.infer("m", [infer_input(x)]).as_numpy("output").shape == (3_000, 10)
+        finally:
+            triton.close()
+    finally:
+        srv.stop()
+
+
 def test_http_off_and_a_taken_port(tmp_path, server):
     srv = ServerProcess(tmp_path / "off", "--http-listen", "off")
     try:

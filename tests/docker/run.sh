@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the image and checks it as a user would: health check, create, upload, a forward pass
-# through tritonclient from the host, metrics on the published 8002, parameters surviving a
+# through tritonclient from the host, metrics on the published 8002, a REST inference on the
+# published 8000, parameters surviving a
 # restart on the volume, a non-root server, a grace below `docker stop`'s 10 s and a prompt
 # `stop` (SIGTERM reaches the server; no 10 s wait ending in SIGKILL), a bind-mounted /data
 # under `--user`, and a source change that rebuilds neither the torch nor the dependency layer.
@@ -94,13 +95,14 @@ $PY -c "import sys; sys.exit(not float(sys.argv[1]) < 10)" "$grace" \
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 METRICS_PORT=$(free_port)
+HTTP_PORT=$(free_port)
 podman volume create "$VOLUME" >/dev/null
 # Without systemd, podman cannot schedule HEALTHCHECK timers and says so on stderr; the test
 # runs the image's health check itself (`podman healthcheck run`), so those lines go to a log.
 PODMAN_LOG="$WORK/podman.log"
 start_container() {
   podman run -d --name "$NAME" -p "127.0.0.1:$PORT:8001" -p "127.0.0.1:$METRICS_PORT:8002" \
-    -v "$VOLUME:/data" "$@" "$IMAGE" >/dev/null 2>>"$PODMAN_LOG"
+    -p "127.0.0.1:$HTTP_PORT:8000" -v "$VOLUME:/data" "$@" "$IMAGE" >/dev/null 2>>"$PODMAN_LOG"
 }
 wait_healthy() {  # runs the image's own HEALTHCHECK command until it passes
   for _ in $(seq 1 90); do
@@ -158,6 +160,23 @@ triton_infer
 $PY -c "import sys, urllib.request as u; t = u.urlopen(sys.argv[1], timeout=10).read().decode(); \
 assert 'paramserve_loaded_models' in t, t[:500]" "http://127.0.0.1:$METRICS_PORT/metrics"
 log "metrics answer on the published 8002"
+$PY - "$HTTP_PORT" "$WORK" <<'PYEOF'
+import json, sys, urllib.request as u
+import numpy as np
+port, work = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}/v2"
+assert u.urlopen(f"{base}/health/ready", timeout=10).status == 200
+x = np.load(f"{work}/x.npy")
+doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                   "data": x.ravel().tolist()}]}
+request = u.Request(f"{base}/models/dock/versions/production/infer", json.dumps(doc).encode(),
+                    {"Content-Type": "application/json"})
+out = json.loads(u.urlopen(request, timeout=30).read())["outputs"][0]
+y = np.array(out["data"], np.float32).reshape(out["shape"])
+diff = float(np.abs(y - np.load(f"{work}/expected.npy")).max())
+assert diff <= 1e-6, diff
+PYEOF
+log "KServe v2 REST answers on the published 8000 (ready, a JSON inference)"
 
 log "stopping (SIGTERM) and restarting"
 t0=$(date +%s%N)

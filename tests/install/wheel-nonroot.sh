@@ -60,7 +60,7 @@ as_user touch "$site/probe" 2>/dev/null && { echo "the user can write site-packa
 log "serving as uid $RUN_UID"
 # Not through a function: $! must be the server's PID (setpriv and env exec, keeping it).
 "${USER_ENV[@]}" paramserve serve --data-dir "$WORK/data" --listen 127.0.0.1:0 \
-  --metrics-listen 127.0.0.1:0 >"$WORK/serve.out" 2>"$WORK/serve.err" &
+  --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$WORK/serve.out" 2>"$WORK/serve.err" &
 server_pid=$!
 port=
 for _ in $(seq 1 600); do
@@ -91,7 +91,7 @@ log "server stopped by PID (exit 0)"
 mkdir "$WORK/readonly"
 rc=0
 as_user timeout 60 paramserve serve --data-dir "$WORK/readonly" --listen 127.0.0.1:0 \
-  --metrics-listen off >"$WORK/readonly.out" 2>"$WORK/readonly.err" || rc=$?
+  --metrics-listen off --http-listen off >"$WORK/readonly.out" 2>"$WORK/readonly.err" || rc=$?
 if [ "$rc" != 1 ] || [ "$(wc -l <"$WORK/readonly.err")" != 1 ] \
     || ! grep -qF "$WORK/readonly" "$WORK/readonly.err" || grep -q Traceback "$WORK/readonly.err"; then
   cat "$WORK/readonly.err"; echo "an unwritable data dir: exit $rc, not one line naming it"; exit 1
