@@ -17,7 +17,6 @@ This process imports neither torch nor paramserve: it only starts commands.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from table import MET
+from table import MET, write_results
 from table import format_table as table_text
 
 HERE = Path(__file__).resolve().parent
@@ -156,12 +155,7 @@ def main() -> int:
     m = figures["machine"]
     label = (f"{m['cores']} cores, {m['cpu']}; load average {m['load_average'][0]:.2f} before, "
              f"{m['load_average_after'][0]:.2f} after; median of {args.repeat}")
-    print(f"{label}\n\n{table}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".txt").write_text(f"{label}\n\n{table}")
-    out.write_text(json.dumps(figures, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, label, table, figures)
     return 0
 
 

@@ -19,7 +19,6 @@ shared), and the table as .txt.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import select
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/seaweed.py: SeaweedFS as the tests run it
 
 from seaweed import SeaweedFS  # noqa: E402
-from table import format_table  # noqa: E402
+from table import format_table, write_results  # noqa: E402
 
 FLOATS_PER_HIDDEN = 31  # sequential_mlp({"hidden": H}): 20·H + H + 10·H (+ 10) float32 parameters
 
@@ -150,12 +149,7 @@ def main() -> int:
     label = (f"{m['cores']} cores, {m['cpu']}; load average {m['load_average'][0]:.2f} before, "
              f"{m['load_average_after'][0]:.2f} after; median of {args.repeat}; client, server "
              "and SeaweedFS on one machine (loopback)")
-    print(f"{label}\n\n{table}")
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".txt").write_text(f"{label}\n\n{table}")
-    out_path.write_text(json.dumps(figures, indent=2))
-    print(f"wrote {out_path}")
+    write_results(args.out, label, table, figures)
     return 0
 
 

@@ -3,6 +3,9 @@ only: cli_startup.py, which must import nothing heavy, uses it too."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 MET = {True: "yes", False: "NO", None: "-"}
 
 
@@ -11,3 +14,13 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip()
                      for line in [header, ["-" * w for w in widths], *rows]) + "\n"
+
+
+def write_results(out: str | Path, label: str, table: str, figures: dict) -> None:
+    """Print the table under its label and save it (``.txt``) beside the figures (JSON)."""
+    print(f"{label}\n\n{table}")
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.with_suffix(".txt").write_text(f"{label}\n\n{table}")
+    out_path.write_text(json.dumps(figures, indent=2))
+    print(f"wrote {out_path}")

@@ -91,7 +91,20 @@ class S3Errors:
             raise
 
 
-class ObjectStream:
+class _ReadsInto:
+    """``readinto`` over ``read``: an object's body gives bytes, not a buffer to fill."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+
+class ObjectStream(_ReadsInto):
     """An object's body read front to back (``read``/``readinto``), errors translated."""
 
     def __init__(self, body, errors: S3Errors, doing: str, counter=None):
@@ -106,17 +119,11 @@ class ObjectStream:
             self._counter(len(data))
         return data
 
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(view.nbytes)
-        view[: len(data)] = data
-        return len(data)
-
     def close(self) -> None:
         self._body.close()
 
 
-class RangedObject:
+class RangedObject(_ReadsInto):
     """A stored object read in ranges: each read is one ranged GET of exactly the bytes it
     returns, so reading one tensor fetches the header and that tensor only."""
 
@@ -154,12 +161,6 @@ class RangedObject:
             self._counter(len(data))
         self._position += len(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(view.nbytes)
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         """Nothing to release: each read is its own ranged GET."""

@@ -27,12 +27,17 @@ from .models import ModelManager
 
 SERVER_NAME = "paramserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "parameters"]
 SHM = "system_shared_memory"  # listed only where --max-shm-regions is not 0
-EXTENSIONS.append(SHM)
-EXTENSIONS.append("classification")  # class_count on a requested output (codec)
 BINARY = "binary_tensor_data"  # HTTP/REST's binary tensors: listed while REST is served
-EXTENSIONS.append(BINARY)
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "parameters",
+    SHM,
+    "classification",  # class_count on a requested output (codec)
+    BINARY,
+)
 PLATFORM = "pytorch"
 MAX_CLASS_COUNT = 1 << 16  # a larger class_count is a count of every class anyway
 log = logging.getLogger("paramserve")
