@@ -46,6 +46,7 @@ READ_ONLY_METHODS = {
         "ListParameters",
         "GetTensor",
         "DescribeModule",
+        "Gradients",
     )
 }
 

@@ -14,6 +14,7 @@ import textwrap
 from . import cli_commands as client_cmds
 from . import cli_health
 from . import cli_serve as local_cmds
+from .cli_learning import add_learning_commands
 from .config import ClientSettings, LogSettings, OutputSettings, server_fields
 from .settings import SettingError, add_flags, resolve, settings_of
 
@@ -363,6 +364,8 @@ def build_parser() -> Parser:
         metavar="[NAME=]FILE",
         help="save the output as .npy (NAME=FILE, repeated, for several; default: print JSON)",
     )
+
+    add_learning_commands(command)
 
     delete = command(
         "delete",

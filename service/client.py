@@ -34,6 +34,7 @@ from paramserve.registry.errors import DataLoss, InvalidArgument, ParamserveErro
 from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, VersionInfo
 
 from . import convert
+from .client_learning import LearningClient
 from .client_streams import Progress, Stall, hashed_upload_chunks
 from .client_streams import size_and_sha256 as _size_and_sha256  # noqa: F401  (benchmarks)
 from .client_streams import upload_chunks as _upload_chunks  # noqa: F401  (benchmarks)
@@ -58,7 +59,7 @@ def _raise_from(err: grpc.RpcError) -> None:
     raise (cls(details) if cls else ServerError(code, details)) from None
 
 
-class Client:
+class Client(LearningClient):
     def __init__(
         self,
         address: str = "127.0.0.1:8001",

@@ -16,7 +16,7 @@ from paramserve.registry.errors import InvalidArgument
 from paramserve.registry.limits import load_config_json
 from paramserve.registry.queries import entries_at
 
-from . import convert
+from . import convert, registry_learning
 from .models import ModelManager
 from .upload_stream import receive_upload
 
@@ -205,3 +205,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
+
+    # ---- learning RPCs: registry_learning's functions, each taking this servicer ----
+    Gradients = registry_learning.gradients
