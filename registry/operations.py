@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .limits import Limits
+from .provenance import check_author, check_note, patch_value
 from .schemes import apply_scheme, parse_scheme
 from .shapes import ShapeOracle
 from .slicing import parse_index
@@ -43,6 +44,10 @@ class VersionMaker(Protocol):
         origin: str,
         parent: VersionInfo | None,
         first_only: bool = False,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
     ) -> VersionInfo: ...
 
 
@@ -58,7 +63,7 @@ class Operations:
             zlib.crc32(name.encode("utf-8", "replace")) % FIRST_VERSION_LOCK_STRIPES
         ]
 
-    def materialize(self, name: str, input_shape: Sequence[int]) -> VersionInfo:
+    def materialize(self, name: str, input_shape: Sequence[int], author: str = "") -> VersionInfo:
         """Lazy initialization: the first input's shape fixes the lazy shapes; the model's init
         policy and seed fill them; the result is stored as a version (origin ``lazy-init``).
 
@@ -78,7 +83,16 @@ class Operations:
                     f"{name} SCHEME`)"
                 )
             module = store.shapes.fresh_module(model, input_shape)
-            return store.save_module(name, module, "lazy-init", None, first_only=True)
+            record = {"input_shape": [int(d) for d in input_shape], "scheme": model.init}
+            return store.save_module(
+                name,
+                module,
+                "lazy-init",
+                None,
+                first_only=True,
+                provenance=record,
+                author=check_author(author),
+            )
 
     def initialize(
         self,
@@ -88,6 +102,9 @@ class Operations:
         module_path: str | None = None,
         seed: int | None = None,
         input_shape: Sequence[int] | None = None,
+        *,
+        note: str = "",
+        author: str = "",
     ) -> VersionInfo:
         """Apply an init scheme to the whole module or to ``module_path`` → a new version.
 
@@ -96,6 +113,7 @@ class Operations:
         """
         store = self.store
         parsed = parse_scheme(scheme, store.limits)
+        note, author = check_note(note), check_author(author)
         model = store.get_model(name)
         base = store.version_or_none(name, ref)
         if base is not None:
@@ -108,8 +126,18 @@ class Operations:
         else:
             module = store.shapes.fresh_module(model, input_shape)
         target = _submodule(module, module_path, name)
-        apply_scheme(target, parsed, model.seed if seed is None else seed)
-        return store.save_module(name, module, "init", base)
+        used_seed = model.seed if seed is None else seed
+        apply_scheme(target, parsed, used_seed)
+        record: dict[str, Any] = {
+            "scheme": str(parsed),
+            "module": module_path or "",
+            "seed": int(used_seed),
+        }
+        if input_shape is not None:
+            record["input_shape"] = [int(d) for d in input_shape]
+        return store.save_module(
+            name, module, "init", base, provenance=record, note=note, author=author
+        )
 
     def patch(
         self,
@@ -119,6 +147,9 @@ class Operations:
         ref: int | str | None = None,
         index: str | None = None,
         op: str = "set",
+        *,
+        note: str = "",
+        author: str = "",
     ) -> VersionInfo:
         """Set (or add to, or multiply) one tensor, a slice or one element → a new version.
 
@@ -129,6 +160,7 @@ class Operations:
         if op not in PATCH_OPS:
             raise InvalidArgument(f"patch op {str(op)[:20]!r} is not one of {PATCH_OPS}")
         store = self.store
+        note, author = check_note(note), check_author(author)
         model = store.get_model(name)
         base = store.resolve(name, ref)
         module = store.load_version(model, base)
@@ -146,7 +178,10 @@ class Operations:
         }
         with torch.no_grad():
             apply[op](update)
-        return store.save_module(name, module, "patch", base)
+        record = {"param": param, "index": index or "", "op": op, "value": patch_value(value)}
+        return store.save_module(
+            name, module, "patch", base, provenance=record, note=note, author=author
+        )
 
 
 def _submodule(module: nn.Module, path: str | None, model: str) -> nn.Module:

@@ -128,11 +128,17 @@ class Repository:
         alias: str | None,
         hold_id: int | None,
         first_only: bool = False,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+        optimizer_sha256: str | None = None,
     ) -> tuple[VersionInfo, bool]:
         """Insert the next version row and drop the upload's blob hold in one transaction.
 
         Returns ``(version, created)``; with ``first_only`` an existing version wins and is
         returned with ``created=False`` (the lazy-init race), the hold left to the caller.
+        ``provenance``, ``note``, ``author``: what made it (checked by ``provenance``).
         """
         if alias is not None:
             check_alias(alias)
@@ -154,6 +160,10 @@ class Repository:
                         manifest=[_manifest_json(e) for e in manifest],
                         origin=origin,
                         parent=parent,
+                        provenance=dict(provenance or {}),
+                        note=note,
+                        author=author,
+                        optimizer_sha256=optimizer_sha256,
                     )
                     session.add(row)
                     session.flush()
@@ -451,6 +461,10 @@ def _version_info(row: VersionRow, model: ModelRow) -> VersionInfo:
             for e in row.manifest
         ),
         aliases=tuple(sorted(a.name for a in model.aliases if a.version_id == row.id)),
+        provenance=dict(row.provenance or {}),
+        note=row.note or "",
+        author=row.author or "",
+        optimizer_sha256=row.optimizer_sha256,
     )
 
 

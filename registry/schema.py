@@ -81,6 +81,14 @@ class VersionRow(Base):
     origin: Mapped[str] = mapped_column(String(20))
     parent: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What made the version (``provenance``): {"kind": "upload", "file": ..., "file_sha256": ...},
+    # {"kind": "init", "scheme": ..., "module": ...}, {"kind": "patch", ...}, {"kind": "update",
+    # ...}; {} for versions written before migration 0004.
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    note: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(200), default="")  # the token's name, or ""
+    # The blob of the optimizer state after an ``update`` step (None for other origins).
+    optimizer_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     model: Mapped[ModelRow] = relationship(back_populates="versions")
 

@@ -35,6 +35,7 @@ from .inspect import parameter_infos
 from .limits import DEFAULT_LIMITS, Limits, check_config, check_description
 from .names import check_alias, check_name, check_text
 from .operations import Operations
+from .provenance import check_author, check_note, check_provenance
 from .queries import module_tree_of, parameter_infos_of, read_tensor
 from .refs import parse_ref
 from .repository import Repository
@@ -149,15 +150,28 @@ class Store:
 
     # ---- versions -----------------------------------------------------------------------
 
-    def upload(self, name: str, source: Source, alias: str | None = None) -> VersionInfo:
+    def upload(
+        self,
+        name: str,
+        source: Source,
+        alias: str | None = None,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+    ) -> VersionInfo:
         """Store a state_dict as the next version. Nothing is written unless it fits strictly.
 
         ``source``: safetensors bytes or file, a ``torch.save``'d state_dict (bytes or file,
-        read with ``weights_only=True``), or a mapping of names to tensors.
+        read with ``weights_only=True``), or a mapping of names to tensors. ``provenance``:
+        what the client says it sent (``{"file": ..., "file_sha256": ...}``); the kind is
+        ``upload`` whatever it says.
         """
         model = self.get_model(name)
         if alias is not None:
             check_alias(alias)
+        record = check_provenance({**(provenance or {}), "kind": "upload"})
+        note, author = check_note(note), check_author(author)
         upload = open_upload(source, self.limits)
         try:
             expected = self.shapes.expected_state(model, upload.specs)
@@ -167,7 +181,14 @@ class Store:
         finally:
             upload.close()
         return self.add_version(
-            name, blob, plan.manifest_with(blob.segment_sha256), "upload", alias=alias
+            name,
+            blob,
+            plan.manifest_with(blob.segment_sha256),
+            "upload",
+            alias=alias,
+            provenance=record,
+            note=note,
+            author=author,
         )
 
     def begin_upload(
@@ -177,6 +198,10 @@ class Store:
         alias: str | None = None,
         spool_dir: str | Path | None = None,
         sha256: str | None = None,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
     ) -> StreamedUpload:
         """An upload of ``size_bytes`` that arrives in chunks (a network stream): feed it with
         ``write``, end it with ``finish(sha256)`` → the new version, or ``abort()``.
@@ -185,10 +210,12 @@ class Store:
         its blob, anything else is spooled (to ``<data-dir>/spool`` by default) and then
         uploaded from there. ``sha256``: the digest declared before the bytes (an upload
         header's), which lets an object store stream them straight under their key.
+        ``provenance``, ``note``, ``author``: as for ``upload``, checked now.
         """
         model = self.get_model(name)
         if alias is not None:
             check_alias(alias)
+        record = check_provenance({**(provenance or {}), "kind": "upload"})
         return StreamedUpload(
             self,
             model,
@@ -196,6 +223,9 @@ class Store:
             alias,
             Path(spool_dir) if spool_dir else self.data_dir / "spool",
             sha256,
+            provenance=record,
+            note=check_note(note),
+            author=check_author(author),
         )
 
     def add_version(
@@ -207,13 +237,22 @@ class Store:
         parent: int | None = None,
         alias: str | None = None,
         first_only: bool = False,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+        optimizer_sha256: str | None = None,
     ) -> VersionInfo:
         """Store a written blob (``blobs.create()``, not yet committed) as the next version.
 
         The blob is held before its file is placed and until its row commits, so no
         concurrent deletion collects it (``gc``). With ``first_only`` an existing version
         wins and is returned (the lazy-init race); the blob is then collected.
+        ``provenance`` (what made it, ``{"kind": origin, ...}``), ``note`` and ``author`` are
+        recorded with the row; ``optimizer_sha256``: an ``update``'s optimizer-state blob.
         """
+        record = check_provenance({"kind": origin, **(provenance or {})})
+        note, author = check_note(note), check_author(author)
 
         def insert(ref, hold_id):
             return self.repository.insert_version(
@@ -226,6 +265,10 @@ class Store:
                 alias,
                 hold_id,
                 first_only,
+                provenance=record,
+                note=note,
+                author=author,
+                optimizer_sha256=optimizer_sha256,
             )
 
         return self.collector.publish(blob, insert)
@@ -237,8 +280,16 @@ class Store:
         origin: str,
         parent: VersionInfo | None,
         first_only: bool = False,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+        optimizer_sha256: str | None = None,
     ) -> VersionInfo:
-        """A module's state as the next version (``operations`` make versions this way)."""
+        """A module's state as the next version (``operations`` make versions this way);
+        ``provenance``, ``note``, ``author``, ``optimizer_sha256`` as for ``add_version``."""
+        check_provenance(provenance)
+        note, author = check_note(note), check_author(author)
         upload, expected = module_upload(module)
         plan = canonical_plan(upload, expected)
         blob = self._write_blob(upload, plan)
@@ -249,6 +300,10 @@ class Store:
             origin,
             parent.number if parent else None,
             first_only=first_only,
+            provenance=provenance,
+            note=note,
+            author=author,
+            optimizer_sha256=optimizer_sha256,
         )
 
     def _write_blob(self, upload: UploadedState, plan: CanonicalPlan) -> BlobWriter:
@@ -366,8 +421,8 @@ class Store:
 
     # ---- operations that create versions (``operations``) ------------------------------
 
-    def materialize(self, name: str, input_shape: Sequence[int]) -> VersionInfo:
-        return self.operations.materialize(name, input_shape)
+    def materialize(self, name: str, input_shape: Sequence[int], author: str = "") -> VersionInfo:
+        return self.operations.materialize(name, input_shape, author=author)
 
     def initialize(
         self,
@@ -377,8 +432,13 @@ class Store:
         module_path: str | None = None,
         seed: int | None = None,
         input_shape: Sequence[int] | None = None,
+        *,
+        note: str = "",
+        author: str = "",
     ) -> VersionInfo:
-        return self.operations.initialize(name, scheme, ref, module_path, seed, input_shape)
+        return self.operations.initialize(
+            name, scheme, ref, module_path, seed, input_shape, note=note, author=author
+        )
 
     def patch(
         self,
@@ -388,8 +448,11 @@ class Store:
         ref: int | str | None = None,
         index: str | None = None,
         op: str = "set",
+        *,
+        note: str = "",
+        author: str = "",
     ) -> VersionInfo:
-        return self.operations.patch(name, param, value, ref, index, op)
+        return self.operations.patch(name, param, value, ref, index, op, note=note, author=author)
 
     materialize.__doc__ = Operations.materialize.__doc__
     initialize.__doc__ = Operations.initialize.__doc__

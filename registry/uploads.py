@@ -27,9 +27,9 @@ import io
 import struct
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import tensorfile, torchsave
 from .blobs import TEMP_SUFFIX
@@ -52,7 +52,16 @@ class UploadTarget(Protocol):
     shapes: ShapeOracle
     blobs: Blobs
 
-    def upload(self, name: str, source: Source, alias: str | None = None) -> VersionInfo: ...
+    def upload(
+        self,
+        name: str,
+        source: Source,
+        alias: str | None = None,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+    ) -> VersionInfo: ...
 
     def add_version(
         self,
@@ -63,6 +72,11 @@ class UploadTarget(Protocol):
         parent: int | None = None,
         alias: str | None = None,
         first_only: bool = False,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
+        optimizer_sha256: str | None = None,
     ) -> VersionInfo: ...
 
 
@@ -81,8 +95,16 @@ class StreamedUpload:
         alias: str | None,
         spool_dir: Path,
         sha256: str | None = None,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        note: str = "",
+        author: str = "",
     ):
         self._store = store
+        # recorded with the version; ``finish`` adds the verified sha256 of the bytes sent
+        self.provenance = dict(provenance or {})
+        self.note = note
+        self.author = author
         self.declared_sha256 = sha256 or None  # known before the bytes: the blob store may use it
         self.model = model
         self.size = size
@@ -144,6 +166,7 @@ class StreamedUpload:
                         f"says {sha256}; the bytes were damaged in transit, "
                         "send them again"
                     )
+                self.provenance["file_sha256"] = file.sha256
                 return self._store_version()
             finally:
                 self._discard()
@@ -232,7 +255,14 @@ class StreamedUpload:
         if self._plan is None:
             assert isinstance(blob, HashingWriter)  # the spool
             blob.close()
-            return self._store.upload(self.model.name, blob.path, alias=self.alias)
+            return self._store.upload(
+                self.model.name,
+                blob.path,
+                alias=self.alias,
+                provenance=self.provenance,
+                note=self.note,
+                author=self.author,
+            )
         self._file = None  # add_version owns it now
         return self._store.add_version(
             self.model.name,
@@ -240,6 +270,9 @@ class StreamedUpload:
             self._plan.manifest_with(blob.segment_sha256),
             "upload",
             alias=self.alias,
+            provenance=self.provenance,
+            note=self.note,
+            author=self.author,
         )
 
     def _discard(self) -> None:

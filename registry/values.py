@@ -60,11 +60,16 @@ class VersionInfo:
     number: int
     sha256: str
     size_bytes: int
-    origin: str  # upload | init | lazy-init | patch
+    origin: str  # upload | init | lazy-init | patch | update
     parent: int | None
     created_at: dt.datetime
     manifest: tuple[ManifestEntry, ...]
     aliases: tuple[str, ...] = ()
+    # What made it (``provenance``): {} for versions written before migration 0004.
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
+    author: str = ""  # the token's name when the server checks tokens, else ""
+    optimizer_sha256: str | None = None  # the optimizer state after an ``update`` step
 
 
 @dataclass(frozen=True)
