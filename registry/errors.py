@@ -37,6 +37,11 @@ class DataLoss(ParamserveError):
     """A blob is missing, truncated or its content no longer matches its sha256."""
 
 
+class Aborted(ParamserveError):
+    """A write lost a race it cannot merge (an update computed from a version that is no
+    longer the head it named); the message names the version to rebase onto."""
+
+
 class Unavailable(ParamserveError):
     """A service the store depends on (the object store) cannot be reached; retry later."""
 

@@ -64,6 +64,12 @@ class BlobCollector:
             if not created:
                 self._collect([writer.sha256], drop_holds=[hold_id])
 
+    def release(self, sha256: str, hold_id: int) -> None:
+        """Drop a hold taken with ``repository.add_hold`` and collect the blob unless a
+        version row now refers to it (an update's optimizer state: kept once its row commits,
+        deleted when the update was refused)."""
+        self._collect([sha256], drop_holds=[hold_id])
+
     def collect(self, shas: Iterable[str], stale_hold_s: float | None = None) -> list[str]:
         """Delete the blobs of ``shas`` that nothing refers to; returns those deleted.
         ``stale_hold_s``: holds older than that count as dead and are removed first."""

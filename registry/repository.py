@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from . import architectures
 from .database import Transactions
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .names import check_alias, check_name
 from .refs import is_version_number, parse_ref
 from .schema import AliasRow, BlobHoldRow, ModelRow, RegistryState, VersionRow
@@ -93,6 +93,7 @@ class Repository:
         with self.tx() as session:
             row = _model_row(session, name)
             shas = {v.sha256 for v in row.versions}
+            shas |= {v.optimizer_sha256 for v in row.versions if v.optimizer_sha256}
             session.delete(row)
             _bump_generation(session)
         return shas
@@ -133,12 +134,16 @@ class Repository:
         note: str = "",
         author: str = "",
         optimizer_sha256: str | None = None,
+        head: tuple[str | None, bool, int] | None = None,
     ) -> tuple[VersionInfo, bool]:
         """Insert the next version row and drop the upload's blob hold in one transaction.
 
         Returns ``(version, created)``; with ``first_only`` an existing version wins and is
         returned with ``created=False`` (the lazy-init race), the hold left to the caller.
         ``provenance``, ``note``, ``author``: what made it (checked by ``provenance``).
+        ``head``: ``(alias, latest, parent)`` for an update (``updates``): commit only if
+        ``alias`` (else, with ``latest``, the newest version) still names version ``parent``,
+        else ``Aborted`` naming the version to rebase onto; the alias moves to the new row.
         """
         if alias is not None:
             check_alias(alias)
@@ -150,6 +155,8 @@ class Repository:
                     latest = _latest_row(session, model) if first_only else None
                     if latest is not None:
                         return _version_info(latest, model), False
+                    if head is not None:
+                        _check_head(session, model, *head)
                     number = model.next_version
                     model.next_version = number + 1
                     row = VersionRow(
@@ -180,8 +187,11 @@ class Repository:
             f"could not allocate a version number for {name!r}: too many concurrent writers; retry"
         )
 
-    def delete_version(self, name: str, number: int, force: bool = False) -> tuple[str, list[str]]:
-        """Delete one version; returns its sha256 and the aliases removed with it.
+    def delete_version(
+        self, name: str, number: int, force: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Delete one version; returns the sha256s of its blobs (parameters, and optimizer
+        state after an update) and the aliases removed with it.
 
         A version an alias points at is refused (``FailedPrecondition`` naming the aliases)
         unless ``force``: then those aliases go too.
@@ -197,10 +207,10 @@ class Repository:
                     "removes them"
                 )
             session.execute(delete(AliasRow).where(AliasRow.version_id == row.id))
-            sha = row.sha256
+            shas = [row.sha256] + ([row.optimizer_sha256] if row.optimizer_sha256 else [])
             session.delete(row)
             _bump_generation(session)
-            return sha, aliases
+            return shas, aliases
 
     # ---- aliases ------------------------------------------------------------------------
 
@@ -278,6 +288,15 @@ class Repository:
                     .order_by(ModelRow.name, VersionRow.number)
                 )
             ]
+            rows += [  # an update's optimizer state: a blob its version refers to
+                (model, number, sha256)
+                for model, number, sha256 in session.execute(
+                    select(ModelRow.name, VersionRow.number, VersionRow.optimizer_sha256)
+                    .join(VersionRow, VersionRow.model_id == ModelRow.id)
+                    .where(VersionRow.optimizer_sha256.is_not(None))
+                    .order_by(ModelRow.name, VersionRow.number)
+                )
+            ]
             holds = dict(
                 session.execute(
                     select(BlobHoldRow.sha256, func.count()).group_by(BlobHoldRow.sha256)
@@ -313,13 +332,38 @@ def _lock_key(sha256: str) -> int:
     return int(sha256[:8], 16) - (1 << 31)
 
 
+def _check_head(session: Session, model: ModelRow, alias: str | None, latest: bool, parent: int):
+    """An update's commit condition (``insert_version``'s ``head``), inside its transaction."""
+    if alias is None and not latest:
+        return
+    if alias is not None:
+        row = session.scalar(
+            select(AliasRow).where(AliasRow.model_id == model.id, AliasRow.name == alias)
+        )
+        now = row.version.number if row is not None else None
+        where = f"alias {alias!r}"
+    else:
+        newest = _latest_row(session, model)
+        now = newest.number if newest is not None else None
+        where = "the latest version"
+    if now != parent:
+        target = f"rebase onto v{now}" if now is not None else "it no longer exists"
+        raise Aborted(
+            f"update of {model.name!r} was computed from v{parent}, but {where} is now "
+            f"{'v' + str(now) if now is not None else 'gone'}: {target} (recompute from it "
+            "and retry); nothing was applied"
+        )
+
+
 def _blob_in_use(session: Session, sha256: str) -> bool:
-    """One statement (one snapshot): a version row or a hold names the blob."""
+    """One statement (one snapshot): a version row (its parameters or its optimizer state)
+    or a hold names the blob."""
     return bool(
         session.scalar(
             select(
                 or_(
                     exists().where(VersionRow.sha256 == sha256),
+                    exists().where(VersionRow.optimizer_sha256 == sha256),
                     exists().where(BlobHoldRow.sha256 == sha256),
                 )
             )

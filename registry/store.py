@@ -306,6 +306,70 @@ class Store:
             optimizer_sha256=optimizer_sha256,
         )
 
+    def save_update(
+        self,
+        name: str,
+        module: nn.Module,
+        base: VersionInfo,
+        provenance: Mapping[str, Any],
+        state_bytes: bytes | None,
+        keep_state_sha: str | None,
+        alias: str | None,
+        check_latest: bool,
+        note: str = "",
+        author: str = "",
+    ) -> VersionInfo:
+        """An ``update`` version (``updates``): the module's state, parent ``base``, and its
+        optimizer state (``state_bytes``, or the parent's blob ``keep_state_sha``), committed
+        only while ``alias`` / the latest still names ``base`` (else ``Aborted``).
+
+        The state blob is held from before its file is placed until after the row's commit
+        (then collected if no row refers to it: an aborted update leaves nothing behind)."""
+        record = check_provenance({**provenance, "kind": "update"})
+        note, author = check_note(note), check_author(author)
+        hold_id, state_sha = None, keep_state_sha
+        held = state_sha
+        if state_bytes is not None:
+            writer = self.blobs.create()
+            try:
+                writer.write(state_bytes)
+                hold_id = self.repository.add_hold(writer.sha256)
+            except BaseException:
+                writer.discard()
+                raise
+            state_sha = held = self.blobs.commit(writer).sha256
+        elif state_sha is not None:
+            hold_id = self.repository.add_hold(state_sha)
+            if not self.blobs.exists(state_sha):  # the parent went meanwhile: start fresh
+                state_sha = None
+        try:
+            upload, expected = module_upload(module)
+            plan = canonical_plan(upload, expected)
+            blob = self._write_blob(upload, plan)
+            manifest = plan.manifest_with(blob.segment_sha256)
+
+            def insert(ref, param_hold_id):
+                return self.repository.insert_version(
+                    name,
+                    ref.sha256,
+                    ref.size_bytes,
+                    manifest,
+                    "update",
+                    base.number,
+                    alias,
+                    param_hold_id,
+                    provenance=record,
+                    note=note,
+                    author=author,
+                    optimizer_sha256=state_sha,
+                    head=(alias, check_latest, base.number),
+                )
+
+            return self.collector.publish(blob, insert)
+        finally:
+            if hold_id is not None and held is not None:
+                self.collector.release(held, hold_id)
+
     def _write_blob(self, upload: UploadedState, plan: CanonicalPlan) -> BlobWriter:
         writer = self.blobs.create(plan.segments)
         try:
@@ -337,8 +401,8 @@ class Store:
     def delete_version(self, name: str, number: int, force: bool = False) -> list[str]:
         """Delete one version; refused (``FailedPrecondition`` naming them) while aliases point
         at it, unless ``force``, which removes those aliases. Returns the aliases removed."""
-        sha, removed = self.repository.delete_version(name, number, force)
-        self.collector.collect([sha])
+        shas, removed = self.repository.delete_version(name, number, force)
+        self.collector.collect(shas)
         return removed
 
     def set_alias(self, name: str, alias: str, number: int) -> VersionInfo:
@@ -453,6 +517,26 @@ class Store:
         author: str = "",
     ) -> VersionInfo:
         return self.operations.patch(name, param, value, ref, index, op, note=note, author=author)
+
+    def apply_update(
+        self,
+        name: str,
+        values: Mapping[str, Any],
+        optimizer: str | None = None,
+        ref: int | str | None = None,
+        deltas: bool = False,
+        note: str = "",
+        author: str = "",
+        parent: int | None = None,
+    ) -> VersionInfo:
+        """Gradients by parameter name and an optimizer step (``"sgd(lr=0.1)"``), or with
+        ``deltas`` values added as they are → a new ``update`` version (see ``updates``).
+        ``parent``: the version they were computed from, which ``ref`` must still name."""
+        from .updates import update_version
+
+        return update_version(
+            self, name, values, optimizer, ref, deltas, note, author, parent=parent
+        )
 
     materialize.__doc__ = Operations.materialize.__doc__
     initialize.__doc__ = Operations.initialize.__doc__

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 from paramserve.registry.errors import (
+    Aborted,
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
@@ -34,6 +35,7 @@ CORE_STATUS: dict[type[ParamserveError], grpc.StatusCode] = {
     DataLoss: grpc.StatusCode.DATA_LOSS,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Aborted: grpc.StatusCode.ABORTED,
 }
 # The client's way back: a status code → the class (UNAVAILABLE, the core's Unavailable
 # included, stays a ServerError: it is also what an unreachable server gives).
