@@ -71,16 +71,18 @@ def gradients(
             if pairs:
                 torch.autograd.backward(*map(list, zip(*pairs)))
         grads: dict[str, torch.Tensor] = {}
-        by_param: dict[int, list[str]] = {}
         for name, param in named:
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             grads[name] = grad.detach().cpu()
+        by_param: dict[int, list[str]] = {}  # every name, so a tie outside the selection shows
+        for name, param in work.named_parameters(remove_duplicate=False):
             by_param.setdefault(id(param), []).append(name)
     tied = {
         name: tuple(n for n in names if n != name)
         for names in by_param.values()
         if len(names) > 1
         for name in names
+        if name in grads
     }
     return GradientResult(value, grads, tied)
 
@@ -88,10 +90,13 @@ def gradients(
 def _copy(module: nn.Module) -> nn.Module:
     """A deep copy in eval() mode whose parameters are ordinary (not inference) tensors."""
     work = copy.deepcopy(module)
-    for submodule in work.modules():
+    fresh: dict[int, nn.Parameter] = {}  # one replacement per parameter: ties stay ties
+    for _, submodule in work.named_modules(remove_duplicate=False):
         for key, param in list(submodule._parameters.items()):
             if param is not None and param.is_inference():
-                submodule._parameters[key] = nn.Parameter(param.clone(), param.requires_grad)
+                if id(param) not in fresh:
+                    fresh[id(param)] = nn.Parameter(param.clone(), param.requires_grad)
+                submodule._parameters[key] = fresh[id(param)]
     work.eval()
     work.zero_grad(set_to_none=True)
     return work

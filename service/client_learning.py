@@ -6,6 +6,158 @@ Like the client, nothing heavy at import: numpy and torch only inside the calls 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
 
-class LearningClient:
+
+@dataclass
+class GradientStat:
+    """One gradient's summary as the server computed it (float64)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    norm: float
+    min: float
+    max: float
+    mean: float
+    tied_with: tuple[str, ...] = ()
+
+
+@dataclass
+class GradientsResult:
+    """``loss``: None when grad_outputs seeded the backward. ``grads``: by state_dict key
+    (empty with ``stats_only``): numpy arrays, or torch tensors when the inputs were torch.
+    ``stats``: every gradient's shape, norm, min, max, mean. ``version``: what answered."""
+
+    loss: float | None
+    grads: dict[str, Any]
+    stats: dict[str, GradientStat]
+    version: int = 0
+
+
+class GradientsClient:
+    """``Registry.Gradients``; ``LearningClient`` inherits it."""
+
+    def gradients(
+        self,
+        name: str,
+        inputs,
+        loss: str | None = None,
+        targets=None,
+        grad_outputs=None,
+        params: list[str] | str | None = None,
+        stats_only: bool = False,
+        ref: str | int | None = None,
+    ) -> GradientsResult:
+        """The gradients of ``loss`` (``"mse"``, ``"cross_entropy"``, ``"sum"``: the seeds'
+        ``net(X).sum().backward()``) of ``inputs`` against ``targets``, or of the outputs
+        seeded with ``grad_outputs`` (a tensor, or a sequence of one per output), for
+        ``params`` (state_dict keys or submodule paths; default: every parameter). Nothing
+        is stored. ``inputs``: a tensor/array, or a dict by input name. Neither loss nor
+        grad_outputs: ``"sum"``. Torch inputs give torch gradients, as ``infer`` does."""
+        from paramserve.protos import registry_pb2 as pb
+        from paramserve.registry.values import INPUT_NAME
+
+        from .client_files import is_torch_tensor, torch_module
+
+        named = dict(inputs) if isinstance(inputs, dict) else {INPUT_NAME: inputs}
+        uses_torch = any(is_torch_tensor(v) for v in named.values())
+        if loss is None and grad_outputs is None:
+            loss = "sum"
+        if grad_outputs is not None and not isinstance(grad_outputs, (list, tuple)):
+            grad_outputs = [grad_outputs]
+        request = pb.GradientsRequest(
+            model=name,
+            ref="" if ref is None else str(ref),
+            inputs=[_input_tensor(str(k), v) for k, v in named.items()],
+            loss=loss or "",
+            grad_outputs=[
+                _input_tensor(f"grad_outputs[{i}]", g) for i, g in enumerate(grad_outputs or ())
+            ],
+            params=[params] if isinstance(params, str) else list(params or ()),
+            stats_only=stats_only,
+        )
+        if targets is not None:
+            request.target.CopyFrom(_input_tensor("target", targets))
+        header, data = self._gradient_stream(request)
+        return _gradients_result(header, data, torch_module() if uses_torch else None, stats_only)
+
+    def _gradient_stream(self, request):
+        """The header and the data bytes; a watchdog (as downloads have) ends a stalled one."""
+        import grpc
+
+        from .client import ServerError, _raise_from
+        from .client_streams import Stall
+
+        header, parts = None, []
+        call = self.registry.Gradients(request, timeout=None, metadata=self.metadata)
+        stall = None
+        try:
+            with Stall(call, self.timeout_s) as stall:
+                for chunk in call:
+                    stall.progress()
+                    if chunk.WhichOneof("kind") == "header":
+                        header = chunk.header
+                    else:
+                        parts.append(chunk.data)
+        except grpc.RpcError as err:
+            if stall is not None and stall.fired:
+                raise ServerError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"gradients of {request.model!r} received nothing for "
+                    f"{self.timeout_s:g} s (the client's timeout_s); retry, or raise it",
+                ) from None
+            _raise_from(err)
+        return header, b"".join(parts)
+
+
+def _input_tensor(name: str, value):
+    """Torch tensors in their dtype; anything else as ``infer`` sends it (Python floats as
+    float32; Python ints stay int64 for class indices)."""
+    from paramserve.protos import registry_pb2 as pb
+
+    from . import wire
+    from .client import _as_array
+    from .client_files import is_torch_tensor
+
+    if is_torch_tensor(value):
+        from . import convert
+
+        return convert.tensor_to_proto(name, value.detach().cpu().contiguous())
+    array = _as_array(value)
+    return pb.Tensor(
+        name=name, dtype=wire.safetensors_name(array), shape=list(array.shape), data=array.tobytes()
+    )
+
+
+def _gradients_result(header, data: bytes, torch, stats_only: bool) -> GradientsResult:
+    from paramserve.registry.errors import DataLoss
+
+    from . import wire
+
+    if header is None:
+        raise DataLoss("the gradients stream ended without its header; retry")
+    grads, stats, at = {}, {}, 0
+    for g in header.gradients:
+        stats[g.name] = GradientStat(
+            tuple(g.shape), g.dtype, g.norm, g.min, g.max, g.mean, tuple(g.tied_with)
+        )
+        if stats_only:
+            continue
+        carried = wire.bits(g.dtype, data[at : at + g.size_bytes], g.shape, f"gradient {g.name!r}")
+        at += g.size_bytes
+        carried = carried.copy()
+        if torch is None:
+            grads[g.name] = wire.to_numpy(g.dtype, carried)
+        else:
+            value = torch.from_numpy(carried)
+            grads[g.name] = value.view(torch.bfloat16) if g.dtype == "BF16" else value
+    if at != len(data):
+        raise DataLoss(f"the gradients stream held {len(data)} bytes, its header {at}; retry")
+    return GradientsResult(
+        header.loss if header.HasField("loss") else None, grads, stats, header.version
+    )
+
+
+class LearningClient(GradientsClient):
     """Gradients, pushed updates, diffs and history; ``Client`` inherits it."""

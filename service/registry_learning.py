@@ -7,10 +7,148 @@ each other without growing the main servicer.
 
 from __future__ import annotations
 
+# ---- gradients (L1) ---------------------------------------------------------------------
+
+GRADIENT_CHUNK_BYTES = 1 << 20
+MAX_GRADIENT_CHUNK_BYTES = 16 << 20
+MAX_GRADIENT_NAMES = 10_000  # names or paths in one request (a model has fewer)
+MAX_NAME_CHARS = 1000
+
 
 async def gradients(servicer, request, context):
-    """Registry.Gradients: a header (loss, each gradient's stats), then the gradients' bytes."""
-    from paramserve.registry.errors import FailedPrecondition
+    """Registry.Gradients: a header (loss, each gradient's shape and stats), then unless
+    stats_only the gradients' bytes, concatenated in the header's order, in chunks.
 
-    raise FailedPrecondition("Gradients is being built")
-    yield  # an async generator: a server stream
+    Bounded before any work: name count and length, chunk size, and each input, target and
+    grad_outputs tensor by --max-tensor-elements (the codec's inference checks). The module
+    is the one inference serves (a lazy model's first request materializes it, as inference
+    does), deep-copied on the device's compute thread; the copy is dropped after."""
+    import asyncio
+
+    from paramserve.protos import registry_pb2 as pb
+    from paramserve.registry.errors import InvalidArgument, ResourceExhausted
+
+    chunk_bytes = request.chunk_bytes or GRADIENT_CHUNK_BYTES
+    if not 0 < chunk_bytes <= MAX_GRADIENT_CHUNK_BYTES:
+        raise InvalidArgument(f"chunk_bytes must be 1..{MAX_GRADIENT_CHUNK_BYTES}")
+    if len(request.params) > MAX_GRADIENT_NAMES:
+        raise ResourceExhausted(
+            f"{len(request.params)} parameter names; at most {MAX_GRADIENT_NAMES} (name a "
+            "submodule path to select many)"
+        )
+    if any(len(p) > MAX_NAME_CHARS for p in request.params):
+        raise InvalidArgument(f"a parameter name is over {MAX_NAME_CHARS} characters")
+    limit = getattr(servicer, "max_tensor_elements", 1 << 28)
+    manager = servicer.manager
+    wire_inputs = _kserve_view(request.model, request.inputs)
+    if await manager.resolve(request.model, request.ref) is None:  # lazy: check, then make one
+        _, _, signature = await manager.signature(request.model, "")
+        _decode_inputs(wire_inputs, signature, limit)
+    shape = tuple(request.inputs[0].shape) if request.inputs else None
+    loaded = await manager.get(request.model, request.ref, shape)
+    signature = loaded.signature
+    inputs = tuple(_decode_inputs(wire_inputs, signature, limit).values())
+    target = _free_tensor(request.target, "target", limit) if request.HasField("target") else None
+    seeds = tuple(
+        _free_tensor(g, f"grad_outputs[{i}]", limit) for i, g in enumerate(request.grad_outputs)
+    )
+    result = await asyncio.get_running_loop().run_in_executor(
+        loaded.runner,
+        _compute,
+        loaded,
+        inputs,
+        request.loss or None,
+        target,
+        seeds or None,
+        list(request.params) or None,
+    )
+    header = pb.GradientsHeader(version=loaded.version.number)
+    if result.loss is not None:
+        header.loss = result.loss
+    blobs = []
+    for name, grad in result.grads.items():
+        entry = header.gradients.add(
+            name=name, shape=list(grad.shape), tied_with=result.tied.get(name, ())
+        )
+        _fill_stats(entry, grad)
+        if not request.stats_only:
+            data = _grad_bytes(grad)
+            entry.size_bytes = len(data)
+            blobs.append(data)
+    yield pb.GradientsChunk(header=header)
+    for data in blobs:
+        for at in range(0, len(data), chunk_bytes):
+            yield pb.GradientsChunk(data=data[at : at + chunk_bytes])
+
+
+def _compute(loaded, inputs, loss, target, seeds, params):
+    from paramserve.registry.gradients import gradients
+
+    names = tuple(t.name for t in loaded.signature.outputs)
+    return gradients(
+        loaded.module,
+        inputs,
+        loss=loss,
+        targets=target,
+        grad_outputs=seeds,
+        params=params,
+        output_names=names,
+    )
+
+
+def _kserve_view(model: str, tensors):
+    """Registry ``Tensor`` messages seen as a KServe request (name, datatype, shape, raw
+    contents), so the inference codec checks them against the signature as it checks
+    inference inputs: names, datatypes, shapes, element counts, rows."""
+    from types import SimpleNamespace
+
+    from paramserve.registry.errors import InvalidArgument
+
+    from .wire import SAFETENSORS_OF
+
+    kserve_of = {st: kserve for kserve, st in SAFETENSORS_OF.items()}
+    inputs = []
+    for t in tensors:
+        if t.dtype not in kserve_of:
+            raise InvalidArgument(
+                f"input {t.name[:80]!r} has dtype {t.dtype[:20]!r}; use one of {sorted(kserve_of)}"
+            )
+        inputs.append(SimpleNamespace(name=t.name, datatype=kserve_of[t.dtype], shape=t.shape))
+    return SimpleNamespace(
+        model_name=model, inputs=inputs, raw_input_contents=[t.data for t in tensors]
+    )
+
+
+def _decode_inputs(view, signature, limit: int):
+    from . import codec
+
+    return codec.decode_inputs(view, signature, limit)
+
+
+def _free_tensor(msg, what: str, limit: int):
+    """A target or grad_outputs tensor: any datatype and shape, bounded like an input."""
+    from paramserve.registry.signature import TensorSignature
+
+    from . import codec
+
+    view = _kserve_view("", [msg])
+    tensor = view.inputs[0]
+    tensor.name = what
+    spec = TensorSignature(what, codec.TORCH_OF[tensor.datatype], (-1,) * len(msg.shape))
+    return codec.decode_tensor(tensor, msg.data, spec, limit)
+
+
+def _fill_stats(entry, grad) -> None:
+    from paramserve.registry.tensorfile import dtype_name
+
+    entry.dtype = dtype_name(grad.dtype)
+    if grad.numel():
+        wide = grad.double()
+        entry.norm = float(wide.norm())
+        entry.min, entry.max, entry.mean = float(wide.min()), float(wide.max()), float(wide.mean())
+
+
+def _grad_bytes(grad) -> bytes:
+    from paramserve.registry.tensorfile import tensor_bytes
+
+    return bytes(tensor_bytes(grad.contiguous()))

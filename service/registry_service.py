@@ -32,6 +32,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         max_upload_bytes: int,
         metrics=None,
         stream_idle_timeout_s: float = 0.0,
+        max_tensor_elements: int = 1 << 28,
     ):
         self.manager = manager
         self.store = manager.store
@@ -39,6 +40,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
         self.idle_s = stream_idle_timeout_s
+        self.max_tensor_elements = max_tensor_elements  # learning RPCs' inputs, as inference's
         os.makedirs(spool_dir, exist_ok=True)
 
     async def run_blocking(self, fn, *args, **kwargs):

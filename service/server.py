@@ -168,6 +168,7 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
                     config.max_upload_mb << 20,
                     metrics,
                     config.stream_idle_timeout_s,
+                    config.max_tensor_elements,
                 ),
                 metrics,
                 edge,
