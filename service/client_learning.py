@@ -159,5 +159,90 @@ def _gradients_result(header, data: bytes, torch, stats_only: bool) -> Gradients
     )
 
 
-class LearningClient(GradientsClient):
+def _wire_tensor(name: str, value):
+    """A torch tensor in its own dtype, or anything ``np.asarray`` takes, as a ``Tensor``."""
+    from paramserve.protos import registry_pb2 as pb
+
+    from . import convert, wire
+    from .client_files import is_torch_tensor
+
+    if is_torch_tensor(value):
+        return convert.tensor_to_proto(name, value.detach().cpu().contiguous())
+    import numpy as np
+
+    array = np.ascontiguousarray(np.asarray(value))
+    return pb.Tensor(
+        name=name, dtype=wire.safetensors_name(array), shape=list(array.shape), data=array.tobytes()
+    )
+
+
+class UpdateClient:
+    """Pushed updates (``ApplyUpdate``, ``Train``); ``LearningClient`` inherits it."""
+
+    def apply_update(
+        self,
+        name: str,
+        grads,
+        optimizer: str | None = None,
+        ref: str | int | None = None,
+        deltas: bool = False,
+        note: str = "",
+        parent: int | None = None,
+    ):
+        """Apply gradients by parameter name (``{"2.weight": g, ...}``: torch tensors or
+        arrays) with ``optimizer`` (``"sgd(lr=0.03, momentum=0.9)"``, ``"adam(lr=1e-3)"``),
+        or add them as they are with ``deltas=True`` → the new version. ``ref`` (default: the
+        latest; an alias moves with the update) must still name the version the gradients
+        came from (``parent``: that version's number; default: what ``ref`` names when the
+        request arrives): else ``Aborted`` ("rebase onto vN"), and nothing is applied."""
+        from paramserve.protos import registry_pb2 as pb
+
+        from . import convert
+
+        request = pb.ApplyUpdateRequest(
+            model=name,
+            ref="" if ref is None else str(ref),
+            values=[_wire_tensor(k, v) for k, v in grads.items()],
+            deltas=deltas,
+            optimizer=optimizer or "",
+            note=note,
+            parent=parent or 0,
+        )
+        return convert.version_from_proto(self._call(self.registry.ApplyUpdate, request))
+
+    def train(
+        self,
+        name: str,
+        inputs,
+        targets=None,
+        loss: str = "mse",
+        optimizer: str = "sgd(lr=0.01)",
+        ref: str | int | None = None,
+        params: list[str] | None = None,
+        note: str = "",
+    ):
+        """One training step on the server: the ``loss`` of ``inputs`` against ``targets``,
+        its gradients and an ``optimizer`` step → ``(new version, loss before the step)``.
+        ``inputs``: one tensor/array, or a dict by input name."""
+        from paramserve.protos import registry_pb2 as pb
+
+        from . import convert
+
+        named = inputs if isinstance(inputs, dict) else {"input": inputs}
+        request = pb.TrainRequest(
+            model=name,
+            ref="" if ref is None else str(ref),
+            inputs=[_wire_tensor(k, v) for k, v in named.items()],
+            loss=loss,
+            optimizer=optimizer,
+            params=list(params or ()),
+            note=note,
+        )
+        if targets is not None:
+            request.target.CopyFrom(_wire_tensor("target", targets))
+        reply = self._call(self.registry.Train, request)
+        return convert.version_from_proto(reply.version), reply.loss
+
+
+class LearningClient(GradientsClient, UpdateClient):
     """Gradients, pushed updates, diffs and history; ``Client`` inherits it."""

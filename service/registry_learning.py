@@ -152,3 +152,89 @@ def _grad_bytes(grad) -> bytes:
     from paramserve.registry.tensorfile import tensor_bytes
 
     return bytes(tensor_bytes(grad.contiguous()))
+
+
+# ---- pushed updates (L2) ----------------------------------------------------------------
+
+MAX_UPDATE_TENSORS = 100_000  # names in one update or batch; each is also checked by name
+
+
+def _tensors(servicer, messages, what: str) -> list:
+    """Wire tensors, bounded like inference inputs (count, then elements) before decoding."""
+    from paramserve.registry.errors import ResourceExhausted
+
+    from . import convert
+
+    if len(messages) > MAX_UPDATE_TENSORS:
+        raise ResourceExhausted(f"{len(messages)} {what}; at most {MAX_UPDATE_TENSORS}")
+    limit = getattr(servicer, "max_tensor_elements", 1 << 28)
+    out = []
+    for msg in messages:
+        numel = 1
+        for size in msg.shape:
+            numel *= max(int(size), 0)
+        if numel > limit:
+            raise ResourceExhausted(
+                f"{what} tensor {msg.name[:80]!r} has {numel} elements, over the limit of "
+                f"{limit}; split it (--max-tensor-elements)"
+            )
+        out.append((msg.name, convert.tensor_from_proto(msg)))
+    return out
+
+
+async def apply_update(servicer, request, context):
+    """Registry.ApplyUpdate → the new version (ABORTED when its ref moved meanwhile)."""
+    from paramserve.registry.errors import InvalidArgument
+
+    from . import convert
+    from .auth import current_author
+
+    values = _tensors(servicer, request.values, "update values")
+    named = dict(values)
+    if len(named) != len(values):
+        raise InvalidArgument("an update names a parameter twice; send each once")
+    version = await servicer.run_blocking(
+        servicer.store.apply_update,
+        request.model,
+        named,
+        optimizer=request.optimizer or None,
+        ref=request.ref or None,
+        deltas=request.deltas,
+        note=request.note,
+        author=current_author(),
+        parent=request.parent or None,
+    )
+    servicer.manager.forget(request.model)
+    return convert.version_to_proto(version)
+
+
+async def train(servicer, request, context):
+    """Registry.Train → the new version and the batch's loss before the step."""
+    from paramserve.protos import registry_pb2 as pb
+    from paramserve.registry.updates import train_version
+
+    from . import convert
+    from .auth import current_author
+
+    inputs = [t for _, t in _tensors(servicer, request.inputs, "inputs")]
+    target = None
+    if request.HasField("target"):
+        target = _tensors(servicer, [request.target], "targets")[0][1]
+    result = await servicer.run_blocking(
+        train_version,
+        servicer.store,
+        request.model,
+        inputs,
+        target,
+        request.loss,
+        request.optimizer,
+        ref=request.ref or None,
+        params=list(request.params) or None,
+        note=request.note,
+        author=current_author(),
+    )
+    servicer.manager.forget(request.model)
+    return pb.TrainResponse(version=convert.version_to_proto(result.version), loss=result.loss)
+
+
+# ---- diff and history (L3) ----------------------------------------------------------------

@@ -210,3 +210,5 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     # ---- learning RPCs: registry_learning's functions, each taking this servicer ----
     Gradients = registry_learning.gradients
+    ApplyUpdate = registry_learning.apply_update
+    Train = registry_learning.train
