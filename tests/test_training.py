@@ -56,3 +56,21 @@ def test_seeds_mlp_trained_through_the_server_equals_in_process(client, model_na
     for name, value in net.state_dict().items():
         assert torch.equal(final[name], value), f"{name} differs after {STEPS} steps"
     assert elapsed < 60, f"{STEPS} Train calls took {elapsed:.1f} s"
+
+
+def test_readme_backprop_example_runs_against_a_server(server):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "client.train(" in b
+    )
+    example = example.replace("127.0.0.1:8001", server.address)
+    done = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "version 51, loss" in done.stdout and "pushed version 52 (parent 51)" in done.stdout
