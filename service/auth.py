@@ -1,6 +1,8 @@
 """Optional bearer-token auth: ``authorization: Bearer <token>`` metadata on every RPC.
 
-The token file holds one token per line; ``<token> read`` marks a read-only token. Mutating
+The token file holds one token per line; ``<token> read`` marks a read-only token, and a last
+word ``name=NAME`` names it (default ``token-LINE``): the name is recorded as the author of
+the versions the token makes (``current_author()`` while its call runs). Mutating
 Registry RPCs need a full token; with ``open_reads`` the read-only RPCs (inference, listings,
 downloads) need none. Health and reflection stay open so probes and tools work. A missing or
 unknown token is UNAUTHENTICATED; a read-only token on a mutating RPC is PERMISSION_DENIED.
@@ -8,8 +10,9 @@ unknown token is UNAUTHENTICATED; a read-only token on a mutating RPC is PERMISS
 
 from __future__ import annotations
 
+import contextvars
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -47,14 +50,25 @@ READ_ONLY_METHODS = {
         "GetTensor",
         "DescribeModule",
         "Gradients",
+        "Diff",
     )
 }
+# The name of the token of the call being served ("" without tokens): set by the interceptor's
+# wrapper around the handler, read by the servicer (a contextvar: each call runs in its task).
+_AUTHOR: contextvars.ContextVar[str] = contextvars.ContextVar("paramserve_author", default="")
+MAX_TOKEN_NAME_CHARS = 200
+
+
+def current_author() -> str:
+    """The token name of the call being served; "" when the server checks no tokens."""
+    return _AUTHOR.get()
 
 
 @dataclass(frozen=True)
 class Tokens:
     full: tuple[str, ...]
     read_only: tuple[str, ...]
+    names: dict[str, str] = field(default_factory=dict)  # token → its name
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokens:
@@ -62,6 +76,7 @@ class Tokens:
         printable ASCII, the only thing gRPC metadata can carry."""
         full: list[str] = []
         read_only: list[str] = []
+        names: dict[str, str] = {}
         try:
             lines = Path(path).read_bytes().splitlines()
         except OSError as err:
@@ -77,12 +92,26 @@ class Tokens:
                     "write it with letters, digits and punctuation only"
                 )
             words = [part.decode("ascii") for part in parts]
+            name = f"token-{number}"
+            if len(words) > 1 and words[-1].startswith("name="):
+                name = words.pop()[len("name=") :]
+                if not 0 < len(name) <= MAX_TOKEN_NAME_CHARS:
+                    raise InvalidArgument(
+                        f"{path}:{number}: a token's name= is 1..{MAX_TOKEN_NAME_CHARS} characters"
+                    )
             if len(words) > 2 or (len(words) == 2 and words[1] != "read"):
-                raise InvalidArgument(f"{path}:{number}: write TOKEN or 'TOKEN read'")
+                raise InvalidArgument(
+                    f"{path}:{number}: write TOKEN or 'TOKEN read', optionally then name=NAME"
+                )
             (read_only if len(words) == 2 else full).append(words[0])
+            names[words[0]] = name
         if not full and not read_only:
             raise InvalidArgument(f"--auth-token-file {path} holds no token")
-        return cls(tuple(full), tuple(read_only))
+        return cls(tuple(full), tuple(read_only), names)
+
+    def name_of(self, token: str) -> str:
+        """The name of a known token (call after ``role`` accepted it)."""
+        return self.names.get(token, "")
 
     def role(self, token: str) -> str | None:
         """'full', 'read' or None, comparing in constant time."""
@@ -110,9 +139,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         reading = method in READ_ONLY_METHODS
         if reading and self.open_reads:
             return handler
-        role = self.tokens.role(_bearer(handler_call_details.invocation_metadata))
+        token = _bearer(handler_call_details.invocation_metadata)
+        role = self.tokens.role(token)
         if role == "full" or (role == "read" and reading):
-            return handler
+            return _as_author(handler, self.tokens.name_of(token))
         if role == "read":
             return _refusing(
                 handler,
@@ -137,6 +167,33 @@ def _bearer(metadata) -> str:
         if key == "authorization" and value.startswith("Bearer "):
             return value[len("Bearer ") :].strip()
     return ""
+
+
+def _as_author(handler, name: str):
+    """The handler, run with ``current_author()`` answering ``name``."""
+
+    def unary(behaviour):
+        async def run(request, context):
+            _AUTHOR.set(name)  # the call's own task context: gone with the call
+            return await behaviour(request, context)
+
+        return run
+
+    def streaming(behaviour):
+        async def run(request, context):
+            _AUTHOR.set(name)
+            async for item in behaviour(request, context):
+                yield item
+
+        return run
+
+    if handler.unary_unary:
+        return handler._replace(unary_unary=unary(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=unary(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=streaming(handler.unary_stream))
+    return handler._replace(stream_stream=streaming(handler.stream_stream))
 
 
 def _refusing(handler, code: grpc.StatusCode, message: str):

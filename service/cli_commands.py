@@ -180,7 +180,9 @@ def cmd_upload(args) -> int:
     progress, close = _progress_bar(f"upload {os.path.basename(args.file)}", args.quiet)
     try:
         with _client(args) as client:
-            version = client.upload(args.name, args.file, alias=args.alias, progress=progress)
+            version = client.upload(
+                args.name, args.file, alias=args.alias, progress=progress, note=args.note
+            )
     finally:
         close()
     aliases = f" (alias {args.alias})" if args.alias else ""
@@ -286,7 +288,13 @@ def cmd_init(args) -> int:
         raise ValueError(f"--input-shape {args.input_shape!r}: write sizes like 2,20") from None
     with _client(args) as client:
         version = client.initialize(
-            name, args.scheme, ref, module_path=args.module, seed=args.seed, input_shape=shape
+            name,
+            args.scheme,
+            ref,
+            module_path=args.module,
+            seed=args.seed,
+            input_shape=shape,
+            note=args.note,
         )
     print(f"initialized {name}: version {version.number} (parent {version.parent or '-'})")
     return 0
@@ -302,7 +310,7 @@ def cmd_patch(args) -> int:
     except json.JSONDecodeError:
         raise ValueError(f"VALUE {args.value!r} must be a number or a JSON array") from None
     with _client(args) as client:
-        version = client.patch(name, param, value, ref, index=index, op=args.op)
+        version = client.patch(name, param, value, ref, index=index, op=args.op, note=args.note)
     print(f"patched {name}: version {version.number} (parent {version.parent or '-'})")
     return 0
 

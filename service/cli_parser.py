@@ -32,6 +32,7 @@ GLOBAL_NOTE = (
     "command; flags win over PARAMSERVE_* variables"
 )
 
+NOTE_HELP = "a note recorded with the new version (`paramserve log` shows it)"
 CLIENT = settings_of(ClientSettings)
 LOG = settings_of(LogSettings)
 OUTPUT = settings_of(OutputSettings)
@@ -225,6 +226,7 @@ def build_parser() -> Parser:
     upload.add_argument("name", metavar="NAME")
     upload.add_argument("file", metavar="FILE")
     upload.add_argument("--alias", metavar="ALIAS")
+    upload.add_argument("--note", default="", help=NOTE_HELP)
     upload.add_argument(
         "--quiet",
         action="store_true",
@@ -324,6 +326,7 @@ def build_parser() -> Parser:
     init.add_argument(
         "--input-shape", metavar="SHAPE", help="for a lazy model with no version, e.g. 2,20"
     )
+    init.add_argument("--note", default="", help=NOTE_HELP)
 
     patch = command(
         "patch",
@@ -338,6 +341,7 @@ def build_parser() -> Parser:
     patch.add_argument("param", metavar="PARAM[INDEX]", help="e.g. '0.weight[0, 0]'")
     patch.add_argument("value", metavar="VALUE", help="a number or a JSON array")
     patch.add_argument("--op", choices=("set", "add", "mul"), default="set")
+    patch.add_argument("--note", default="", help=NOTE_HELP)
 
     infer = command(
         "infer",

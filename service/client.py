@@ -173,6 +173,7 @@ class Client(LearningClient):
         alias: str | None = None,
         progress: Progress | None = None,
         timeout_s: float | None = None,
+        note: str = "",
     ) -> VersionInfo:
         """Upload a .safetensors / torch.save file (path or bytes) or a dict of torch tensors
         or numpy arrays.
@@ -182,16 +183,22 @@ class Client(LearningClient):
         safetensors header or zip archive, a pickled model instead of a state_dict) is
         refused here, before a byte is sent. One pass over the file: it is hashed while it is
         sent, and the sha256 follows the last chunk in a trailer (servers before the trailer
-        need ``_size_and_sha256`` first).
+        need ``_size_and_sha256`` first). The file's name (a path's) and ``note`` are
+        recorded with the version, with the sha256 of the bytes sent.
         """
         from .client_files import check_upload, upload_path
 
         with upload_path(source) as (path, label):
             check_upload(path, label)
             size = path.stat().st_size
-            chunks = hashed_upload_chunks(
-                path, pb.UploadHeader(model=name, alias=alias or "", size_bytes=size), progress
+            header = pb.UploadHeader(
+                model=name,
+                alias=alias or "",
+                size_bytes=size,
+                file_name=path.name if isinstance(source, (str, os.PathLike)) else "",
+                note=note,
             )
+            chunks = hashed_upload_chunks(path, header, progress)
             msg = self._call(
                 self.registry.UploadVersion,
                 chunks,
@@ -381,6 +388,7 @@ class Client(LearningClient):
         module_path: str | None = None,
         seed: int | None = None,
         input_shape: Sequence[int] | None = None,
+        note: str = "",
     ) -> VersionInfo:
         request = pb.InitializeRequest(
             model=name,
@@ -388,6 +396,7 @@ class Client(LearningClient):
             scheme=scheme,
             module_path=module_path or "",
             input_shape=list(input_shape or ()),
+            note=note,
         )
         if seed is not None:
             request.seed = seed
@@ -401,11 +410,14 @@ class Client(LearningClient):
         ref: str | int | None = None,
         index: str | None = None,
         op: str = "set",
+        note: str = "",
     ) -> VersionInfo:
         from . import wire
         from .client_files import is_torch_tensor
 
-        request = pb.PatchRequest(model=name, ref=_ref(ref), param=param, index=index or "", op=op)
+        request = pb.PatchRequest(
+            model=name, ref=_ref(ref), param=param, index=index or "", op=op, note=note
+        )
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             request.scalar = float(value)
         elif is_torch_tensor(value):

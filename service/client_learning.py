@@ -244,5 +244,62 @@ class UpdateClient:
         return convert.version_from_proto(reply.version), reply.loss
 
 
-class LearningClient(GradientsClient, UpdateClient):
+class HistoryClient:
+    """Diffs and history (``Diff``, ``ListVersions``); ``LearningClient`` inherits it."""
+
+    def diff(
+        self,
+        name: str,
+        ref_a: str | int | None,
+        ref_b: str | int | None,
+        name_b: str | None = None,
+        all_tensors: bool = False,
+    ) -> dict[str, Any]:
+        """Per tensor of ``name@ref_a`` vs ``name_b@ref_b`` (default: the same model): status
+        (same, changed, only_a, only_b, shape), changed_elements, max_abs_diff, l2_diff,
+        relative_change; changed tensors only unless ``all_tensors``."""
+        from paramserve.protos import registry_pb2 as pb
+
+        from . import convert
+
+        msg = self._call(  # type: ignore[attr-defined]
+            self.registry.Diff,  # type: ignore[attr-defined]
+            pb.DiffRequest(
+                model=name,
+                ref_a="" if ref_a is None else str(ref_a),
+                ref_b="" if ref_b is None else str(ref_b),
+                model_b=name_b or "",
+                all=all_tensors,
+            ),
+        )
+        return {
+            "a": convert.version_from_proto(msg.a),
+            "b": convert.version_from_proto(msg.b),
+            "identical": msg.identical,
+            "tensors": msg.tensors,
+            "changed": msg.changed,
+            "diffs": [
+                {
+                    "name": d.name,
+                    "status": d.status,
+                    "shape": list(d.shape),
+                    "dtype": d.dtype,
+                    "elements": d.elements,
+                    "changed_elements": d.changed_elements,
+                    "max_abs_diff": d.max_abs_diff,
+                    "l2_diff": d.l2_diff,
+                    "relative_change": d.relative_change,
+                }
+                for d in msg.diffs
+            ],
+        }
+
+    def log(self, name: str) -> list:
+        """The model's versions newest first (``list_versions`` reversed), each with its
+        origin, parent, author, note, provenance and aliases."""
+        versions = self.list_versions(name)  # type: ignore[attr-defined]
+        return sorted(versions, key=lambda v: v.number, reverse=True)
+
+
+class LearningClient(GradientsClient, UpdateClient, HistoryClient):
     """Gradients, pushed updates, diffs and history; ``Client`` inherits it."""

@@ -113,6 +113,9 @@ def version_to_proto(info: VersionInfo) -> pb.Version:
             )
             for e in info.manifest
         ],
+        provenance_json=json.dumps(dict(info.provenance), separators=(",", ":")),
+        note=info.note,
+        author=info.author,
     )
 
 
@@ -130,6 +133,9 @@ def version_from_proto(msg: pb.Version) -> VersionInfo:
             for t in msg.tensors
         ),
         aliases=tuple(msg.aliases),
+        provenance=json.loads(msg.provenance_json) if msg.provenance_json else {},
+        note=msg.note,
+        author=msg.author,
     )
 
 

@@ -238,3 +238,41 @@ async def train(servicer, request, context):
 
 
 # ---- diff and history (L3) ----------------------------------------------------------------
+
+
+async def diff(servicer, request, context):
+    """Registry.Diff: two versions compared tensor by tensor, read from their blobs in chunks
+    (``registry.diff``); one blob sha256 answers "identical" without reading."""
+    from paramserve.protos import registry_pb2 as pb
+    from paramserve.registry.diff import diff_versions
+
+    from . import convert
+
+    store = servicer.store
+    a = await servicer.run_blocking(store.resolve, request.model, request.ref_a or None)
+    b = await servicer.run_blocking(
+        store.resolve, request.model_b or request.model, request.ref_b or None
+    )
+    result = await servicer.run_blocking(diff_versions, store.blobs, a, b, request.all)
+    return pb.DiffResponse(
+        a=convert.version_to_proto(a),
+        b=convert.version_to_proto(b),
+        identical=result.identical,
+        tensors=result.tensors,
+        changed=result.changed,
+        diffs=[
+            pb.TensorDiff(
+                name=d.name,
+                changed=d.changed,
+                shape=list(d.shape),
+                dtype=d.dtype,
+                elements=d.elements,
+                changed_elements=d.changed_elements,
+                max_abs_diff=d.max_abs_diff,
+                l2_diff=d.l2_diff,
+                relative_change=d.relative_change,
+                status=d.status,
+            )
+            for d in result.diffs
+        ],
+    )

@@ -17,6 +17,7 @@ from paramserve.registry.limits import load_config_json
 from paramserve.registry.queries import entries_at
 
 from . import convert, registry_learning
+from .auth import current_author
 from .models import ModelManager
 from .upload_stream import receive_upload
 
@@ -88,6 +89,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             self.spool_dir,
             self.max_upload_bytes,
             self.idle_s,
+            current_author(),
         )
         if self.metrics is not None:
             self.metrics.bytes_moved("upload", size)
@@ -187,6 +189,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             module_path=request.module_path or None,
             seed=request.seed if request.HasField("seed") else None,
             input_shape=tuple(request.input_shape) or None,
+            note=request.note,
+            author=current_author(),
         )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
@@ -204,6 +208,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             ref=request.ref or None,
             index=request.index or None,
             op=request.op or "set",
+            note=request.note,
+            author=current_author(),
         )
         self.manager.forget(request.model)
         return convert.version_to_proto(version)
@@ -212,3 +218,4 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     Gradients = registry_learning.gradients
     ApplyUpdate = registry_learning.apply_update
     Train = registry_learning.train
+    Diff = registry_learning.diff

@@ -39,6 +39,7 @@ async def receive_upload(
     spool_dir: str,
     max_upload_bytes: int,
     idle_s: float = 0.0,
+    author: str = "",
 ) -> tuple[VersionInfo, int]:
     """Read the stream and store it as a version; returns it and the bytes received.
 
@@ -65,6 +66,9 @@ async def receive_upload(
                     header.alias or None,
                     spool_dir,
                     sha256 or None,
+                    provenance={"file": header.file_name} if header.file_name else None,
+                    note=header.note,
+                    author=author,
                 )
                 batches = _Batches(run_blocking, upload.write)
             elif header is None:
