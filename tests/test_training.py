@@ -74,3 +74,71 @@ def test_readme_backprop_example_runs_against_a_server(server):
     )
     assert done.returncode == 0, done.stderr
     assert "version 51, loss" in done.stdout and "pushed version 52 (parent 51)" in done.stdout
+
+
+def test_cli_train_runs_steps_on_a_batch(server, tmp_path, model_name):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from paramserve.service.client import Client
+
+    with Client(server.address) as client:
+        client.create_model(model_name, "sequential_mlp", {"in_features": 3, "hidden": 4})
+        client.upload(
+            model_name, nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 10)).state_dict()
+        )
+    X, Y = tmp_path / "X.npy", tmp_path / "Y.npy"
+    np.save(X, np.ones((2, 3), np.float32))
+    np.save(Y, np.zeros((2, 10), np.float32))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paramserve.service.cli",
+            "--server",
+            server.address,
+            "train",
+            model_name,
+            "--input",
+            str(X),
+            "--target",
+            str(Y),
+            "--loss",
+            "mse",
+            "--optimizer",
+            "adam(lr=0.01)",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and lines[-1].endswith("version 4 (parent 3)"), lines
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paramserve.service.cli",
+            "--server",
+            server.address,
+            "train",
+            model_name,
+            "--input",
+            str(X),
+            "--target",
+            str(Y),
+            "--loss",
+            "mse",
+            "--optimizer",
+            "adam(lr=-1)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "lr must be finite and > 0" in bad.stderr, bad.stderr
