@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from alembic import command
+from conftest import ServerProcess, fresh_postgres_database, reference_module
 from sqlalchemy import create_engine, text
 
 from paramserve.registry import Store
@@ -19,14 +19,15 @@ from paramserve.registry.database import alembic_config
 from paramserve.registry.diff import diff_versions
 from paramserve.service.client import Client
 
-from conftest import ServerProcess, fresh_postgres_database, reference_module
-
 
 def cli(server, *args, token=None):
     extra = ["--token", token] if token else []
     result = subprocess.run(
-        [sys.executable, "-m", "paramserve.service.cli", "--server", server.address, *extra,
-         *args], capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "paramserve.service.cli", "--server", server.address, *extra, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -34,7 +35,9 @@ def cli(server, *args, token=None):
 def mlp_file(tmp_path, seed=1):
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in reference_module("mlp", False, seed).state_dict().items()}
+    state = {
+        k: v.contiguous() for k, v in reference_module("mlp", False, seed).state_dict().items()
+    }
     path = tmp_path / "weights.safetensors"
     save_file(state, str(path))
     return path, state
@@ -55,7 +58,9 @@ def test_diff_of_a_patch_is_its_one_tensor_with_numpy_figures(client, server, mo
     assert d["changed_elements"] == int((a != b).sum()) == 3 * 20
     assert d["max_abs_diff"] == pytest.approx(np.abs(delta).max(), rel=1e-12)
     assert d["l2_diff"] == pytest.approx(np.linalg.norm(delta), rel=1e-9)
-    assert d["relative_change"] == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(a), rel=1e-9)
+    assert d["relative_change"] == pytest.approx(
+        np.linalg.norm(delta) / np.linalg.norm(a), rel=1e-9
+    )
     every = client.diff(model_name, v1.number, v2.number, all_tensors=True)["diffs"]
     assert [x["status"] for x in every].count("same") == 3
     out = cli(server, "diff", f"{model_name}@1", f"{model_name}@2")
@@ -83,12 +88,20 @@ def test_provenance_of_upload_patch_and_lazy_init(client, server, model_name, tm
     client.create_model(model_name, "mlp")
     path, _ = mlp_file(tmp_path)
     v1 = client.upload(model_name, str(path), note="from the notebook")
-    assert v1.provenance == {"kind": "upload", "file": "weights.safetensors",
-                             "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert v1.provenance == {
+        "kind": "upload",
+        "file": "weights.safetensors",
+        "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     assert v1.note == "from the notebook"
     v2 = client.patch(model_name, "out.bias", 1.5, index="0")
-    assert v2.provenance == {"kind": "patch", "param": "out.bias", "index": "0", "op": "set",
-                             "value": 1.5}
+    assert v2.provenance == {
+        "kind": "patch",
+        "param": "out.bias",
+        "index": "0",
+        "op": "set",
+        "value": 1.5,
+    }
     lazy = model_name + "-lazy"
     client.create_model(lazy, "mlp", config={"in_features": None})
     client.infer(lazy, np.zeros((2, 7), np.float32))
@@ -215,17 +228,27 @@ def check_upgrade(url, data_dir):
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0003")
-        conn.execute(text(
-            "INSERT INTO models (id, name, architecture, config, init, seed, description, "
-            "next_version, created_at) VALUES (1, 'old', 'small_mlp', '{}', 'default', 0, '', "
-            "2, CURRENT_TIMESTAMP)"))
-        conn.execute(text(
-            "INSERT INTO versions (model_id, number, sha256, size_bytes, manifest, origin, "
-            "parent, created_at) VALUES (1, 1, :sha, 10, '[]', 'upload', NULL, "
-            "CURRENT_TIMESTAMP)"), {"sha": "0" * 64})
+        conn.execute(
+            text(
+                "INSERT INTO models (id, name, architecture, config, init, seed, description, "
+                "next_version, created_at) VALUES (1, 'old', 'small_mlp', '{}', 'default', 0, '', "
+                "2, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO versions (model_id, number, sha256, size_bytes, manifest, origin, "
+                "parent, created_at) VALUES (1, 1, :sha, 10, '[]', 'upload', NULL, "
+                "CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "0" * 64},
+        )
     engine.dispose()
-    result = subprocess.run([sys.executable, "-m", "paramserve.service.cli", "db", "upgrade",
-                             "--registry-url", url], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "paramserve.service.cli", "db", "upgrade", "--registry-url", url],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     with Store(url, data_dir=data_dir) as store:
         (v,) = store.list_versions("old")
