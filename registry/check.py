@@ -1,6 +1,7 @@
 """``paramserve check``: verify a data dir's invariants, and optionally clean up after crashes.
 
-Invariants: every version row has its blob and the blob's sha256 matches; no alias points at a
+Invariants: every version row has its blob (and an update's, its optimizer-state blob) and the
+blob's sha256 matches; no alias points at a
 missing version; no temporary file is ever served (they live apart, in ``blobs/tmp`` and
 ``spool``; in an object store, as unfinished multipart uploads and under ``PREFIX/tmp/``).
 Blobs are listed and read through the store's ``blobstore.Blobs``, so both kinds are checked.
@@ -100,8 +101,9 @@ def check(
     report = CheckReport()
     rows, holds, report.dangling_aliases = store.repository.blob_references()
     referenced = set()
+    # a version's blobs: its parameters, and after an update its optimizer state
+    report.versions_checked = len({(model, number) for model, number, _ in rows})
     for model, number, sha in rows:
-        report.versions_checked += 1
         referenced.add(sha)
         label = f"{model}@{number} {sha}"
         if not store.blobs.exists(sha):
