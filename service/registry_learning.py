@@ -82,18 +82,22 @@ async def gradients(servicer, request, context):
 
 
 def _compute(loaded, inputs, loss, target, seeds, params):
+    """On the device's compute thread: gradients of the served module's copy."""
+    from paramserve.registry.errors import NotFound
     from paramserve.registry.gradients import gradients
 
-    names = tuple(t.name for t in loaded.signature.outputs)
-    return gradients(
-        loaded.module,
-        inputs,
-        loss=loss,
-        targets=target,
-        grad_outputs=seeds,
-        params=params,
-        output_names=names,
-    )
+    try:
+        return gradients(
+            loaded.module,
+            inputs,
+            loss=loss,
+            targets=target,
+            grad_outputs=seeds,
+            params=params,
+            output_names=tuple(t.name for t in loaded.signature.outputs),
+        )
+    except NotFound as err:
+        raise NotFound(f"model {loaded.model.name!r}: {err}") from None
 
 
 def _kserve_view(model: str, tensors):
