@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,9 @@ def _as_author(handler, name: str):
         return run
 
     def streaming(behaviour):
+        if not inspect.isasyncgenfunction(behaviour):  # it writes with context.write
+            return unary(behaviour)  # (errors.py's guard): awaited, not iterated
+
         async def run(request, context):
             _AUTHOR.set(name)
             async for item in behaviour(request, context):

@@ -28,6 +28,7 @@ from paramserve.registry.refs import parse_ref
 from paramserve.registry.signature import Signature
 from paramserve.registry.values import ModelInfo, VersionInfo
 
+from .auth import current_author
 from .batch_policy import BatchingPolicy, batching_override
 from .batcher import Batcher
 from .loaded import (
@@ -120,7 +121,9 @@ class ModelManager:
         if version is None:
             if not model.lazy or input_shape is None:
                 raise _nothing_to_serve(name)
-            version = await self.run_blocking(self.store.materialize, name, tuple(input_shape))
+            version = await self.run_blocking(
+                self.store.materialize, name, tuple(input_shape), current_author()
+            )
             self.forget(name)
             model = await self.model(name)
         loaded = await self.load(model, version)

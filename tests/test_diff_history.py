@@ -138,6 +138,10 @@ def test_author_is_the_token_name(tmp_path):
         with Client(srv.address, token="tok-alice-1") as client:
             client.create_model("m", "mlp")
             v1 = client.initialize("m", "normal(0, 0.01)")
+            client.create_model("lazy", "mlp", config={"in_features": None})
+            client.infer("lazy", np.zeros((1, 3), np.float32))  # lazy-init by alice's request
+            (made,) = client.list_versions("lazy")
+            assert (made.origin, made.author) == ("lazy-init", "alice")
         with Client(srv.address, token="tok-bob-22") as client:
             v2 = client.patch("m", "out.bias", 3.0, index="0", note="bob's")
         with Client(srv.address, token="tok-read-3") as client:
