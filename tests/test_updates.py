@@ -21,6 +21,8 @@ from paramserve.registry.check import check
 from paramserve.registry.errors import Aborted, InvalidArgument, NotFound
 from paramserve.registry.updates import parse_optimizer
 
+pytestmark = pytest.mark.store_backends("sqlite", "postgresql")  # the store's tests on both
+
 CONFIG = {"in_features": 4, "hidden": 8, "out_features": 2}
 
 
@@ -290,3 +292,38 @@ def test_check_reports_a_missing_state_blob(store, model):
     store.blobs.path(v2.optimizer_sha256).unlink()
     report = check(store)
     assert not report.ok and report.missing_blobs == [f"m@2 {v2.optimizer_sha256}"]
+
+
+def test_concurrent_store_pushes_abort_all_but_one_per_parent(store, model):
+    """The commit condition holds on both databases (PostgreSQL: two writers that read the
+    same head collide on the version number; the retry sees the new head and aborts)."""
+    accepted, errors = [], []
+
+    def worker():
+        done = 0
+        while done < 3:
+            head = store.latest_or_none("m").number
+            try:
+                v = store.apply_update("m", {"2.bias": torch.ones(2)}, "sgd(lr=0.1)", parent=head)
+            except Aborted:
+                continue
+            except Exception as err:  # noqa: BLE001  (reported below)
+                errors.append(repr(err))
+                return
+            accepted.append(v)
+            done += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    versions = store.list_versions("m")
+    assert len(versions) == 1 + len(accepted) == 13
+    assert [v.parent for v in versions[1:]] == [v.number - 1 for v in versions[1:]]
+    expected = stored(store, ref=1)["2.bias"]
+    for _ in range(12):
+        expected = expected - 0.1 * torch.ones(2)
+    assert torch.equal(stored(store)["2.bias"], expected)  # no update lost, none doubled
+    assert check(store).ok
