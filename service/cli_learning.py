@@ -176,15 +176,20 @@ def add_train_command(command) -> None:
     train.add_argument("ref", metavar="NAME[@REF]", help="REF: the latest, or an alias it moves")
     train.add_argument("--input", required=True, metavar="FILE", help="the batch's inputs, .npy")
     train.add_argument("--target", metavar="FILE", help="the targets, .npy (mse, cross_entropy)")
-    train.add_argument("--loss", required=True, help="mse | cross_entropy | sum")
+    train.add_argument("--loss", required=True, choices=("mse", "cross_entropy", "sum"))
     train.add_argument(
         "--optimizer",
         required=True,
+        metavar="SPEC",
         help="sgd(lr, momentum=0, weight_decay=0) or adam(lr, betas=(0.9, 0.999), eps=1e-8, "
         "weight_decay=0); its state continues from the parent version",
     )
     train.add_argument(
-        "--steps", type=int, default=1, help="steps on the same batch, one version each (1)"
+        "--steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="steps on the same batch, one version each (1)",
     )
     train.add_argument("--note", default="", help="recorded with each new version")
 
