@@ -213,17 +213,29 @@ async def apply_update(servicer, request, context):
 
 
 async def train(servicer, request, context):
-    """Registry.Train → the new version and the batch's loss before the step."""
+    """Registry.Train → the new version and the batch's loss before the step. Inputs are
+    checked against the model's signature by the inference codec (names, datatypes, shapes,
+    --max-tensor-elements), the target like a Gradients target, before any work."""
     from paramserve.protos import registry_pb2 as pb
+    from paramserve.registry.errors import InvalidArgument, ResourceExhausted
     from paramserve.registry.updates import train_version
 
     from . import convert
     from .auth import current_author
 
-    inputs = [t for _, t in _tensors(servicer, request.inputs, "inputs")]
-    target = None
-    if request.HasField("target"):
-        target = _tensors(servicer, [request.target], "targets")[0][1]
+    if len(request.params) > MAX_GRADIENT_NAMES:
+        raise ResourceExhausted(
+            f"{len(request.params)} parameter names; at most "
+            f"{MAX_GRADIENT_NAMES} (name a submodule path to select many)"
+        )
+    if any(len(p) > MAX_NAME_CHARS for p in request.params):
+        raise InvalidArgument(f"a parameter name is over {MAX_NAME_CHARS} characters")
+    limit = getattr(servicer, "max_tensor_elements", 1 << 28)
+    _, _, signature = await servicer.manager.signature(request.model, request.ref)
+    inputs = tuple(
+        _decode_inputs(_kserve_view(request.model, request.inputs), signature, limit).values()
+    )
+    target = _free_tensor(request.target, "target", limit) if request.HasField("target") else None
     result = await servicer.run_blocking(
         train_version,
         servicer.store,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from conftest import reference_module
 from torch import nn
@@ -142,3 +143,18 @@ def test_cli_train_runs_steps_on_a_batch(server, tmp_path, model_name):
         timeout=120,
     )
     assert bad.returncode != 0 and "lr must be finite and > 0" in bad.stderr, bad.stderr
+
+
+def test_train_checks_inputs_against_the_signature_before_any_work(client, model_name):
+    from paramserve.registry.errors import InvalidArgument
+
+    client.create_model(model_name, "mlp")
+    client.upload(model_name, reference_module("mlp", lazy=False).state_dict())
+    for x, y, loss, opt in [
+        (torch.ones(2, 7), torch.ones(2, 10), "mse", "sgd(lr=0.1)"),  # not 20 features
+        (torch.ones(2, 20), torch.ones(2, 10), "hinge", "sgd(lr=0.1)"),
+        (torch.ones(2, 20), torch.ones(2, 10), "mse", "sgd(lr=inf)"),
+    ]:
+        with pytest.raises(InvalidArgument):
+            client.train(model_name, x, y, loss=loss, optimizer=opt)
+    assert len(client.list_versions(model_name)) == 1
