@@ -71,9 +71,12 @@ def gradients(
             if pairs:
                 torch.autograd.backward(*map(list, zip(*pairs)))
         grads: dict[str, torch.Tensor] = {}
+        of_param: dict[int, torch.Tensor] = {}  # a tied parameter: one tensor, every name
         for name, param in named:
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            grads[name] = grad.detach().cpu()
+            if id(param) not in of_param:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                of_param[id(param)] = grad.detach().cpu()
+            grads[name] = of_param[id(param)]
         by_param: dict[int, list[str]] = {}  # every name, so a tie outside the selection shows
         for name, param in work.named_parameters(remove_duplicate=False):
             by_param.setdefault(id(param), []).append(name)

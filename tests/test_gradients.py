@@ -314,3 +314,36 @@ def test_cli_grad_prints_a_table_json_and_saves(server, client, model_name, tmp_
         np.testing.assert_array_equal(npz[name], grad.numpy())
     bad = subprocess.run(base + ["--param", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+# ---- the plain function (registry/gradients.py), as Train uses it --------------------------
+
+def test_the_function_copies_a_module_built_under_inference_mode_and_keeps_ties():
+    from paramserve.registry.gradients import gradients
+
+    with torch.inference_mode():  # parameters that are inference tensors, as a served module's
+        module = reference_module("tied_mlp", False)
+    x = example_input("tied_mlp", False, seed=3)
+    result = gradients(module, (x,), loss="sum")
+    assert result.grads["2.weight"] is result.grads["4.weight"]
+    assert result.tied["2.bias"] == ("4.bias",)
+    assert all(p.grad is None for p in module.parameters())
+    with pytest.raises(InvalidArgument, match="exactly one"):
+        gradients(module, (x,), loss=None)
+    with pytest.raises(InvalidArgument, match="buffer"):  # fixed_hidden_mlp's constant
+        gradients(reference_module("fixed_hidden_mlp", False),
+                  (example_input("fixed_hidden_mlp", False),), loss="sum", params=["rand_weight"])
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_function_runs_on_the_modules_device():
+    from paramserve.registry.gradients import gradients
+
+    module = reference_module("mlp", False)
+    x = example_input("mlp", False, seed=1)
+    on_cpu = gradients(module, (x,), loss="sum")
+    on_gpu = gradients(copy.deepcopy(module).to("cuda:0"), (x,), loss="sum")
+    for name, grad in on_cpu.grads.items():
+        assert on_gpu.grads[name].device.type == "cpu"
+        assert torch.allclose(on_gpu.grads[name], grad, rtol=1e-4, atol=1e-5), name
+    again = gradients(copy.deepcopy(module).to("cuda:0"), (x,), loss="sum")
+    assert all(torch.equal(again.grads[n], g) for n, g in on_gpu.grads.items())
