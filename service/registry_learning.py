@@ -65,20 +65,20 @@ async def gradients(servicer, request, context):
     header = pb.GradientsHeader(version=loaded.version.number)
     if result.loss is not None:
         header.loss = result.loss
-    blobs = []
     for name, grad in result.grads.items():
         entry = header.gradients.add(
             name=name, shape=list(grad.shape), tied_with=result.tied.get(name, ())
         )
         _fill_stats(entry, grad)
         if not request.stats_only:
-            data = _grad_bytes(grad)
-            entry.size_bytes = len(data)
-            blobs.append(data)
+            entry.size_bytes = grad.numel() * grad.element_size()
     yield pb.GradientsChunk(header=header)
-    for data in blobs:
+    if request.stats_only:
+        return
+    for grad in result.grads.values():  # one gradient's bytes at a time: no second copy of all
+        data = memoryview(_grad_bytes(grad))
         for at in range(0, len(data), chunk_bytes):
-            yield pb.GradientsChunk(data=data[at : at + chunk_bytes])
+            yield pb.GradientsChunk(data=bytes(data[at : at + chunk_bytes]))
 
 
 def _compute(loaded, inputs, loss, target, seeds, params):
@@ -152,10 +152,10 @@ def _fill_stats(entry, grad) -> None:
         entry.min, entry.max, entry.mean = float(wide.min()), float(wide.max()), float(wide.mean())
 
 
-def _grad_bytes(grad) -> bytes:
+def _grad_bytes(grad) -> memoryview:
     from paramserve.registry.tensorfile import tensor_bytes
 
-    return bytes(tensor_bytes(grad.contiguous()))
+    return tensor_bytes(grad.contiguous())
 
 
 # ---- pushed updates (L2) ----------------------------------------------------------------
