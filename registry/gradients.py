@@ -69,7 +69,8 @@ def gradients(
             seeds = _check_grad_outputs(ys, grad_outputs)
             pairs = [(y, g.to(device)) for y, g in zip(ys, seeds) if y.requires_grad]
             if pairs:
-                torch.autograd.backward(*map(list, zip(*pairs)))
+                outputs, seeds_of = zip(*pairs)
+                torch.autograd.backward(list(outputs), list(seeds_of))
         grads: dict[str, torch.Tensor] = {}
         of_param: dict[int, torch.Tensor] = {}  # a tied parameter: one tensor, every name
         for name, param in named:
@@ -154,7 +155,10 @@ def _loss(loss: str, ys: tuple[torch.Tensor, ...], target: torch.Tensor | None) 
     if loss == "sum":  # the seeds' net(X).sum().backward(); several outputs: every one's sum
         if target is not None:
             raise InvalidArgument("loss 'sum' takes no target")
-        return sum(y.sum() for y in ys)
+        total = ys[0].sum()
+        for y in ys[1:]:
+            total = total + y.sum()
+        return total
     if target is None:
         raise InvalidArgument(f"loss {loss!r} needs a target")
     if len(ys) != 1:

@@ -289,7 +289,7 @@ class Repository:
                 )
             ]
             rows += [  # an update's optimizer state: a blob its version refers to
-                (model, number, sha256)
+                (model, number, sha256)  # type: ignore[misc]
                 for model, number, sha256 in session.execute(
                     select(ModelRow.name, VersionRow.number, VersionRow.optimizer_sha256)
                     .join(VersionRow, VersionRow.model_id == ModelRow.id)

@@ -56,7 +56,7 @@ class OptimizerSpec:
 
 
 _POSITIONAL = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "betas", "eps")}
-_DEFAULTS = {
+_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"momentum": 0.0, "weight_decay": 0.0},
     "adam": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
 }
@@ -102,7 +102,7 @@ def parse_optimizer(text: str, max_chars: int = 256) -> OptimizerSpec:
         )
     if "lr" not in given:
         raise InvalidArgument(f"{kind} needs a learning rate: e.g. '{kind}(lr=0.01)'")
-    hyper = {"lr": _number(given["lr"], "lr", low=0.0, low_open=True)}
+    hyper: dict[str, Any] = {"lr": _number(given["lr"], "lr", low=0.0, low_open=True)}
     for key, default in _DEFAULTS[kind].items():
         value = given.get(key, default)
         if key == "betas":
@@ -261,7 +261,7 @@ def step_module(
         param.grad = None
     step = (previous.step if continues and previous else 0) + 1
     state = OptimizerState(spec.kind, step, carried)
-    provenance = {
+    provenance: dict[str, Any] = {
         "kind": "update",
         "mode": "gradients",
         "optimizer": spec.kind,

@@ -6,6 +6,7 @@ Like the client, nothing heavy at import: numpy and torch only inside the calls 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +179,9 @@ def _wire_tensor(name: str, value):
 
 class UpdateClient:
     """Pushed updates (``ApplyUpdate``, ``Train``); ``LearningClient`` inherits it."""
+
+    registry: Any  # Client's Registry stub and its call wrapper (annotations only)
+    _call: Callable[..., Any]
 
     def apply_update(
         self,

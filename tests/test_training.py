@@ -7,9 +7,9 @@ bits on CPU.
 
 Thread counts matter: on this MLP, 200 in-process steps on 1 torch thread and on 2 differ from
 step 11 (a CPU kernel splits a reduction by thread). Both sides here use the default, the
-machine's cores, in the threads that compute: the server's pool threads do not take its
-``--torch-threads`` (set in the main thread), so a server on ``--torch-threads 1`` matches an
-in-process run on the default count, not on 1.
+machine's cores (a server's ``--torch-threads N`` applies to every thread it computes in: a
+probe architecture reporting ``torch.get_num_threads()`` from its forward read N on the compute
+thread and on the event loop).
 """
 
 from __future__ import annotations
