@@ -213,7 +213,12 @@ class ModelManager:
         of one per pool thread fighting over the cores, and batches form while it works."""
         key = str(device)
         if key not in self._compute:
-            self._compute[key] = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{key}")
+            self._compute[key] = ThreadPoolExecutor(  # torch's thread count is per thread
+                1,
+                thread_name_prefix=f"compute-{key}",
+                initializer=torch.set_num_threads,
+                initargs=(torch.get_num_threads(),),
+            )
         return self._compute[key]
 
     def shutdown(self) -> None:

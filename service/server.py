@@ -122,8 +122,11 @@ async def start(config: ServerConfig, reuse_port: bool = False) -> RunningServer
         cleanup = getattr(store.blobs, "cleanup", None)
         if cleanup is not None:  # an object store: what killed replicas left, an hour old
             cleanup()
-        executor = ThreadPoolExecutor(
-            max_workers=config.worker_threads, thread_name_prefix="paramserve"
+        executor = ThreadPoolExecutor(  # torch's thread count is per thread: set in each
+            max_workers=config.worker_threads,
+            thread_name_prefix="paramserve",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
         )
         opened.append(lambda: executor.shutdown(wait=True))
         batching = BatchingPolicy(

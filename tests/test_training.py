@@ -6,10 +6,10 @@ falls, every reported loss equals the in-process one, and the final parameters a
 bits on CPU.
 
 Thread counts matter: on this MLP, 200 in-process steps on 1 torch thread and on 2 differ from
-step 11 (a CPU kernel splits a reduction by thread). Both sides here use the default, the
-machine's cores (a server's ``--torch-threads N`` applies to every thread it computes in: a
-probe architecture reporting ``torch.get_num_threads()`` from its forward read N on the compute
-thread and on the event loop).
+step 11 (a CPU kernel splits a reduction by thread). So both sides are pinned to one thread:
+the server by ``--torch-threads 1``, which must reach every thread it computes in (its pools
+set it in each thread they start: a thread keeps the count it had at its first torch call),
+and this process around the in-process steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import reference_module
+from conftest import ServerProcess, reference_module
 from torch import nn
 
 STEPS = 200
@@ -35,7 +35,23 @@ def batches(n: int = 4, rows: int = 16):
     return out
 
 
-def test_seeds_mlp_trained_through_the_server_equals_in_process(client, model_name):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One torch thread in the server's every thread, as in this process (see the docstring)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "data", "--torch-threads", "1")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seeds_mlp_trained_through_the_server_equals_in_process(client, model_name, one_thread):
     net = reference_module("mlp", lazy=False)  # the MLP class: hidden 20→256, out 256→10
     client.create_model(model_name, "mlp")
     client.upload(model_name, net.state_dict())
