@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import select
 import shutil
@@ -30,21 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from table import MET, write_results
+from table import MET, machine, write_results
 from table import format_table as table_text
 
 HERE = Path(__file__).resolve().parent
 TARGETS_S = {"health": 0.3, "models": 0.5}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) // 1024 for line in open("/proc/meminfo")
-               if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_mib": mem,
-            "python": platform.python_version(), "load_average": list(os.getloadavg()),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def paramserve_command() -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import select
 import statistics
 import subprocess
@@ -33,19 +32,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/seaweed.py: SeaweedFS as the tests run it
 
 from seaweed import SeaweedFS  # noqa: E402
-from table import format_table, write_results  # noqa: E402
+from table import format_table, machine, write_results  # noqa: E402
 
 FLOATS_PER_HIDDEN = 31  # sequential_mlp({"hidden": H}): 20·H + H + 10·H (+ 10) float32 parameters
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) // 1024 for line in open("/proc/meminfo")
-               if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_mib": mem,
-            "python": platform.python_version(), "load_average": list(os.getloadavg()),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def start_server(data_dir: Path, *extra: str, env: dict | None = None):
