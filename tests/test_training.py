@@ -115,55 +115,19 @@ def test_cli_train_runs_steps_on_a_batch(server, tmp_path, model_name):
     X, Y = tmp_path / "X.npy", tmp_path / "Y.npy"
     np.save(X, np.ones((2, 3), np.float32))
     np.save(Y, np.zeros((2, 10), np.float32))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paramserve.service.cli",
-            "--server",
-            server.address,
-            "train",
-            model_name,
-            "--input",
-            str(X),
-            "--target",
-            str(Y),
-            "--loss",
-            "mse",
-            "--optimizer",
-            "adam(lr=0.01)",
-            "--steps",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def train(optimizer: str, *more: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "paramserve.service.cli", "--server", server.address,
+             "train", model_name, "--input", str(X), "--target", str(Y), "--loss", "mse",
+             "--optimizer", optimizer, *more],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    done = train("adam(lr=0.01)", "--steps", "3")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and lines[-1].endswith("version 4 (parent 3)"), lines
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paramserve.service.cli",
-            "--server",
-            server.address,
-            "train",
-            model_name,
-            "--input",
-            str(X),
-            "--target",
-            str(Y),
-            "--loss",
-            "mse",
-            "--optimizer",
-            "adam(lr=-1)",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = train("adam(lr=-1)")
     assert bad.returncode != 0 and "lr must be finite and > 0" in bad.stderr, bad.stderr
 
 
