@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .blobstore import BlobRef, Temporary
+from .blobstore import BlobRef, Temporary, write_blob
 from .errors import DataLoss
 from .fileio import HashingWriter, disk_full_is_resource_exhausted
 
@@ -85,13 +85,7 @@ class BlobStore:
 
         If ``produce`` raises, the temp file is removed and nothing appears in the store.
         """
-        writer = self.create()
-        try:
-            produce(writer)
-        except BaseException:
-            writer.discard()
-            raise
-        return self.commit(writer)
+        return write_blob(self, produce)
 
     def open(self, sha256: str) -> VerifyingReader:
         """Open a blob for one sequential read; call ``finish()`` after the last byte."""

@@ -129,6 +129,18 @@ class Blobs(Protocol):
     def close(self) -> None: ...
 
 
+def write_blob(store, produce: Callable[[Any], None]) -> BlobRef:
+    """``produce(writer)`` on a new blob of ``store`` (its ``create``), committed when it
+    returns; if it raises, the blob is discarded and nothing appears in the store."""
+    writer = store.create()
+    try:
+        produce(writer)
+    except BaseException:
+        writer.discard()
+        raise
+    return store.commit(writer)
+
+
 def open_blob_store(
     blob_url: str | None, default_dir: str | Path, s3_endpoint_url: str | None = None
 ) -> Blobs:

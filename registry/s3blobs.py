@@ -39,7 +39,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from .blobs import VerifyingReader
-from .blobstore import BlobRef, Temporary
+from .blobstore import BlobRef, Temporary, write_blob
 from .errors import InvalidArgument
 from .s3io import ObjectStream, RangedObject, S3Errors, http_status, paginate
 from .s3write import PART_BYTES, S3BlobWriter
@@ -138,13 +138,7 @@ class S3BlobStore:
         return BlobRef(writer.sha256, writer.size)
 
     def write(self, produce: Callable[[S3BlobWriter], None]) -> BlobRef:
-        writer = self.create()
-        try:
-            produce(writer)
-        except BaseException:
-            writer.discard()
-            raise
-        return self.commit(writer)
+        return write_blob(self, produce)
 
     def open(self, sha256: str) -> VerifyingReader:
         """The whole object streamed; ``finish()`` checks its sha256."""
