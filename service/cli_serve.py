@@ -11,10 +11,9 @@ EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
 def cmd_serve(args) -> int:
-    import asyncio
-
     from paramserve.registry.errors import InvalidArgument
 
+    from . import event_loop
     from .config import ServerConfig
     from .errors import one_line
     from .server import serve
@@ -25,7 +24,7 @@ def cmd_serve(args) -> int:
             from .workers import serve_workers
 
             return serve_workers(config)
-        asyncio.run(serve(config))
+        event_loop.run(serve(config), config.event_loop)
     except (InvalidArgument, ValueError) as err:  # a bad flag or flag file: before serving
         print(f"paramserve: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE

@@ -346,12 +346,13 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
         line = listening_line(config, running.port, running.metrics_port, http_port=http_port)
         print(f"paramserve listening on {line}", flush=True)
     log.info(
-        "serving on %s: data dir %s, registry %s, device %s, metrics %s",
+        "serving on %s: data dir %s, registry %s, device %s, metrics %s, event loop %s",
         join_address(split_address(config.listen)[0], running.port),
         Path(config.data_dir).resolve(),
         running.store.engine.url.render_as_string(hide_password=True),
         device_label(config.device),
         metrics_label(config, running.metrics_port),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -85,8 +85,7 @@ def worker_config(
 
 
 def _worker_main(config: ServerConfig, index: int, ready) -> None:
-    import asyncio
-
+    from . import event_loop
     from .server import configure_logging, serve
 
     _stop_with_supervisor()
@@ -96,7 +95,7 @@ def _worker_main(config: ServerConfig, index: int, ready) -> None:
         ready.send(running.metrics_port)
         ready.close()
 
-    asyncio.run(serve(config, reuse_port=True, on_ready=announce))
+    event_loop.run(serve(config, reuse_port=True, on_ready=announce), config.event_loop)
 
 
 def _stop_with_supervisor() -> None:
