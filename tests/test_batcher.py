@@ -166,3 +166,43 @@ def test_requests_arriving_alone_skip_the_queue_and_company_brings_it_back():
         assert batcher.run_alone(torch.ones(1, 65)) is None  # too large for the loop
 
     run(scenario())
+
+
+def test_a_queued_batch_computes_off_the_loop_so_requests_arriving_meanwhile_join_the_next():
+    """Even a batch small enough for the loop runs on the executor once it was queued: the loop
+    keeps receiving requests while it computes, and they form the next batch. (A queued small
+    batch used to run on the loop itself, so nothing could arrive while it ran: under load,
+    every batch held one request.) Meanwhile no request runs beside the busy model."""
+    from paramserve.service.batcher import LONELY_BATCHES
+
+    started, release = threading.Event(), threading.Event()
+    seen, released = [], []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        started.set()
+        released.append(release.wait(2))  # False: nobody could release it (the loop was held)
+        return x + 1
+
+    async def scenario():
+        batcher = Batcher(forward, ThreadPoolExecutor(1), max_batch_size=64,
+                          inline_max_elements=64)
+        x = torch.ones(1, 2)
+        release.set()
+        for _ in range(LONELY_BATCHES):  # a history of lone requests: they may run at once
+            await batcher.submit(x)
+        release.clear()
+        started.clear()
+        first = batcher.submit(x)
+        await asyncio.to_thread(started.wait, 2)  # the batch is computing, the loop is ours
+        assert batcher.run_alone(x) is None  # busy: nothing runs beside it, it queues
+        later = [batcher.submit(torch.full((1, 2), float(i))) for i in range(3)]
+        release.set()
+        return await first, await asyncio.gather(*later)
+
+    first, later = run(scenario())
+    assert torch.equal(first, torch.full((1, 2), 2.0))
+    assert [t[0, 0].item() for t in later] == [1.0, 2.0, 3.0]
+    assert seen == [1] * LONELY_BATCHES + [1, 3]
+    assert all(released)
+
