@@ -181,6 +181,9 @@ def _rpc_methods(servicer) -> list[str]:
     return [name for name in vars(base) if not name.startswith("_")]
 
 
+DEADLINE_SLACK_S = 0.05
+
+
 class _ClientGone(Exception):
     """A write failed because the call is over on the client's side: nothing to answer."""
 
@@ -212,11 +215,14 @@ class _Call:
             pass  # the call is over for us; gRPC drops it when the client goes
 
     def cancelled(self, context) -> None:
-        """The call was cancelled under the handler: by the client, or by its deadline."""
+        """The call was cancelled under the handler: by the client, or by its deadline. The
+        client's own timer may end the call a moment before the server's copy of the deadline
+        runs out (its cancel arrives first): within DEADLINE_SLACK_S of it counts as the
+        deadline."""
         remaining = context.time_remaining()
         self.code = (
             grpc.StatusCode.DEADLINE_EXCEEDED
-            if remaining is not None and remaining <= 0
+            if remaining is not None and remaining <= DEADLINE_SLACK_S
             else grpc.StatusCode.CANCELLED
         )
 
