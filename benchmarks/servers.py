@@ -223,6 +223,14 @@ class BaselineTree:
     def __enter__(self) -> BaselineTree:
         subprocess.run(["git", "-C", str(self.repo), "worktree", "add", "--detach",
                         str(self.checkout), self.rev], check=True, capture_output=True)
+        try:
+            self._link()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _link(self) -> None:
         generated = self._current_protos() / "generated"
         shutil.copytree(generated, self.checkout / "protos" / "generated", dirs_exist_ok=True)
         package = Path(self.pythonpath) / "paramserve"
@@ -230,7 +238,13 @@ class BaselineTree:
         (package / "__init__.py").write_text("")
         for part in ("registry", "service", "protos"):
             (package / part).symlink_to(self.checkout / part)
-        return self
+        check = [sys.executable, "-c", "from paramserve.protos import inference_pb2"]
+        if subprocess.run(check, capture_output=True, env=env_for(self.pythonpath)).returncode:
+            # REV's .proto files differ from the current tree's: build its own descriptor set
+            subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'protos'); "
+                            "from pathlib import Path; import compile; compile.compile_protos("
+                            "Path('protos'), Path('protos/generated'))"],
+                           cwd=self.checkout, check=True, capture_output=True, timeout=120)
 
     def _current_protos(self) -> Path:
         out = subprocess.run([sys.executable, "-c", "import paramserve.protos as p; "
@@ -246,4 +260,3 @@ class BaselineTree:
     def __exit__(self, *exc) -> None:
         subprocess.run(["git", "-C", str(self.repo), "worktree", "remove", "--force",
                         str(self.checkout)], capture_output=True)
-        subprocess.run(["git", "-C", str(self.repo), "worktree", "prune"], capture_output=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics as stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,8 +61,11 @@ def plan(args) -> list[tuple[str, str, list[tuple]]]:
 
 
 def skip_reason(key: str, what: str, args) -> str | None:
-    if what == "baseline" and not args.baseline_rev:
-        return "no --baseline-rev" + (" (--quick)" if args.quick else "")
+    if args.only and not key.startswith(tuple(args.only.split(","))):
+        return f"not in --only {args.only}"
+    if what == "baseline" and (args.baseline_error or not args.baseline_rev):
+        return args.baseline_error or ("--quick runs no baseline" if args.quick
+                                       else "no --baseline-rev")
     if what == "peer":
         return "--quick runs no peers" if args.quick else peers.unavailable(args.peers_dir, key)
     return None
@@ -147,6 +151,7 @@ def run_job(key, what, cells, args, tmp, baseline_path, record, info) -> None:
         info.setdefault(key, {"notes": server.notes})
         info[key].update({"address": server.address, "loop": server.loop(),
                           "max_abs_error": error})
+        info[key].setdefault("load_average_at_start", []).append(os.getloadavg()[0])
         warmed = False
         for cell in cells:
             why = client_reason(cell[0], server, args)
@@ -259,9 +264,12 @@ def target_rows(cells: dict, info: dict, quick: bool) -> list[dict]:
         for c in (4,) if quick else (4, 16):
             add(f"4. oipload c{c} vs {peer}", get("paramserve", "oipload", "unary", c),
                 get(peer, "oipload", "unary", c), "≥ 1.5×", lambda r: r >= 1.5, "infer/s")
-    one = get("workers1", "perf_analyzer", "unary", top, conns=1)
-    two = get("workers2", "perf_analyzer", "unary", top, conns=2)
-    add(f"6. --workers 2 (2 connections) vs --workers 1 (1), c{top}", two, one,
+    client = "perf_analyzer"
+    one, two = (get(f"workers{n}", client, "unary", top, conns=n) for n in (1, 2))
+    if one[0] is None or two[0] is None:  # no perf_analyzer here: the Python client's cells
+        client = "loadgen"
+        one, two = (get(f"workers{n}", client, "unary", top, conns=n) for n in (1, 2))
+    add(f"6. --workers 2 (2 connections) vs --workers 1 (1), c{top}, {client}", two, one,
         "> 1.0× (scales with cores)", lambda r: r > 1.0, "req/s")
     cores = min(2, len(os.sched_getaffinity(0)))
     per_core = (None if two[0] is None else two[0] / cores, two[1])
@@ -285,6 +293,10 @@ def main(argv=None) -> int:
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="an extra flag for the tree under test's serve (repeatable), "
                              "e.g. --serve-arg=--max-queue-delay-us=100")
+    parser.add_argument("--only", metavar="KEY[,KEY]",
+                        help="serve only these (prefixes of yardstick-uvloop, yardstick-asyncio, "
+                             "paramserve, baseline, triton-raw, mlserver-nobatch, kserve, "
+                             "workers1, workers2); the other rows say not run")
     parser.add_argument("--quick", action="store_true",
                         help="a short pass proving the suite runs: c1/c4, no peers/baseline")
     parser.add_argument("--out", help="JSON path (.txt beside it); default benchmarks/results/"
@@ -309,11 +321,17 @@ def main(argv=None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="paramserve-throughput-") as tmp_name:
         tmp = Path(tmp_name)
-        baseline = None
+        baseline, args.baseline_error = None, None
         if args.baseline_rev and not args.quick:
-            baseline = srv.BaselineTree(args.baseline_rev, args.server_pythonpath, tmp)
-            baseline.__enter__()
-            labels["baseline"] = baseline.label()
+            try:
+                baseline = srv.BaselineTree(args.baseline_rev, args.server_pythonpath,
+                                            tmp).__enter__()
+                labels["baseline"] = baseline.label()
+            except (subprocess.CalledProcessError, OSError) as err:
+                stderr = getattr(err, "stderr", b"") or b""
+                args.baseline_error = f"no worktree of {args.baseline_rev}: " + (
+                    stderr.decode(errors="replace").strip()[-200:] or str(err))
+                baseline = None
         try:
             for _ in range(args.rounds):
                 for key, what, cells in jobs:
