@@ -66,14 +66,17 @@ def unavailable_reason() -> str | None:
 
 
 def run_perf_analyzer(address: str, model: str, concurrency: int, duration_s: float,
-                      shape=(1, 20), input_name: str = "input", streaming: bool = False) -> dict:
+                      shape=(1, 20), input_name: str = "input", streaming: bool = False,
+                      connections: int | None = None) -> dict:
     """Measure one concurrency level for about ``duration_s``; returns infer/s and p50/p99 ms.
 
     ``shape`` includes the batch dim: shape[0] goes to ``-b`` (the model reports
     max_batch_size > 0) and the rest to ``--shape``. perf_analyzer measures in windows until
     three agree; we ask for three windows of duration_s/3 and accept any spread (-s 1000), so
     it stops after those three and reports them merged. ``streaming``: every request on
-    ModelStreamInfer streams (``--streaming``). Raises PerfAnalyzerUnavailable when
+    ModelStreamInfer streams (``--streaming``). ``connections``: spread the contexts over that
+    many gRPC connections (tritonclient shares one among up to 6 contexts by default; its
+    TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT sets how many). Raises PerfAnalyzerUnavailable when
     the binary cannot run, RuntimeError when it fails or overruns its hard timeout.
     """
     reason = unavailable_reason()
@@ -88,8 +91,12 @@ def run_perf_analyzer(address: str, model: str, concurrency: int, duration_s: fl
                 "-p", str(window_ms), "-r", "3", "-s", "1000", "--percentile", "50",
                 "-f", str(report), *(["--streaming"] if streaming else [])]
         timeout = 3 * duration_s + 60  # windows may overrun on a busy machine; plus startup
+        env = _env()
+        if connections:
+            share = -(-concurrency // connections)
+            env["TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"] = str(share)
         try:
-            p = subprocess.run(args, capture_output=True, text=True, env=_env(),
+            p = subprocess.run(args, capture_output=True, text=True, env=env,
                                timeout=timeout, cwd=tmp)
         except subprocess.TimeoutExpired:
             raise RuntimeError(

@@ -63,9 +63,10 @@ def machine() -> dict:
 class Proc:
     """A server subprocess on 127.0.0.1 with a free port; stopped by ``stop()`` or at exit."""
 
-    def __init__(self, args: list[str], port_from_stdout: bool = True, port_file=None):
+    def __init__(self, args: list[str], port_from_stdout: bool = True, port_file=None,
+                 env: dict | None = None):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+                                     text=True, env=env)
         if port_from_stdout:
             ready, _, _ = select.select([self.proc.stdout], [], [], 120)
             line = self.proc.stdout.readline() if ready else ""
@@ -119,18 +120,19 @@ SMALL_CONCURRENCY = (1, 4, 16, 64)
 WIDE_CONFIG = {"in_features": 1024, "hidden": 4096, "out_features": 1024}
 
 
-def serve_proc(data_dir: Path, *flags: str) -> Proc:
+def serve_proc(data_dir: Path, *flags: str, env: dict | None = None) -> Proc:
     """``paramserve serve`` on a free loopback port, metrics and HTTP off (two servers of one
-    run would both want HTTP's default port)."""
+    run would both want HTTP's default port); ``env``: e.g. a PYTHONPATH naming another tree."""
     return Proc([sys.executable, "-m", "paramserve.service.cli", "serve", "--data-dir",
                  str(data_dir), "--listen", "127.0.0.1:0", "--metrics-listen", "off",
-                 "--http-listen", "off", *flags])
+                 "--http-listen", "off", *flags], env=env)
 
 
-def floor_proc(port_file: Path, join_port: int | None = None) -> Proc:
-    """The echo/streaming floor (floors.py); ``join_port``: share an existing floor's port."""
+def floor_proc(port_file: Path, join_port: int | None = None, *flags: str) -> Proc:
+    """The echo/streaming floor (floors.py); ``join_port``: share an existing floor's port;
+    ``flags``: floors.py's options (``--inference yardstick``, ``--loop uvloop``)."""
     extra = [] if join_port is None else [str(join_port)]
-    return Proc([sys.executable, str(HERE / "floors.py"), str(port_file), *extra],
+    return Proc([sys.executable, str(HERE / "floors.py"), str(port_file), *extra, *flags],
                 port_from_stdout=False, port_file=port_file)
 
 
