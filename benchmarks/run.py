@@ -488,7 +488,8 @@ def main() -> int:
     rows, figures = [], {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="paramserve-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        server = serve_proc(tmp / "data")
+        # the 1 GiB transfer model has 2^28 elements, over the default --max-init-elements
+        server = serve_proc(tmp / "data", "--max-init-elements", str(1 << 29))
         floor = floor_proc(tmp / "floor.port")
         try:
             with Client(server.address, timeout_s=600) as client:

@@ -44,6 +44,39 @@ def _libc():
 
 _LIBC = _libc()
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_FREED_BYTES = 64 << 20  # freed heap memory kept for the next allocations
+HEAP_BELOW_BYTES = 4 << 20  # allocations under this come from the heap, not their own mmap
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep and reuse the memory of freed transfer buffers (once per
+    process; False where there is no glibc).
+
+    A transfer allocates and frees megabyte buffers at a high rate (each gRPC message, its
+    protobuf copy, each chunk read). By default glibc returns such memory to the kernel at once
+    (an ``munmap``, or trimming the heap top past 2 MiB), so the next buffer lands in fresh
+    pages, and on this VM first touching a page is what costs (see the module's docstring):
+    measured for 1 GiB, it took the server's system time from ~1.3 s to ~0.7 s for an upload
+    and from ~3.2 s to ~0.9 s for a download, and the client's from ~2.2 s to ~0.8 s for a
+    download. Here allocations under ``HEAP_BELOW_BYTES`` come from the heap and up to
+    ``KEEP_FREED_BYTES`` of freed heap stay with the process: a bounded amount of RSS kept,
+    not a growth per transfer. Larger allocations (tensors) are mmapped and unmapped as before.
+    """
+    global _kept
+    if _kept:
+        return True
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None:
+        return False
+    _kept = bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    )
+    return _kept
+
 
 class Writeback:
     """Writes a file to disk behind its writer (Linux ``sync_file_range``; elsewhere nothing).

@@ -186,8 +186,11 @@ class Client(LearningClient):
         need ``_size_and_sha256`` first). The file's name (a path's) and ``note`` are
         recorded with the version, with the sha256 of the bytes sent.
         """
+        from paramserve.registry.fileio import keep_freed_memory
+
         from .client_files import check_upload, upload_path
 
+        keep_freed_memory()  # a transfer's buffers reuse their pages (fileio's docstring)
         with upload_path(source) as (path, label):
             check_upload(path, label)
             size = path.stat().st_size
@@ -270,6 +273,9 @@ class Client(LearningClient):
     def _download_to(self, name, ref, path: Path, progress) -> VersionInfo:
         """The stream has no overall deadline (its size is not known when it starts); a
         watchdog cancels it when no chunk arrives for ``timeout_s`` instead."""
+        from paramserve.registry.fileio import keep_freed_memory
+
+        keep_freed_memory()  # a transfer's buffers reuse their pages (fileio's docstring)
         request = pb.DownloadVersionRequest(model=name, ref=_ref(ref))
         digest, done, version, expected = hashlib.sha256(), 0, None, None
         call = self.registry.DownloadVersion(request, timeout=None, metadata=self.metadata)

@@ -13,6 +13,7 @@ from paramserve.protos import registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import all_architectures
 from paramserve.registry.errors import InvalidArgument
+from paramserve.registry.fileio import keep_freed_memory
 from paramserve.registry.limits import load_config_json
 from paramserve.registry.queries import entries_at
 
@@ -43,6 +44,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.idle_s = stream_idle_timeout_s
         self.max_tensor_elements = max_tensor_elements  # learning RPCs' inputs, as inference's
         os.makedirs(spool_dir, exist_ok=True)
+        keep_freed_memory()  # transfers reuse their buffers' pages (fileio's docstring)
 
     async def run_blocking(self, fn, *args, **kwargs):
         return await self.manager.run_blocking(lambda: fn(*args, **kwargs))
