@@ -35,7 +35,7 @@ from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, Ver
 
 from . import convert
 from .client_learning import LearningClient
-from .client_streams import Progress, Stall, hashed_upload_chunks
+from .client_streams import Progress, Stall, checksummed_upload_chunks
 from .client_streams import size_and_sha256 as _size_and_sha256  # noqa: F401  (benchmarks)
 from .client_streams import upload_chunks as _upload_chunks  # noqa: F401  (benchmarks)
 from .status import ERROR_OF
@@ -181,9 +181,11 @@ class Client(LearningClient):
         A file's bytes go as they are (the server reads a torch.save'd one with
         ``weights_only=True``); what its format already shows to be refused (a damaged
         safetensors header or zip archive, a pickled model instead of a state_dict) is
-        refused here, before a byte is sent. One pass over the file: it is hashed while it is
-        sent, and the sha256 follows the last chunk in a trailer (servers before the trailer
-        need ``_size_and_sha256`` first). The file's name (a path's) and ``note`` are
+        refused here, before a byte is sent. One pass over the file: its CRC32C is computed
+        while it is sent and follows the last chunk in a trailer, which the server checks; the
+        server computes the sha256 (the version's content address) itself, so the client does
+        not hash (servers before ``UploadTrailer.crc32c`` need a sha256:
+        ``client_streams.hashed_upload_chunks``). The file's name (a path's) and ``note`` are
         recorded with the version, with the sha256 of the bytes sent.
         """
         from paramserve.registry.fileio import keep_freed_memory
@@ -201,7 +203,7 @@ class Client(LearningClient):
                 file_name=path.name if isinstance(source, (str, os.PathLike)) else "",
                 note=note,
             )
-            chunks = hashed_upload_chunks(path, header, progress)
+            chunks = checksummed_upload_chunks(path, header, progress)
             msg = self._call(
                 self.registry.UploadVersion,
                 chunks,

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 
+import google_crc32c
 import pytest
 import torch
 from safetensors.torch import save as st_save
@@ -145,6 +146,24 @@ def test_failures_leave_nothing_behind(mlp, direct):
     upload.abort()
     upload.abort()
     assert_nothing_left(mlp)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "spooled"])
+def test_a_crc32c_checks_an_upload_whose_sha256_the_store_computes(mlp, direct):
+    state = reference_module("mlp", False).state_dict()
+    data = canonical(state) if direct else torch_saved(state)
+    crc = google_crc32c.value(data)
+    for bad, fragment in ((crc ^ 1, "crc32c is"), (None, "neither a sha256 nor a crc32c")):
+        upload = mlp.begin_upload("m", len(data))
+        upload.write(chunked(data, 4096))
+        with pytest.raises(InvalidArgument, match=fragment):
+            upload.finish(None, bad)
+        assert_nothing_left(mlp)
+    upload = mlp.begin_upload("m", len(data))
+    upload.write(chunked(data, 4096))
+    version = upload.finish(None, crc)
+    assert version.provenance["file_sha256"] == hashlib.sha256(data).hexdigest()
+    assert mlp.list_versions("m") == [version]
 
 
 def test_a_bad_model_or_alias_is_refused_before_any_byte(store):
