@@ -18,7 +18,6 @@ other failures (server down, deadline) raise ``ServerError`` with the gRPC code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -235,7 +234,7 @@ class Client(LearningClient):
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
-            version = self._download_to(name, ref, blob, progress)
+            version = self._download_to(name, ref, blob, progress, writeback=True)
             if as_stored:
                 out = blob
             elif target.suffix in (".pt", ".pth"):
@@ -272,28 +271,30 @@ class Client(LearningClient):
             version = self._download_to(name, ref, blob, None)
             return _read_blob(blob, version.sha256)
 
-    def _download_to(self, name, ref, path: Path, progress) -> VersionInfo:
+    def _download_to(self, name, ref, path: Path, progress, writeback: bool = False) -> VersionInfo:
         """The stream has no overall deadline (its size is not known when it starts); a
-        watchdog cancels it when no chunk arrives for ``timeout_s`` instead."""
-        from paramserve.registry.fileio import keep_freed_memory
+        watchdog cancels it when no chunk arrives for ``timeout_s`` instead. One pass: each
+        chunk is hashed and written as it arrives. ``writeback``: write the file to disk
+        behind the download and recycle its page cache (``fileio.Writeback``: cheaper for a
+        large file, which is then not cached), for a file that is not read back at once."""
+        from paramserve.registry.fileio import HashingWriter, keep_freed_memory
 
         keep_freed_memory()  # a transfer's buffers reuse their pages (fileio's docstring)
         request = pb.DownloadVersionRequest(model=name, ref=_ref(ref))
-        digest, done, version, expected = hashlib.sha256(), 0, None, None
+        version, expected = None, None
         call = self.registry.DownloadVersion(request, timeout=None, metadata=self.metadata)
+        out = HashingWriter(path, writeback=writeback)
         try:
-            with open(path, "wb") as out, Stall(call, self.timeout_s) as stall:
+            with Stall(call, self.timeout_s) as stall:
                 for chunk in call:
                     stall.progress()
                     if chunk.WhichOneof("kind") == "header":
                         version = convert.version_from_proto(chunk.header.version)
                         expected = (chunk.header.sha256, chunk.header.size_bytes)
                         continue
-                    out.write(chunk.data)
-                    digest.update(chunk.data)
-                    done += len(chunk.data)
+                    out.write(chunk.data)  # read once: each access copies the bytes
                     if progress:
-                        progress(done, expected[1] if expected else 0)
+                        progress(out.size, expected[1] if expected else 0)
         except grpc.RpcError as err:
             if stall.fired:
                 raise ServerError(
@@ -303,10 +304,12 @@ class Client(LearningClient):
                     "retry, or raise it",
                 ) from None
             _raise_from(err)
-        if version is None or (digest.hexdigest(), done) != expected:
+        finally:
+            out.close()
+        if version is None or (out.sha256, out.size) != expected:
             raise DataLoss(
                 f"download of {name!r} arrived damaged (sha256 "
-                f"{digest.hexdigest()}, {done} bytes; expected {expected}); retry"
+                f"{out.sha256}, {out.size} bytes; expected {expected}); retry"
             )
         return version
 

@@ -226,3 +226,23 @@ def test_hashing_writer_writes_back_behind_and_survives_short_writes(tmp_path, m
     writer.sync()
     data = (tmp_path / "f.partial").read_bytes()
     assert data == b"".join(chunks) and writer.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_download_reader_drops_the_pages_behind_it_and_still_checks(tmp_path, monkeypatch):
+    from paramserve.registry import blobs
+
+    data = os.urandom(10_000)
+    blob_store = blobs.BlobStore(tmp_path)
+    ref = blob_store.write(lambda w: w.write(data))
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, how: (
+        advice.append((at, n, how)), real(fd, at, n, how)))
+    monkeypatch.setattr(blobs, "WRITEBACK_STEP_BYTES", 4096)
+    with blob_store.open(ref.sha256) as reader:
+        reader.drop_behind()
+        got = b"".join(iter(lambda: reader.read(1000), b""))
+        reader.finish()
+    assert got == data
+    dropped = [(at, n) for at, n, how in advice if how == os.POSIX_FADV_DONTNEED]
+    assert dropped == [(0, 5000), (5000, 5000)]  # each step once, behind the reader
