@@ -246,3 +246,22 @@ def test_a_download_reader_drops_the_pages_behind_it_and_still_checks(tmp_path, 
     assert got == data
     dropped = [(at, n) for at, n, how in advice if how == os.POSIX_FADV_DONTNEED]
     assert dropped == [(0, 5000), (5000, 5000)]  # each step once, behind the reader
+
+
+def test_segments_hashed_beside_the_writer_match_one_pass(monkeypatch):
+    monkeypatch.setattr(fileio, "PARALLEL_HASH_BYTES", 1000)
+    data = os.urandom(50_000)
+    segments = [("a", 100, 20_000), ("b", 20_000, 20_001), ("c", 30_000, 50_000)]
+    hasher = fileio.StreamHasher(segments)
+    pieces = [data[i:i + 3000] for i in range(0, len(data), 3000)]
+    for i in range(0, len(pieces), 4):  # batches over the limit: segments in a helper thread
+        assert hasher.update_many(pieces[i:i + 4]) == sum(map(len, pieces[i:i + 4]))
+    assert hasher.sha256 == hashlib.sha256(data).hexdigest() and hasher.size == len(data)
+    assert hasher.segment_sha256 == {n: hashlib.sha256(data[b:e]).hexdigest()
+                                     for n, b, e in segments}
+
+    def fail():
+        raise OSError("disk")
+
+    with pytest.raises(OSError, match="disk"):  # the helper is done before the error returns
+        fileio.StreamHasher(segments).update_many([data], fail)
