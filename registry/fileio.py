@@ -50,7 +50,7 @@ _LIBC = _libc()
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-KEEP_FREED_BYTES = 64 << 20  # freed heap memory kept for the next allocations
+KEEP_FREED_BYTES = 32 << 20  # freed heap memory kept for the next allocations
 HEAP_BELOW_BYTES = 4 << 20  # allocations under this come from the heap, not their own mmap
 _kept = False
 
