@@ -26,7 +26,7 @@ from paramserve.registry.values import VersionInfo
 
 from .batcher import DeadlineExceeded
 
-MAX_PENDING_BYTES = 8 << 20
+MAX_PENDING_BYTES = 2 << 20
 RunBlocking = Callable[..., Awaitable]
 
 
