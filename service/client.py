@@ -226,7 +226,10 @@ class Client(LearningClient):
         tensor in a .pt. A safetensors file with no ties is the stored blob byte for byte;
         ``as_stored`` always saves that blob (tied names once, in its metadata: what
         ``safetensors.torch.save_model`` writes and ``load_model`` reads, strict).
-        The sha256 is checked end to end; a partial file never appears under ``path``."""
+        The sha256 is checked end to end (the client's one hash pass, as each chunk is
+        written); a partial file never appears under ``path``. The blob is written to disk
+        behind the download (``fileio.Writeback``), so a large one is not left in the page
+        cache."""
         from .client_files import read_arrays, write_every_key, write_npz
 
         if path is None:
