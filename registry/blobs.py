@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .blobstore import BlobRef, Temporary, write_blob
 from .errors import DataLoss
-from .fileio import HashingWriter, disk_full_is_resource_exhausted
+from .fileio import WRITEBACK_STEP_BYTES, HashingWriter, disk_full_is_resource_exhausted
 
 TEMP_SUFFIX = ".partial"
 
@@ -145,16 +145,44 @@ class VerifyingReader:
         self.sha256 = sha256
         self.path = path
         self.size_bytes = os.fstat(file.fileno()).st_size if size_bytes is None else size_bytes
+        self._read = 0
+        self._dropped: int | None = None  # drop_behind's: page cache dropped for [0, _dropped)
+
+    def drop_behind(self) -> None:
+        """Drop the file's pages from the page cache behind the reader, a step at a time (a
+        download: read once, front to back). Reading a large uncached blob then reuses the
+        pages just freed instead of taking fresh ones, which is what costs on these VMs
+        (``fileio``'s docstring): measured for 1 GiB, ~1.4 s of the server's system time.
+        The price is Writeback's: the blob is not cached afterwards. Only for a local file."""
+        try:
+            fd = self._file.fileno()
+        except (AttributeError, OSError):
+            return
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._dropped = 0
+
+    def _advance(self, n: int) -> None:
+        self._read += n
+        if self._dropped is not None and self._read - self._dropped >= WRITEBACK_STEP_BYTES:
+            os.posix_fadvise(
+                self._file.fileno(),
+                self._dropped,
+                self._read - self._dropped,
+                os.POSIX_FADV_DONTNEED,
+            )
+            self._dropped = self._read
 
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)
         self._digest.update(data)
+        self._advance(len(data))
         return data
 
     def readinto(self, buffer) -> int:
         got = self._file.readinto(buffer)
         if got:
             self._digest.update(memoryview(buffer)[:got])
+            self._advance(got)
         return got
 
     def seek(self, offset: int, whence: int = 0) -> int:

@@ -68,6 +68,9 @@ class BlobReader(Protocol):
 
     def finish(self) -> None: ...
 
+    def drop_behind(self) -> None:
+        """Keep no page cache behind a one-time read (a no-op where there is none)."""
+
     def close(self) -> None: ...
 
     def __enter__(self) -> BlobReader: ...

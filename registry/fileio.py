@@ -15,7 +15,9 @@ import ctypes.util
 import errno
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +28,7 @@ SYNC_FILE_RANGE_ALL = 0x01 | 0x02 | 0x04  # wait before, write, wait after
 WRITEBACK_STEP_BYTES = 32 << 20
 IOV_MAX = 1024
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+PARALLEL_HASH_BYTES = 256 << 10  # a batch this large hashes its segments in a helper thread
 
 
 def _libc():
@@ -43,6 +46,39 @@ def _libc():
 
 
 _LIBC = _libc()
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_FREED_BYTES = 32 << 20  # freed heap memory kept for the next allocations
+HEAP_BELOW_BYTES = 4 << 20  # allocations under this come from the heap, not their own mmap
+_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep and reuse the memory of freed transfer buffers (once per
+    process; False where there is no glibc).
+
+    A transfer allocates and frees megabyte buffers at a high rate (each gRPC message, its
+    protobuf copy, each chunk read). By default glibc returns such memory to the kernel at once
+    (an ``munmap``, or trimming the heap top past 2 MiB), so the next buffer lands in fresh
+    pages, and on this VM first touching a page is what costs (see the module's docstring):
+    measured for 1 GiB, it took the server's system time from ~1.3 s to ~0.7 s for an upload
+    and from ~3.2 s to ~0.9 s for a download, and the client's from ~2.2 s to ~0.8 s for a
+    download. Here allocations under ``HEAP_BELOW_BYTES`` come from the heap and up to
+    ``KEEP_FREED_BYTES`` of freed heap stay with the process: a bounded amount of RSS kept,
+    not a growth per transfer. Larger allocations (tensors) are mmapped and unmapped as before.
+    """
+    global _kept
+    if _kept:
+        return True
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None:
+        return False
+    _kept = bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    )
+    return _kept
 
 
 class Writeback:
@@ -102,6 +138,21 @@ def disk_full_is_resource_exhausted(path: Path) -> Iterator[None]:
         ) from err
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _segment_pool() -> ThreadPoolExecutor:
+    """The helper threads that hash segments beside a writer (one per core at most)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="paramserve-hash"
+            )
+        return _pool
+
+
 class StreamHasher:
     """The sha256 of a byte stream fed front to back, and of named byte ranges of it.
 
@@ -123,6 +174,37 @@ class StreamHasher:
         if self._segments:
             self._hash_segments(view, self.size)
         self.size += view.nbytes
+
+    def update_many(self, buffers: list, meanwhile: Callable[[], int] | None = None) -> int:
+        """Feed ``buffers`` in order and run ``meanwhile()`` (a write of them); returns what
+        it returns (else the byte count).
+
+        With segments and a batch of at least ``PARALLEL_HASH_BYTES``, the segments' digests
+        are computed in a helper thread while this one computes the whole stream's and runs
+        ``meanwhile``: hashlib and writes release the GIL, so the two digests of a blob's
+        bytes (its content address, its tensors') take two cores instead of adding up on one.
+        Either way each digest sees each byte once, in order."""
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+        total = sum(v.nbytes for v in views)
+        future = None
+        if self._segments and total >= PARALLEL_HASH_BYTES:
+            future = _segment_pool().submit(self._hash_segments_many, views, self.size)
+        elif self._segments:
+            self._hash_segments_many(views, self.size)
+        try:
+            for view in views:
+                self._digest.update(view)
+            done = meanwhile() if meanwhile is not None else total
+        finally:
+            if future is not None:
+                future.result()  # also when meanwhile failed: no thread touches us afterwards
+        self.size += total
+        return done
+
+    def _hash_segments_many(self, views: list[memoryview], position: int) -> None:
+        for view in views:
+            self._hash_segments(view, position)
+            position += view.nbytes
 
     def _hash_segments(self, view: memoryview, position: int) -> None:
         """Feed the bytes of ``view`` (at stream offset ``position``) to the segments they
@@ -183,16 +265,19 @@ class HashingWriter:
         """Append several buffers with one system call; returns how many bytes that was.
 
         One call per batch, not per chunk: each call gives up the GIL and must win it back
-        from the event loop, which holds it while it receives the next chunks.
+        from the event loop, which holds it while it receives the next chunks. The write
+        runs while the segments are hashed (``StreamHasher.update_many``).
         """
-        for data in buffers:
-            self._hasher.update(data)
-        with disk_full_is_resource_exhausted(self.path):
-            n = write_all(self._fd, buffers)
-            self.size += n
-            if self._writeback is not None:
-                self._writeback.advance(self.size)
-        return n
+
+        def write() -> int:
+            with disk_full_is_resource_exhausted(self.path):
+                n = write_all(self._fd, buffers)
+                self.size += n
+                if self._writeback is not None:
+                    self._writeback.advance(self.size)
+            return n
+
+        return self._hasher.update_many(buffers, write)
 
     @property
     def sha256(self) -> str:

@@ -435,10 +435,13 @@ class Store:
             return read_state_dict(reader)
 
     def open_blob(self, name: str, ref: int | str | None = None):
-        """``(version, reader)`` for streaming a version's safetensors bytes; the reader checks
-        the sha256 in ``finish()``."""
+        """``(version, reader)`` for streaming a version's safetensors bytes (a download); the
+        reader checks the sha256 in ``finish()`` and drops a local blob's pages from the page
+        cache behind it (``VerifyingReader.drop_behind``)."""
         version = self.resolve(name, ref)
-        return version, self.blobs.open(version.sha256)
+        reader = self.blobs.open(version.sha256)
+        reader.drop_behind()
+        return version, reader
 
     def parameters(
         self, name: str, ref: int | str | None = None, stats: bool = False

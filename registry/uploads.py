@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import google_crc32c
+
 from . import tensorfile, torchsave
 from .blobs import TEMP_SUFFIX
 from .blobstore import Blobs, BlobWriter
@@ -106,6 +108,9 @@ class StreamedUpload:
         self.note = note
         self.author = author
         self.declared_sha256 = sha256 or None  # known before the bytes: the blob store may use it
+        # the CRC32C of the bytes, for a client that checks them in transit with it instead of a
+        # sha256 of its own (UploadTrailer.crc32c); not needed when the header had the sha256
+        self._crc32c: int | None = None if self.declared_sha256 else 0
         self.model = model
         self.size = size
         self.alias = alias
@@ -143,9 +148,11 @@ class StreamedUpload:
                 self._discard()
                 raise
 
-    def finish(self, sha256: str) -> VersionInfo:
-        """Check the size and ``sha256`` (hex) of what arrived, then store it as the next
-        version. Whatever happens, the upload is over afterwards."""
+    def finish(self, sha256: str | None, crc32c: int | None = None) -> VersionInfo:
+        """Check the size of what arrived, its ``sha256`` (hex) and its ``crc32c`` (each when
+        given; one at least), then store it as the next version. The sha256 of the bytes is
+        computed here whatever the client sent: it is the blob's content address. Whatever
+        happens, the upload is over afterwards."""
         with self._lock:
             if self._ended:
                 raise FailedPrecondition("this upload has ended; start a new one")
@@ -160,7 +167,16 @@ class StreamedUpload:
                     self._choose_path(ended=True)
                 file = self._file
                 assert file is not None  # the whole upload is in: the path is chosen
-                if file.sha256 != sha256.lower():
+                if not sha256 and crc32c is None:
+                    raise InvalidArgument(
+                        "upload has neither a sha256 nor a crc32c to check its bytes with"
+                    )
+                if crc32c is not None and self._crc32c is not None and crc32c != self._crc32c:
+                    raise InvalidArgument(
+                        f"upload's crc32c is {self._crc32c:08x}, the client says "
+                        f"{crc32c:08x}; the bytes were damaged in transit, send them again"
+                    )
+                if sha256 and file.sha256 != sha256.lower():
                     raise InvalidArgument(
                         f"upload's sha256 is {file.sha256}, the client "
                         f"says {sha256}; the bytes were damaged in transit, "
@@ -181,13 +197,20 @@ class StreamedUpload:
     def _take(self, data: bytes) -> None:
         """One chunk while the path is not chosen yet: it joins the prefix."""
         self._count(len(data))
+        self._check_sum([data])
         self._prefix += data
         self._choose_path(ended=False)
 
     def _take_many(self, chunks: list[bytes]) -> None:
         assert self._file is not None  # called once the path is chosen
         self._count(sum(len(data) for data in chunks))
+        self._check_sum(chunks)
         self._file.write_many(chunks)
+
+    def _check_sum(self, chunks: list[bytes]) -> None:
+        if self._crc32c is not None:
+            for data in chunks:
+                self._crc32c = google_crc32c.extend(self._crc32c, data)
 
     def _count(self, n: int) -> None:
         if self.received + n > self.size:

@@ -18,7 +18,6 @@ other failures (server down, deadline) raise ``ServerError`` with the gRPC code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -35,7 +34,7 @@ from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, Ver
 
 from . import convert
 from .client_learning import LearningClient
-from .client_streams import Progress, Stall, hashed_upload_chunks
+from .client_streams import Progress, Stall, checksummed_upload_chunks
 from .client_streams import size_and_sha256 as _size_and_sha256  # noqa: F401  (benchmarks)
 from .client_streams import upload_chunks as _upload_chunks  # noqa: F401  (benchmarks)
 from .status import ERROR_OF
@@ -181,13 +180,18 @@ class Client(LearningClient):
         A file's bytes go as they are (the server reads a torch.save'd one with
         ``weights_only=True``); what its format already shows to be refused (a damaged
         safetensors header or zip archive, a pickled model instead of a state_dict) is
-        refused here, before a byte is sent. One pass over the file: it is hashed while it is
-        sent, and the sha256 follows the last chunk in a trailer (servers before the trailer
-        need ``_size_and_sha256`` first). The file's name (a path's) and ``note`` are
+        refused here, before a byte is sent. One pass over the file: its CRC32C is computed
+        while it is sent and follows the last chunk in a trailer, which the server checks; the
+        server computes the sha256 (the version's content address) itself, so the client does
+        not hash (servers before ``UploadTrailer.crc32c`` need a sha256:
+        ``client_streams.hashed_upload_chunks``). The file's name (a path's) and ``note`` are
         recorded with the version, with the sha256 of the bytes sent.
         """
+        from paramserve.registry.fileio import keep_freed_memory
+
         from .client_files import check_upload, upload_path
 
+        keep_freed_memory()  # a transfer's buffers reuse their pages (fileio's docstring)
         with upload_path(source) as (path, label):
             check_upload(path, label)
             size = path.stat().st_size
@@ -198,7 +202,7 @@ class Client(LearningClient):
                 file_name=path.name if isinstance(source, (str, os.PathLike)) else "",
                 note=note,
             )
-            chunks = hashed_upload_chunks(path, header, progress)
+            chunks = checksummed_upload_chunks(path, header, progress)
             msg = self._call(
                 self.registry.UploadVersion,
                 chunks,
@@ -222,7 +226,10 @@ class Client(LearningClient):
         tensor in a .pt. A safetensors file with no ties is the stored blob byte for byte;
         ``as_stored`` always saves that blob (tied names once, in its metadata: what
         ``safetensors.torch.save_model`` writes and ``load_model`` reads, strict).
-        The sha256 is checked end to end; a partial file never appears under ``path``."""
+        The sha256 is checked end to end (the client's one hash pass, as each chunk is
+        written); a partial file never appears under ``path``. The blob is written to disk
+        behind the download (``fileio.Writeback``), so a large one is not left in the page
+        cache."""
         from .client_files import read_arrays, write_every_key, write_npz
 
         if path is None:
@@ -230,7 +237,7 @@ class Client(LearningClient):
         target = Path(path)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             blob, out = Path(tmp) / "blob.safetensors", Path(tmp) / "out"
-            version = self._download_to(name, ref, blob, progress)
+            version = self._download_to(name, ref, blob, progress, writeback=True)
             if as_stored:
                 out = blob
             elif target.suffix in (".pt", ".pth"):
@@ -267,25 +274,30 @@ class Client(LearningClient):
             version = self._download_to(name, ref, blob, None)
             return _read_blob(blob, version.sha256)
 
-    def _download_to(self, name, ref, path: Path, progress) -> VersionInfo:
+    def _download_to(self, name, ref, path: Path, progress, writeback: bool = False) -> VersionInfo:
         """The stream has no overall deadline (its size is not known when it starts); a
-        watchdog cancels it when no chunk arrives for ``timeout_s`` instead."""
+        watchdog cancels it when no chunk arrives for ``timeout_s`` instead. One pass: each
+        chunk is hashed and written as it arrives. ``writeback``: write the file to disk
+        behind the download and recycle its page cache (``fileio.Writeback``: cheaper for a
+        large file, which is then not cached), for a file that is not read back at once."""
+        from paramserve.registry.fileio import HashingWriter, keep_freed_memory
+
+        keep_freed_memory()  # a transfer's buffers reuse their pages (fileio's docstring)
         request = pb.DownloadVersionRequest(model=name, ref=_ref(ref))
-        digest, done, version, expected = hashlib.sha256(), 0, None, None
+        version, expected = None, None
         call = self.registry.DownloadVersion(request, timeout=None, metadata=self.metadata)
+        out = HashingWriter(path, writeback=writeback)
         try:
-            with open(path, "wb") as out, Stall(call, self.timeout_s) as stall:
+            with Stall(call, self.timeout_s) as stall:
                 for chunk in call:
                     stall.progress()
                     if chunk.WhichOneof("kind") == "header":
                         version = convert.version_from_proto(chunk.header.version)
                         expected = (chunk.header.sha256, chunk.header.size_bytes)
                         continue
-                    out.write(chunk.data)
-                    digest.update(chunk.data)
-                    done += len(chunk.data)
+                    out.write(chunk.data)  # read once: each access copies the bytes
                     if progress:
-                        progress(done, expected[1] if expected else 0)
+                        progress(out.size, expected[1] if expected else 0)
         except grpc.RpcError as err:
             if stall.fired:
                 raise ServerError(
@@ -295,10 +307,12 @@ class Client(LearningClient):
                     "retry, or raise it",
                 ) from None
             _raise_from(err)
-        if version is None or (digest.hexdigest(), done) != expected:
+        finally:
+            out.close()
+        if version is None or (out.sha256, out.size) != expected:
             raise DataLoss(
                 f"download of {name!r} arrived damaged (sha256 "
-                f"{digest.hexdigest()}, {done} bytes; expected {expected}); retry"
+                f"{out.sha256}, {out.size} bytes; expected {expected}); retry"
             )
         return version
 

@@ -7,12 +7,14 @@ bytes to the store as they arrive.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from paramserve.protos import registry_pb2 as pb
 from paramserve.protos import registry_pb2_grpc
 from paramserve.registry import all_architectures
 from paramserve.registry.errors import InvalidArgument
+from paramserve.registry.fileio import keep_freed_memory
 from paramserve.registry.limits import load_config_json
 from paramserve.registry.queries import entries_at
 
@@ -43,6 +45,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         self.idle_s = stream_idle_timeout_s
         self.max_tensor_elements = max_tensor_elements  # learning RPCs' inputs, as inference's
         os.makedirs(spool_dir, exist_ok=True)
+        keep_freed_memory()  # transfers reuse their buffers' pages (fileio's docstring)
 
     async def run_blocking(self, fn, *args, **kwargs):
         return await self.manager.run_blocking(lambda: fn(*args, **kwargs))
@@ -101,6 +104,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         if not 0 < chunk_bytes <= MAX_DOWNLOAD_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes must be 1..{MAX_DOWNLOAD_CHUNK_BYTES}")
         version, reader = await self.run_blocking(self.store.open_blob, request.model, request.ref)
+        pending: asyncio.Future | None = None
         try:
             yield pb.DownloadChunk(
                 header=pb.DownloadHeader(
@@ -109,16 +113,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                     size_bytes=reader.size_bytes,
                 )
             )
+            # the next chunk is read (and hashed) in the pool while this one is sent; one read
+            # at a time, in order; shielded, so a cancelled stream lets a read in flight end
+            pending = asyncio.ensure_future(self.run_blocking(reader.read, chunk_bytes))
             while True:
-                data = await self.run_blocking(reader.read, chunk_bytes)
+                data = await asyncio.shield(pending)
                 if not data:
                     break
+                pending = asyncio.ensure_future(self.run_blocking(reader.read, chunk_bytes))
                 if self.metrics is not None:
                     self.metrics.bytes_moved("download", len(data))
                 yield pb.DownloadChunk(data=data)
+            pending = None
             await self.run_blocking(reader.finish)  # DATA_LOSS if the blob changed under us
         finally:
-            reader.close()
+            _close_after(pending, reader)
 
     async def ListVersions(self, request, context):
         versions = await self.run_blocking(self.store.list_versions, request.model)
@@ -219,3 +228,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     ApplyUpdate = registry_learning.apply_update
     Train = registry_learning.train
     Diff = registry_learning.diff
+
+
+def _close_after(pending: asyncio.Future | None, reader) -> None:
+    """Close ``reader`` now, or once the read still in flight on it has ended."""
+
+    def close(future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # a read's error after the stream ended is not news
+        reader.close()
+
+    if pending is None:
+        reader.close()
+    elif pending.done():
+        close(pending)
+    else:
+        pending.add_done_callback(close)

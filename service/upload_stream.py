@@ -1,7 +1,9 @@
 """The server's side of an ``UploadVersion`` stream: the protocol, the size limit, the hand-off.
 
 A stream is one header, the data chunks, and a trailer carrying the sha256 when the header has
-none (a client that hashes while it sends). The chunks go to the core's ``StreamedUpload``,
+none (a client that hashes while it sends), or a CRC32C of the bytes instead (a client that
+leaves the sha256 to the server, which computes it in any case: one cryptographic pass, not
+two). The chunks go to the core's ``StreamedUpload``,
 which hashes and writes them, in the worker pool. The first bytes are awaited one by one (they
 pick the path and may refuse the upload at once); after that the chunks go in batches: while
 one batch is written the next chunks are received. At most ``MAX_PENDING_BYTES`` wait; then
@@ -46,7 +48,7 @@ async def receive_upload(
     Any error (a lie in the stream, a bad state_dict, a cancelled call, ``idle_s`` seconds
     without a message) ends the upload with nothing stored and no temp file left.
     """
-    header, sha256, trailer_seen = None, "", False
+    header, sha256, crc32c, trailer_seen = None, "", None, False
     upload: StreamedUpload | None = None
     batches: _Batches | None = None
     try:
@@ -81,7 +83,10 @@ async def receive_upload(
                 )
             elif kind == "trailer":
                 trailer_seen = True
-                sha256 = _trailer_sha256(chunk.trailer, sha256)
+                if chunk.trailer.sha256 or not chunk.trailer.HasField("crc32c"):
+                    sha256 = _trailer_sha256(chunk.trailer, sha256)
+                if chunk.trailer.HasField("crc32c"):
+                    crc32c = chunk.trailer.crc32c
             else:
                 assert upload is not None and batches is not None  # set with the header
                 data = chunk.data  # read once: each access copies the bytes
@@ -93,12 +98,12 @@ async def receive_upload(
             raise InvalidArgument("empty upload stream: send a header, then the bytes")
         assert upload is not None and batches is not None  # set with the header
         await batches.flush()
-        if not sha256:
+        if not sha256 and crc32c is None:
             raise InvalidArgument(
                 "upload stream has no sha256: put it in the header, or send "
-                "a trailer after the last data chunk"
+                "a trailer after the last data chunk (with the sha256 or a crc32c)"
             )
-        version = await run_blocking(upload.finish, sha256)
+        version = await run_blocking(upload.finish, sha256, crc32c)
         upload = None
         return version, header.size_bytes
     finally:

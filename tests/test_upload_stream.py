@@ -1,6 +1,7 @@
-"""Uploads over gRPC, one pass: the client hashes while it sends (sha256 in a trailer), the
-server writes canonical safetensors straight into the blob; old-style streams (sha256 in the
-header) still work; every broken stream leaves no version, no blob and no temp file."""
+"""Uploads over gRPC, one pass: the client checksums while it sends (a CRC32C in a trailer;
+the server computes the sha256), the server writes canonical safetensors straight into the
+blob; older streams (sha256 in the header, or in a trailer) still work; every broken stream
+leaves no version, no blob and no temp file."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import io
 import threading
 
+import google_crc32c
 import grpc
 import pytest
 import torch
@@ -38,12 +40,15 @@ def chunks(data: bytes, size: int = 1 << 20) -> list[bytes]:
 
 
 def stream(model: str, data: bytes, header_sha: str = "", trailer_sha: str | None = None,
-           size: int | None = None, tail: tuple = ()) -> list:
+           size: int | None = None, tail: tuple = (), crc: int | None = None) -> list:
     head = pb.UploadHeader(model=model, sha256=header_sha,
                            size_bytes=len(data) if size is None else size)
     out = [pb.UploadChunk(header=head)] + [pb.UploadChunk(data=c) for c in chunks(data)]
-    if trailer_sha is not None:
-        out.append(pb.UploadChunk(trailer=pb.UploadTrailer(sha256=trailer_sha)))
+    if trailer_sha is not None or crc is not None:
+        trailer = pb.UploadTrailer(sha256=trailer_sha or "")
+        if crc is not None:
+            trailer.crc32c = crc
+        out.append(pb.UploadChunk(trailer=trailer))
     return out + list(tail)
 
 
@@ -97,6 +102,32 @@ def test_old_style_streams_and_both_sha256s_still_work(client, model_name, stub)
     assert old.sha256 == both.sha256 == new.sha256 == good
 
 
+def test_the_client_sends_a_crc32c_and_leaves_the_sha256_to_the_server(client, model_name,
+                                                                        stub, tmp_path):
+    client.create_model(model_name, "sequential_mlp", BIG)
+    path = canonical_file(tmp_path / "big.safetensors", big_state())
+    data = path.read_bytes()
+    sent = []
+    real = stub.UploadVersion
+
+    def spy(messages, *args, **kwargs):
+        messages = list(messages)
+        sent.extend(messages)
+        return real(iter(messages), *args, **kwargs)
+
+    client.registry.UploadVersion = spy  # the client's own stream, as it goes on the wire
+    version = client.upload(model_name, path)
+    head, trailer = sent[0].header, sent[-1].trailer
+    assert head.sha256 == "" and trailer.sha256 == ""
+    assert trailer.HasField("crc32c") and trailer.crc32c == google_crc32c.value(data)
+    assert version.sha256 == hashlib.sha256(data).hexdigest()
+    crc = google_crc32c.value(data)  # a crc32c beside a sha256: both checked
+    both = stub.UploadVersion(iter(stream(model_name, data, trailer_sha=version.sha256, crc=crc)))
+    header_and_crc = stub.UploadVersion(iter(stream(model_name, data, header_sha=version.sha256,
+                                                    crc=crc)))
+    assert both.sha256 == header_and_crc.sha256 == version.sha256
+
+
 def test_non_canonical_uploads_with_a_trailer_are_rewritten(client, model_name, stub):
     from safetensors.torch import save as st_save
 
@@ -128,6 +159,9 @@ def test_streams_that_lie_are_refused_and_leave_nothing(client, model_name, stub
     before = blobs(server)
     cases = [
         (stream(model_name, data, trailer_sha="0" * 64), "damaged in transit"),
+        (stream(model_name, data, crc=google_crc32c.value(data) ^ 1), "damaged in transit"),
+        (stream(model_name, data, trailer_sha=good, crc=google_crc32c.value(data) ^ 1),
+         "crc32c is"),
         (stream(model_name, data, trailer_sha="xyz"), "64-hex-digit"),
         (stream(model_name, data, header_sha=good, trailer_sha="1" * 64), "differs from"),
         (stream(model_name, data), "no sha256"),

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 
+import google_crc32c
 import pytest
 import torch
 from safetensors.torch import save as st_save
@@ -147,6 +148,24 @@ def test_failures_leave_nothing_behind(mlp, direct):
     assert_nothing_left(mlp)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "spooled"])
+def test_a_crc32c_checks_an_upload_whose_sha256_the_store_computes(mlp, direct):
+    state = reference_module("mlp", False).state_dict()
+    data = canonical(state) if direct else torch_saved(state)
+    crc = google_crc32c.value(data)
+    for bad, fragment in ((crc ^ 1, "crc32c is"), (None, "neither a sha256 nor a crc32c")):
+        upload = mlp.begin_upload("m", len(data))
+        upload.write(chunked(data, 4096))
+        with pytest.raises(InvalidArgument, match=fragment):
+            upload.finish(None, bad)
+        assert_nothing_left(mlp)
+    upload = mlp.begin_upload("m", len(data))
+    upload.write(chunked(data, 4096))
+    version = upload.finish(None, crc)
+    assert version.provenance["file_sha256"] == hashlib.sha256(data).hexdigest()
+    assert mlp.list_versions("m") == [version]
+
+
 def test_a_bad_model_or_alias_is_refused_before_any_byte(store):
     from paramserve.registry import NotFound
 
@@ -207,3 +226,42 @@ def test_hashing_writer_writes_back_behind_and_survives_short_writes(tmp_path, m
     writer.sync()
     data = (tmp_path / "f.partial").read_bytes()
     assert data == b"".join(chunks) and writer.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_download_reader_drops_the_pages_behind_it_and_still_checks(tmp_path, monkeypatch):
+    from paramserve.registry import blobs
+
+    data = os.urandom(10_000)
+    blob_store = blobs.BlobStore(tmp_path)
+    ref = blob_store.write(lambda w: w.write(data))
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, how: (
+        advice.append((at, n, how)), real(fd, at, n, how)))
+    monkeypatch.setattr(blobs, "WRITEBACK_STEP_BYTES", 4096)
+    with blob_store.open(ref.sha256) as reader:
+        reader.drop_behind()
+        got = b"".join(iter(lambda: reader.read(1000), b""))
+        reader.finish()
+    assert got == data
+    dropped = [(at, n) for at, n, how in advice if how == os.POSIX_FADV_DONTNEED]
+    assert dropped == [(0, 5000), (5000, 5000)]  # each step once, behind the reader
+
+
+def test_segments_hashed_beside_the_writer_match_one_pass(monkeypatch):
+    monkeypatch.setattr(fileio, "PARALLEL_HASH_BYTES", 1000)
+    data = os.urandom(50_000)
+    segments = [("a", 100, 20_000), ("b", 20_000, 20_001), ("c", 30_000, 50_000)]
+    hasher = fileio.StreamHasher(segments)
+    pieces = [data[i:i + 3000] for i in range(0, len(data), 3000)]
+    for i in range(0, len(pieces), 4):  # batches over the limit: segments in a helper thread
+        assert hasher.update_many(pieces[i:i + 4]) == sum(map(len, pieces[i:i + 4]))
+    assert hasher.sha256 == hashlib.sha256(data).hexdigest() and hasher.size == len(data)
+    assert hasher.segment_sha256 == {n: hashlib.sha256(data[b:e]).hexdigest()
+                                     for n, b, e in segments}
+
+    def fail():
+        raise OSError("disk")
+
+    with pytest.raises(OSError, match="disk"):  # the helper is done before the error returns
+        fileio.StreamHasher(segments).update_many([data], fail)
