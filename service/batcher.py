@@ -10,12 +10,6 @@ batching adds no latency at low load; ``max_queue_delay_us`` > 0 additionally wa
 for company. A full queue is refused at once (RESOURCE_EXHAUSTED); a request whose deadline
 passed while queued is dropped before it runs.
 
-A queued batch always computes on the executor, however small: while it runs the event loop
-goes on receiving requests, and they form the next batch. (Run on the loop, a 20 µs forward
-left nothing to merge with: under perf_analyzer at concurrency 16, 99.9 % of executions held
-one request.) Only a request arriving alone, when requests have been arriving alone, runs on
-the loop at once (``run_alone``): that keeps a lone client's latency free of a thread hop.
-
 The batcher is driven by event-loop callbacks, not a task: a request costs one future and no
 task switch beyond the caller's own, which matters when the forward itself takes 20 µs.
 """
@@ -72,10 +66,10 @@ class Batcher:
     ):
         """``forward``: a plain function (it must not hold the batcher's owner, or the two
         would keep each other alive). ``executor``: where forwards run (one thread keeps one
-        OpenMP team busy; None: the loop's default executor); a lone request of at most
-        ``inline_max_elements`` input elements may run on the event loop instead
-        (``run_alone``), for forwards shorter than a thread hop (0: never).
-        ``input_dims``/``output_dims``: the batch dim of each input and output, in order."""
+        OpenMP team busy; None: the loop's default executor); a batch of at most
+        ``inline_max_elements`` input elements runs on the event loop instead, for forwards
+        shorter than a thread hop (0: never). ``input_dims``/``output_dims``: the batch dim of
+        each input and output, in order."""
         self.forward = forward
         self.input_dims = tuple(input_dims)
         self.output_dims = tuple(output_dims)
@@ -93,13 +87,12 @@ class Batcher:
         self._skipped = 0  # requests run at once since the queue last found company
 
     def run_alone(self, x: Parts) -> Parts | None:
-        """The output at once, when requests have been arriving alone, the model is idle and
-        the forward is small enough for the loop; ``None``: use ``submit``."""
+        """The output at once, when requests have been arriving alone and the forward runs
+        on the loop; ``None``: use ``submit``."""
         if (
             _numel(x) > self.inline_max_elements
             or self._queue
             or self._scheduled
-            or self._busy
             or self._lonely < LONELY_BATCHES
         ):
             return None
@@ -146,6 +139,15 @@ class Batcher:
             merged = xs[0] if len(xs) == 1 else self._cat(xs)
         except Exception as err:  # every request of the batch hears why; none hangs
             _fail(batch, err)
+            self._schedule_next()
+            return
+        if _numel(merged) <= self.inline_max_elements:
+            try:
+                result = self._timed_forward(merged)
+            except Exception as err:
+                _fail(batch, err)
+            else:
+                self._deliver(batch, xs, result, queue_ns)
             self._schedule_next()
             return
         self._busy = True
