@@ -6,6 +6,7 @@ in-flight ones get ``grace_s`` seconds to finish, then the store closes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socketserver
@@ -339,6 +340,11 @@ async def serve(config: ServerConfig, reuse_port: bool = False, on_ready=None) -
     """Run until SIGTERM or SIGINT, then stop gracefully. ``on_ready(running)`` replaces the
     "listening on" line (a worker tells its supervisor instead)."""
     running = await start(config, reuse_port)
+    # What start() built (torch, SQLAlchemy, grpc: ~260k objects) lives as long as the server;
+    # frozen, it is out of the collector's sight: a full collection under load scans what
+    # requests allocate (well under 1 ms), not the whole heap (75-110 ms, all requests stalled).
+    gc.collect()
+    gc.freeze()
     if on_ready is not None:
         on_ready(running)
     else:
