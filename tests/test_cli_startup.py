@@ -128,7 +128,7 @@ def test_the_server_logs_startup_and_shutdown_and_an_access_line_per_rpc(tmp_pat
     assert re.search(rf"INFO serving on 127\.0\.0\.1:{server.port}: data dir "
                      rf"{re.escape(str((tmp_path / 'data').resolve()))}, registry sqlite:///"
                      r".*registry\.db, device auto \(", log), log
-    assert re.search(r"INFO serving on .*, event loop uvloop\n", log), log  # the default
+    assert re.search(r"INFO serving on .*, event loop asyncio\n", log), log  # the default
     assert re.search(r"INFO rpc ListModels model=- status=OK ms=\d+\.\d\d\n", log), log
     assert re.search(r"INFO rpc ListVersions model=no-such status=NOT_FOUND ms=\d+\.\d\d\n",
                      log), log
@@ -136,15 +136,15 @@ def test_the_server_logs_startup_and_shutdown_and_an_access_line_per_rpc(tmp_pat
     assert log.rstrip().endswith("INFO stopped")
 
 
-def test_the_standard_event_loop_serves_too(tmp_path):
-    """``--event-loop asyncio``: the same server on the standard library's loop (uvloop is
-    the default, which every other test's server runs on)."""
+def test_the_server_serves_on_uvloop_too(tmp_path):
+    """``--event-loop uvloop``: the same server on libuv's loop (every other test's server
+    runs on the default, the standard library's)."""
     import torch
 
     from paramserve.registry import get_architecture
     from paramserve.service.client import Client
 
-    server = ServerProcess(tmp_path / "data", "--event-loop", "asyncio")
+    server = ServerProcess(tmp_path / "data", "--event-loop", "uvloop")
     try:
         module = get_architecture("sequential_mlp").build({}, seed=0)
         x = torch.rand(2, 20)
@@ -155,7 +155,7 @@ def test_the_standard_event_loop_serves_too(tmp_path):
                 assert torch.allclose(client.infer("mlp", x), module(x), atol=1e-6)
     finally:
         assert server.stop() == 0
-    assert re.search(r"INFO serving on .*, event loop asyncio\n", server.log_path.read_text())
+    assert re.search(r"INFO serving on .*, event loop uvloop\n", server.log_path.read_text())
 
 
 def test_the_access_log_sees_what_auth_refuses(tmp_path):
