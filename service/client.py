@@ -34,7 +34,7 @@ from paramserve.registry.values import INPUT_NAME, ModelInfo, ParameterInfo, Ver
 
 from . import convert
 from .client_learning import LearningClient
-from .client_streams import Progress, Stall, checksummed_upload_chunks
+from .client_streams import Progress, Stall, checksummed_upload_chunks, hashed_upload_chunks
 from .client_streams import size_and_sha256 as _size_and_sha256  # noqa: F401  (benchmarks)
 from .client_streams import upload_chunks as _upload_chunks  # noqa: F401  (benchmarks)
 from .status import ERROR_OF
@@ -42,6 +42,10 @@ from .status import ERROR_OF
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+# What a server from before UploadTrailer.crc32c answers a trailer with no sha256
+# (service/upload_stream.py then); this client then sends the sha256 instead.
+NEEDS_SHA256 = "upload trailer needs a 64-hex-digit sha256"
 
 
 class ServerError(ParamserveError):
@@ -75,6 +79,7 @@ class Client(LearningClient):
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._server_needs_sha256 = False  # an older server's uploads: see upload()
         options = [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -183,8 +188,9 @@ class Client(LearningClient):
         refused here, before a byte is sent. One pass over the file: its CRC32C is computed
         while it is sent and follows the last chunk in a trailer, which the server checks; the
         server computes the sha256 (the version's content address) itself, so the client does
-        not hash (servers before ``UploadTrailer.crc32c`` need a sha256:
-        ``client_streams.hashed_upload_chunks``). The file's name (a path's) and ``note`` are
+        not hash. A server from before ``UploadTrailer.crc32c`` refuses that at once; the
+        client then sends the file again with the sha256 (and does so for its later
+        uploads). The file's name (a path's) and ``note`` are
         recorded with the version, with the sha256 of the bytes sent.
         """
         from paramserve.registry.fileio import keep_freed_memory
@@ -202,11 +208,23 @@ class Client(LearningClient):
                 file_name=path.name if isinstance(source, (str, os.PathLike)) else "",
                 note=note,
             )
-            chunks = checksummed_upload_chunks(path, header, progress)
+            timeout = timeout_s or max(self.timeout_s, size / (20 << 20))
+            if not self._server_needs_sha256:
+                try:
+                    msg = self._call(
+                        self.registry.UploadVersion,
+                        checksummed_upload_chunks(path, header, progress),
+                        timeout,
+                    )
+                    return convert.version_from_proto(msg)
+                except InvalidArgument as err:
+                    if NEEDS_SHA256 not in str(err):
+                        raise
+                    self._server_needs_sha256 = True  # this client's later uploads hash too
+            # A server from before UploadTrailer.crc32c refuses a trailer with no sha256 at
+            # once (nothing stored): the same bytes again, hashed as they are sent.
             msg = self._call(
-                self.registry.UploadVersion,
-                chunks,
-                timeout_s or max(self.timeout_s, size / (20 << 20)),
+                self.registry.UploadVersion, hashed_upload_chunks(path, header, progress), timeout
             )
         return convert.version_from_proto(msg)
 
