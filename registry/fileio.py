@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import google_crc32c
+
 from .errors import ResourceExhausted
 
 SYNC_FILE_RANGE_WRITE = 0x02
@@ -151,6 +153,17 @@ def _segment_pool() -> ThreadPoolExecutor:
                 max_workers=os.cpu_count() or 1, thread_name_prefix="paramserve-hash"
             )
         return _pool
+
+
+class Crc32c:
+    """A running CRC32C (Castagnoli) with hashlib's ``update``: the upload's transport check,
+    computed by the client as it sends and by the server as it receives."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = google_crc32c.extend(self.value, data)
 
 
 class StreamHasher:

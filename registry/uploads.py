@@ -31,13 +31,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import google_crc32c
-
 from . import tensorfile, torchsave
 from .blobs import TEMP_SUFFIX
 from .blobstore import Blobs, BlobWriter
 from .errors import FailedPrecondition, InvalidArgument
-from .fileio import HashingWriter
+from .fileio import Crc32c, HashingWriter
 from .limits import Limits
 from .shapes import ShapeOracle
 from .statedict import CanonicalPlan, Source, UploadedState, canonical_plan, validate
@@ -110,7 +108,7 @@ class StreamedUpload:
         self.declared_sha256 = sha256 or None  # known before the bytes: the blob store may use it
         # the CRC32C of the bytes, for a client that checks them in transit with it instead of a
         # sha256 of its own (UploadTrailer.crc32c); not needed when the header had the sha256
-        self._crc32c: int | None = None if self.declared_sha256 else 0
+        self._crc32c: Crc32c | None = None if self.declared_sha256 else Crc32c()
         self.model = model
         self.size = size
         self.alias = alias
@@ -171,9 +169,10 @@ class StreamedUpload:
                     raise InvalidArgument(
                         "upload has neither a sha256 nor a crc32c to check its bytes with"
                     )
-                if crc32c is not None and self._crc32c is not None and crc32c != self._crc32c:
+                got = self._crc32c
+                if crc32c is not None and got is not None and crc32c != got.value:
                     raise InvalidArgument(
-                        f"upload's crc32c is {self._crc32c:08x}, the client says "
+                        f"upload's crc32c is {got.value:08x}, the client says "
                         f"{crc32c:08x}; the bytes were damaged in transit, send them again"
                     )
                 if sha256 and file.sha256 != sha256.lower():
@@ -210,7 +209,7 @@ class StreamedUpload:
     def _check_sum(self, chunks: list[bytes]) -> None:
         if self._crc32c is not None:
             for data in chunks:
-                self._crc32c = google_crc32c.extend(self._crc32c, data)
+                self._crc32c.update(data)
 
     def _count(self, n: int) -> None:
         if self.received + n > self.size:

@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import google_crc32c
-
 from paramserve.protos import registry_pb2 as pb
+from paramserve.registry.fileio import Crc32c
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -63,16 +62,6 @@ def size_and_sha256(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-class Crc32c:
-    """A running CRC32C with hashlib's ``update``."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: bytes) -> None:
-        self.value = google_crc32c.extend(self.value, data)
 
 
 def upload_chunks(
