@@ -154,6 +154,8 @@ class VerifyingReader:
         pages just freed instead of taking fresh ones, which is what costs on these VMs
         (``fileio``'s docstring): measured for 1 GiB, ~1.4 s of the server's system time.
         The price is Writeback's: the blob is not cached afterwards. Only for a local file."""
+        if not hasattr(os, "posix_fadvise"):  # Linux has it; macOS, Windows: nothing to do
+            return
         try:
             fd = self._file.fileno()
         except (AttributeError, OSError):
